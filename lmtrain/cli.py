@@ -1,0 +1,141 @@
+"""The `lmtrain` command: train / eval / generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+USAGE_ERROR, RUNTIME_ERROR = 2, 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lmtrain",
+        description="Language-model pretraining research in JAX. Exit status: 0 success, "
+        "2 usage or config error, 1 runtime failure.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sets = dict(
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set model.d_model=512 "
+        "--set optim.name=lion (values are Python literals; repeatable)",
+    )
+
+    t = sub.add_parser(
+        "train",
+        help="train a model (resumes if the workdir has checkpoints)",
+        description="Train the experiment's config; running again on the same "
+        "workdir resumes from its newest checkpoint.",
+    )
+    t.add_argument(
+        "experiment",
+        help="experiment file, optionally with an argument: "
+        "experiments/quickstart.py or experiments/quickstart.py:smoke",
+    )
+    t.add_argument("--set", dest="sets", **sets)
+    t.add_argument(
+        "--workdir", default=None, help="output directory (default: runs/<experiment name>[-<arg>])"
+    )
+    t.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as JSON and exit"
+    )
+
+    e = sub.add_parser(
+        "eval",
+        help="evaluate the newest checkpoint of a workdir",
+        description="Print one JSON line: step, val_loss, val_bpb, val_tokens.",
+    )
+    e.add_argument("--workdir", required=True, help="a training run's output directory")
+    e.add_argument("--set", dest="sets", **sets)
+
+    g = sub.add_parser("generate", help="sample text from the newest checkpoint of a workdir")
+    g.add_argument("--workdir", required=True, help="a training run's output directory")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (200)")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (0.8)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    g.add_argument("--set", dest="sets", **sets)
+    return p
+
+
+def _default_workdir(spec: str) -> Path:
+    path, _, arg = spec.partition(":")
+    return Path("runs") / (Path(path).stem + (f"-{arg}" if arg else ""))
+
+
+def _cmd_train(args) -> int:
+    from lmtrain import config as config_lib
+    from lmtrain import train
+
+    cfg = config_lib.load_experiment(args.experiment)
+    cfg = config_lib.override(cfg, config_lib.parse_sets(args.sets)).validate()
+    if args.print_config:
+        print(json.dumps(config_lib.to_dict(cfg), indent=2))
+        return 0
+    workdir = Path(args.workdir) if args.workdir else _default_workdir(args.experiment)
+    summary = train.train(cfg, workdir)
+    print(json.dumps({"workdir": str(workdir), **summary}))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from lmtrain import config as config_lib
+    from lmtrain import data, train
+    from lmtrain.evaluate import Evaluator
+
+    run, params, step = train.restore_params(Path(args.workdir), config_lib.parse_sets(args.sets))
+    corpus = data.load_corpus(run.cfg.data, run.tokenizer)
+    result = Evaluator(run, corpus.val)(params, run.cfg.eval.max_batches)
+    print(json.dumps({"step": step, **result}))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from lmtrain import config as config_lib
+    from lmtrain import train
+    from lmtrain.generate import sample_tokens
+
+    run, params, _ = train.restore_params(Path(args.workdir), config_lib.parse_sets(args.sets))
+    ids = run.tokenizer.encode(args.prompt)
+    out = sample_tokens(run, params, ids, args.max_new_tokens, args.temperature, args.seed)
+    print(args.prompt + run.tokenizer.decode(out))
+    return 0
+
+
+def _quiet_libraries() -> None:
+    from absl import flags
+    from absl import logging as absl_logging
+
+    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `lmtrain` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    from lmtrain.checkpoint import CheckpointError
+    from lmtrain.config import ConfigError
+    from lmtrain.train import NonFiniteLoss
+
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate}
+    try:
+        return commands[args.command](args)
+    except ConfigError as e:  # includes data.DataError: things the user can fix
+        print(f"lmtrain: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except (NonFiniteLoss, CheckpointError) as e:
+        print(f"lmtrain: error: {e}", file=sys.stderr)
+        return RUNTIME_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Experiment configuration: frozen dataclasses, experiment files and `--set` overrides."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem (the CLI exits with status 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Fields shared by every model family; a family's `Config` subclasses this."""
+
+    name: str = "transformer"
+    vocab_size: int = 0  # 0: taken from the tokenizer when the run starts
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: same as n_heads (no grouping)
+    ffn_mult: float = 4.0  # hidden width = ffn_mult * d_model (SwiGLU uses 2/3 of it, rounded)
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    remat: bool = False  # rematerialise each block in the backward pass
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    norm_eps: float = 1e-6
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward); each family overrides this."""
+        raise NotImplementedError(f"model family {self.name!r} does not count its FLOPs")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "stdlib"  # "stdlib" (embedded corpus), or a .txt/.jsonl path, directory or glob
+    seq_len: int = 256
+    tokenizer: str = "bpe:4096"  # "bytes" | "bpe:N" | path to tokenizer.json or a .model file
+    val_fraction: float = 0.05
+    text_key: str = "text"  # field holding the text in .jsonl records
+    cache_dir: str = ""  # tokenizers and tokenised corpora; "" means ~/.cache/lmtrain
+    prefetch: int = 2  # batches prepared ahead by grain's reader threads
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"  # adamw | lion
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | wsd | constant (all with linear warmup)
+    warmup_steps: int = 100
+    final_lr_frac: float = 0.1  # cosine/wsd end at this fraction of the peak
+    decay_frac: float = 0.2  # wsd: the final fraction of steps spent decaying
+    clip_norm: float = 1.0  # 0 disables global-norm clipping
+    z_loss: float = 0.0  # PaLM z-loss coefficient (1e-4 is typical)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    shape: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); one -1 means "the rest"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global sequences per optimizer step
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide evenly)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200  # 0: only at the end
+    checkpoint_every: int = 200  # 0: only at the end (and on SIGINT/SIGTERM)
+    keep_checkpoints: int = 3
+    progress: bool = True  # show a progress bar on process 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 32  # global sequences per eval batch
+    max_batches: int = 20  # 0: the whole validation split
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def validate(self) -> Config:
+        """Checks relations between fields; returns self so calls chain."""
+        t, m = self.train, self.model
+        _check(t.steps > 0, "train.steps", "must be positive")
+        _check(t.batch_size > 0, "train.batch_size", "must be positive")
+        _check(t.grad_accum > 0, "train.grad_accum", "must be positive")
+        _check(
+            t.batch_size % t.grad_accum == 0,
+            "train.grad_accum",
+            f"must divide train.batch_size ({t.batch_size})",
+        )
+        _check(self.data.seq_len > 0, "data.seq_len", "must be positive")
+        _check(0.0 <= self.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+        _check(self.optim.lr > 0, "optim.lr", "must be positive")
+        _check(self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(list(self.mesh.shape).count(-1) <= 1, "mesh.shape", "allows at most one -1")
+        _check(len(self.mesh.shape) == 3, "mesh.shape", "needs 3 entries (data, fsdp, tensor)")
+        _check(m.d_model > 0 and m.n_layers > 0, "model.d_model", "and n_layers must be positive")
+        _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32|bfloat16")
+        return self
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {msg}")
+
+
+# ---------------------------------------------------------------------------- model families
+
+
+def model_config_class(name: str) -> type[ModelConfig]:
+    """The `Config` class of the model family called `name`."""
+    from lmtrain import models  # late import: models import this module
+
+    return models.family(name).Config
+
+
+def _retype_model(model: ModelConfig, name: str) -> ModelConfig:
+    """Rebuilds `model` as family `name`'s Config, keeping the fields both have."""
+    cls = model_config_class(name)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kept = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name in names}
+    kept["name"] = name
+    return cls(**kept)
+
+
+# ---------------------------------------------------------------------------- overrides
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Checks `value` against annotation `typ`, allowing int->float and list->tuple."""
+    origin = typing.get_origin(typ)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool):
+        if type(value) is typ:
+            return value
+        raise ConfigError(f"{key} must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"{key} must be a tuple, got {type(value).__name__} {value!r}")
+        args = typing.get_args(typ)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"{key} needs {len(args)} entries, got {len(value)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(typ):
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} has the wrong type: {value!r} is not {typ}")
+    if typ is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key} must be None, got {value!r}")
+    return value
+
+
+def _parse_value(text: str) -> Any:
+    """Python literal if it parses as one, else the raw string (so paths need no quotes)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def all_keys(cfg: Config) -> list[str]:
+    """Every dotted key `--set` accepts for this config."""
+    return [
+        f"{sec.name}.{f.name}"
+        for sec in dataclasses.fields(cfg)
+        for f in dataclasses.fields(getattr(cfg, sec.name))
+    ]
+
+
+def override(cfg: Config, assignments: dict[str, Any]) -> Config:
+    """Applies {"section.field": value} (values already parsed); `model.name` goes first."""
+    items = sorted(assignments.items(), key=lambda kv: kv[0] != "model.name")
+    for key, value in items:
+        section, _, field = key.partition(".")
+        valid = all_keys(cfg)
+        if key == "model.name":
+            if not isinstance(value, str):
+                raise ConfigError(f"model.name must be str, got {value!r}")
+            try:
+                cfg = dataclasses.replace(cfg, model=_retype_model(cfg.model, value))
+            except KeyError as e:
+                raise ConfigError(str(e.args[0])) from None
+            continue
+        if key not in valid:
+            raise ConfigError(f"unknown config key {key!r}{_closest(key, valid)}")
+        sub = getattr(cfg, section)
+        value = _coerce(value, _field_types(sub)[field], key)
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{field: value})})
+    return cfg
+
+
+def parse_sets(sets: list[str]) -> dict[str, Any]:
+    """Parses ["a.b=v", ...] from the command line."""
+    out = {}
+    for s in sets:
+        key, eq, text = s.partition("=")
+        if not eq or "." not in key:
+            raise ConfigError(f"--set expects section.key=value, got {s!r}")
+        out[key.strip()] = _parse_value(text.strip())
+    return out
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def load_experiment(spec: str) -> Config:
+    """Loads `path/to/exp.py[:arg]` by calling its `get_config(arg)`."""
+    path, _, arg = spec.partition(":")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"experiment file not found: {path}")
+    mod_spec = importlib.util.spec_from_file_location(f"lmtrain_experiment_{p.stem}", p)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config(arg) function")
+    cfg = module.get_config(arg)
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path}:get_config returned {type(cfg).__name__}, not lmtrain Config")
+    return with_family_config(cfg)
+
+
+def with_family_config(cfg: Config) -> Config:
+    """Makes `cfg.model` an instance of its family's Config (so family fields exist)."""
+    try:
+        cls = model_config_class(cfg.model.name)
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+    if type(cfg.model) is cls:
+        return cfg
+    return dataclasses.replace(cfg, model=_retype_model(cfg.model, cfg.model.name))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Rebuilds a Config from `to_dict` output (e.g. a run's config.json)."""
+    cfg = Config()
+    flat = {f"{s}.{k}": v for s, sec in d.items() for k, v in sec.items()}
+    return override(cfg, flat)
+
+
+def save_json(cfg: Config, path: Path) -> None:
+    path.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+
+
+def load_json(path: Path) -> Config:
+    if not path.is_file():
+        raise ConfigError(f"no config.json in {path.parent}: is this an lmtrain workdir?")
+    return from_dict(json.loads(path.read_text()))

@@ -1,0 +1,214 @@
+"""Document sources (embedded stdlib corpus, .txt/.jsonl files), the train/val split, cache keys."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import fractions
+import glob
+import hashlib
+import json
+import os
+import platform
+import sysconfig
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from lmtrain.config import ConfigError, DataConfig
+
+STDLIB = "stdlib"
+_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages"})
+_DIR_SUFFIXES = (".txt", ".jsonl")
+
+
+class DataError(ConfigError):
+    """A user-caused data problem: missing path, empty corpus or split, unreadable file."""
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def stdlib_files() -> tuple[Path, list[str]]:
+    """The stdlib root and its `.py` files (relative POSIX paths, sorted), without site-packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rels = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Pruning here keeps third-party packages installed into the base Python out of the corpus.
+        dirnames[:] = [d for d in dirnames if d not in _SKIPPED_DIRS]
+        rel_dir = Path(dirpath).relative_to(root)
+        rels += [(rel_dir / f).as_posix() for f in filenames if f.endswith(".py")]
+    return root, sorted(rels)
+
+
+def resolve_files(source: str) -> list[tuple[Path, str]]:
+    """(path, key) of each file a path/directory/glob source names, sorted by key."""
+    expanded = os.path.expanduser(source)
+    if glob.has_magic(expanded):
+        base = Path(_glob_base(expanded))
+        found = [Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file()]
+        if not found:
+            raise DataError(f"data source glob {source!r} matches no files")
+        pairs = [(p, p.relative_to(base).as_posix()) for p in found]
+    elif Path(expanded).is_dir():
+        base = Path(expanded)
+        found = [p for p in base.rglob("*") if p.suffix in _DIR_SUFFIXES and p.is_file()]
+        if not found:
+            raise DataError(f"data source directory {source!r} holds no .txt or .jsonl files")
+        pairs = [(p, p.relative_to(base).as_posix()) for p in found]
+    elif Path(expanded).is_file():
+        pairs = [(Path(expanded), Path(expanded).name)]
+    else:
+        raise DataError(f"data source {source!r} does not exist (expected 'stdlib' or a path)")
+    return sorted(pairs, key=lambda pk: pk[1])
+
+
+def _glob_base(pattern: str) -> str:
+    """The longest leading directory of `pattern` without glob characters."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return str(Path(*fixed)) if fixed else "."
+
+
+def _read_text(path: Path) -> str:
+    # Bytes in, exact text out: no newline translation, so byte counts match the file.
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise DataError(f"cannot read data file {path}: {e.strerror}") from None
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line) for each non-blank line."""
+    try:
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield lineno, line
+    except OSError as e:
+        raise DataError(f"cannot read data file {path}: {e.strerror}") from None
+
+
+def _jsonl_text(path: Path, lineno: int, line: bytes, text_key: str) -> str:
+    try:
+        record = json.loads(line.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError:
+        raise DataError(f"{path} line {lineno} is not valid JSON") from None
+    if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+        raise DataError(f"{path} line {lineno} has no string field {text_key!r}")
+    text = record[text_key]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from "\\ud800"-style escapes
+        text = text.encode("utf-8", errors="replace").decode("utf-8")
+    return text
+
+
+# ---------------------------------------------------------------------------- documents
+
+
+def _keyed_docs(cfg: DataConfig, want: Callable[[str], bool]) -> Iterator[tuple[str, str]]:
+    """(key, text) of every document whose key `want` accepts; skipped files are never read."""
+    if cfg.source == STDLIB:
+        root, rels = stdlib_files()
+        for rel in rels:
+            if want(rel):
+                yield rel, _read_text(root / rel)
+        return
+    for path, rel in resolve_files(cfg.source):
+        if path.suffix == ".jsonl":
+            for lineno, line in _jsonl_lines(path):
+                key = f"{rel}:{lineno}"
+                if want(key):
+                    yield key, _jsonl_text(path, lineno, line, cfg.text_key)
+        elif want(rel):
+            yield rel, _read_text(path)
+
+
+def _has_one_document(cfg: DataConfig) -> bool:
+    count = 0
+    for _ in _document_keys(cfg):
+        count += 1
+        if count > 1:
+            return False
+    return count == 1
+
+
+def _document_keys(cfg: DataConfig) -> Iterator[str]:
+    """Document keys only (cheap: .txt files are not opened)."""
+    if cfg.source == STDLIB:
+        yield from stdlib_files()[1]
+        return
+    for path, rel in resolve_files(cfg.source):
+        if path.suffix == ".jsonl":
+            yield from (f"{rel}:{lineno}" for lineno, _ in _jsonl_lines(path))
+        else:
+            yield rel
+
+
+def val_fraction(value: float) -> fractions.Fraction:
+    """The validation fraction as the exact ratio the hash split uses."""
+    return fractions.Fraction(value).limit_denominator(10000)
+
+
+def in_validation(key: str, frac: fractions.Fraction) -> bool:
+    """Stable hash split: validation iff sha1(key) mod denominator < numerator."""
+    digest = int(hashlib.sha1(key.encode("utf-8")).hexdigest(), 16)
+    return digest % frac.denominator < frac.numerator
+
+
+def iter_documents(cfg: DataConfig, split: str) -> Iterator[tuple[str, str]]:
+    """(key, text) of each document in `split` ("train" or "val"), streamed in key order."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    frac = val_fraction(cfg.val_fraction)
+    if split == "val" and frac == 0:
+        return
+    if _has_one_document(cfg):
+        # One document cannot be hash-split; its tail becomes the validation text.
+        key, text = next(_keyed_docs(cfg, lambda _: True))
+        cut = len(text) - int(len(text) * frac)
+        piece = text[:cut] if split == "train" else text[cut:]
+        if piece:
+            yield key, piece
+        return
+    want_val = split == "val"
+    yield from _keyed_docs(cfg, lambda key: in_validation(key, frac) == want_val)
+
+
+# ---------------------------------------------------------------------------- cache keys
+
+
+def source_fingerprint(cfg: DataConfig) -> str:
+    """A short string that changes when the source's files change (for cache keys)."""
+    if cfg.source == STDLIB:
+        root, rels = stdlib_files()
+        version = platform.python_version()
+        digest = hashlib.sha1(f"{version}|{root}|{len(rels)}".encode()).hexdigest()
+        return f"stdlib-py{version}-{digest[:12]}"
+    h = hashlib.sha1(f"text_key={cfg.text_key}\n".encode())
+    for path, _ in resolve_files(cfg.source):
+        st = path.stat()
+        h.update(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return f"files-{h.hexdigest()[:12]}"
+
+
+def cache_dir(cfg: DataConfig) -> Path:
+    """Where tokenizers and tokenised corpora are cached."""
+    raw = cfg.cache_dir or os.environ.get("LMTRAIN_CACHE") or "~/.cache/lmtrain"
+    return Path(raw).expanduser()
+
+
+@contextlib.contextmanager
+def cache_lock(target: Path) -> Iterator[None]:
+    """Holds an exclusive lock beside `target` so racing processes build a cache entry once."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,0 +1,258 @@
+"""Tokenizers: raw bytes, byte-level BPE trained on the corpus, or a tokenizer file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lmtrain.config import DataConfig
+from lmtrain.data.sources import (
+    DataError,
+    cache_dir,
+    cache_lock,
+    iter_documents,
+    source_fingerprint,
+    val_fraction,
+)
+
+EOD_TOKEN = "<|eod|>"
+PAD_TOKEN = "<|pad|>"
+# Accepted as end-of-document in tokenizers we did not train, in order of preference.
+_EOD_CANDIDATES = (EOD_TOKEN, "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
+_PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "<|padding|>", "[PAD]")
+_TRAIN_BATCH_DOCS = 64
+
+
+class Tokenizer:
+    """Text <-> ids; subclasses set the attributes below in `__init__`."""
+
+    vocab_size: int
+    eod_id: int
+    pad_id: int
+    token_bytes: np.ndarray  # int32[vocab_size]: UTF-8 bytes each id decodes to; 0 for specials
+    name: str  # fingerprint used in cache keys
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`, without special tokens."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of each text."""
+        return [self.encode(t) for t in texts]
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Ids of each text as int64 arrays (subclasses skip the Python lists where they can)."""
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special ids are dropped and broken UTF-8 is replaced."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}, vocab_size={self.vocab_size})"
+
+
+class ByteTokenizer(Tokenizer):
+    """Ids 0..255 are UTF-8 bytes; 256 ends a document; 257 pads."""
+
+    def __init__(self) -> None:
+        self.vocab_size, self.eod_id, self.pad_id, self.name = 258, 256, 257, "bytes"
+        self.token_bytes = np.array([1] * 256 + [0, 0], dtype=np.int32)
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int64) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` model (trained here or loaded from tokenizer.json)."""
+
+    def __init__(self, tk, name: str, where: str) -> None:
+        self.tk = tk
+        # Text that happens to spell a special token must stay text, or documents could inject eod.
+        tk.encode_special_tokens = True
+        vocab = tk.get_vocab(with_added_tokens=True)
+        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+        self.eod_id = _first_id(vocab, _EOD_CANDIDATES)
+        if self.eod_id is None:
+            raise DataError(f"tokenizer {where} has no end-of-document token ({_EOD_CANDIDATES})")
+        pad_id = _first_id(vocab, _PAD_CANDIDATES)
+        self.pad_id = self.eod_id if pad_id is None else pad_id
+        self.name = name
+        self.token_bytes = _hf_token_bytes(tk, self.vocab_size)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # encode_batch_fast (tokenizers >= 0.21) skips the offsets we never use.
+        fast = getattr(self.tk, "encode_batch_fast", self.tk.encode_batch)
+        encs = fast(list(texts), add_special_tokens=False)
+        return [e.ids for e in encs]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece `.model` file (sentencepiece is imported only when one is used)."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            import sentencepiece
+        except ImportError:
+            raise DataError(
+                f"tokenizer {path} needs the sentencepiece package: pip install sentencepiece"
+            ) from None
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        sp = self.sp
+        self.vocab_size = sp.get_piece_size()
+        eod = sp.eos_id() if sp.eos_id() >= 0 else sp.piece_to_id("</s>")
+        if eod < 0 or sp.id_to_piece(eod) == sp.id_to_piece(sp.unk_id()):
+            raise DataError(f"tokenizer {path} has no end-of-sentence token (eos or </s>)")
+        self.eod_id = eod
+        self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else eod
+        self.name = f"spm{self.vocab_size}-{_file_hash(path)}"
+        sizes = []
+        for i in range(self.vocab_size):
+            piece = sp.id_to_piece(i)
+            if sp.is_control(i) or sp.is_unknown(i):
+                sizes.append(0)
+            elif sp.is_byte(i):
+                sizes.append(1)
+            else:  # "▁" stands for a space; sentencepiece may drop a leading one on decode
+                sizes.append(len(piece.replace("\u2581", " ").encode("utf-8")))
+        self.token_bytes = np.array(sizes, dtype=np.int32)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+def _first_id(vocab: dict[str, int], candidates: Sequence[str]) -> int | None:
+    return next((vocab[c] for c in candidates if c in vocab), None)
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:10]
+
+
+def _hf_token_bytes(tk, vocab_size: int) -> np.ndarray:
+    """Bytes per id: exact for byte-level models, the decoded length otherwise."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    specials = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
+    byte_level = "ByteLevel" in type(tk.decoder).__name__ if tk.decoder else False
+    sizes = np.zeros(vocab_size, dtype=np.int32)
+    for i in range(vocab_size):
+        token = tk.id_to_token(i)
+        if i in specials or token is None:
+            continue
+        if byte_level and set(token) <= alphabet:
+            sizes[i] = len(token)  # the byte-level alphabet maps each byte to one character
+        else:
+            sizes[i] = len(tk.decode([i], skip_special_tokens=False).encode("utf-8"))
+    return sizes
+
+
+# ---------------------------------------------------------------------------- BPE training
+
+
+def _train_bpe(texts: Iterator[list[str]], vocab_size: int):
+    """A byte-level BPE of `vocab_size` trained on batches of texts (a fresh HF Tokenizer)."""
+    from tokenizers import Tokenizer as HFModel
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tk = HFModel(models.BPE())
+    # add_prefix_space=False keeps encoding byte-exact: the ids spell exactly the input bytes.
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOD_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(texts, trainer=trainer)
+    return tk
+
+
+def _train_batches(cfg: DataConfig) -> Iterator[list[str]]:
+    """Training-split texts in batches; raises DataError if there is no text at all."""
+    batch, total = [], 0
+    for _, text in iter_documents(cfg, "train"):
+        batch.append(text)
+        total += len(text)
+        if len(batch) == _TRAIN_BATCH_DOCS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+    if total == 0:
+        raise DataError(f"data source {cfg.source!r} is an empty corpus (no training text)")
+
+
+def _bpe(cfg: DataConfig, vocab_size: int) -> HFTokenizer:
+    from tokenizers import Tokenizer as HFModel
+
+    frac = val_fraction(cfg.val_fraction)
+    # val_fraction is in the key because the tokenizer sees only the training split.
+    stem = f"bpe{vocab_size}-{source_fingerprint(cfg)}-val{frac.numerator}_{frac.denominator}"
+    path = cache_dir(cfg) / "tokenizers" / f"{stem}.json"
+    with cache_lock(path):
+        if not path.is_file():
+            t0 = time.perf_counter()
+            tk = _train_bpe(_train_batches(cfg), vocab_size)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(tk.to_str())
+            os.replace(tmp, path)
+            secs = time.perf_counter() - t0
+            # Shown without any logging setup, like the corpus builder's line: it takes a while.
+            print(f"lmtrain.data: trained {path.name} in {secs:.1f} s", file=sys.stderr, flush=True)
+    text = path.read_text()
+    tk = HFModel.from_str(text)
+    name = f"bpe{vocab_size}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+    return HFTokenizer(tk, name=name, where=str(path))
+
+
+def make_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """The tokenizer `cfg.tokenizer` names: "bytes", "bpe:N", or a tokenizer.json / .model path."""
+    spec = cfg.tokenizer
+    if spec == "bytes":
+        return ByteTokenizer()
+    if spec.startswith("bpe:"):
+        n = spec[4:]
+        if not n.isdigit() or int(n) < 258:
+            raise DataError(f"data.tokenizer {spec!r}: N in 'bpe:N' must be an integer >= 258")
+        return _bpe(cfg, int(n))
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"data.tokenizer {spec!r} is not 'bytes', 'bpe:N', or an existing tokenizer file"
+        )
+    if path.suffix == ".model":
+        return SentencePieceTokenizer(path)
+    from tokenizers import Tokenizer as HFModel
+
+    try:
+        tk = HFModel.from_file(str(path))
+    except Exception as e:  # the Rust side raises a bare Exception for malformed files
+        raise DataError(f"tokenizer file {path} could not be loaded: {e}") from None
+    return HFTokenizer(tk, name=f"hf{tk.get_vocab_size()}-{_file_hash(path)}", where=str(path))

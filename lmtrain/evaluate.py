@@ -1,0 +1,58 @@
+"""Held-out loss and bits per byte, reusing the compiled eval step."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+from lmtrain import data, sharding, step
+
+if TYPE_CHECKING:
+    from lmtrain.train import Run
+
+
+class Evaluator:
+    """evaluator(params, max_batches) -> {val_loss, val_bpb, val_tokens, val_ppl}."""
+
+    def __init__(self, run: Run, val_stream: Any):
+        if val_stream is None:
+            raise ValueError("no validation split (data.val_fraction is 0)")
+        self.run = run
+        self.val = val_stream
+        cfg = run.cfg
+        shape = step.batch_spec(cfg.eval.batch_size, cfg.data.seq_len, step.EVAL_KEYS)
+        self._step = step.compile_eval_step(
+            step.make_eval_step(run.graphdef),
+            run.state_shardings["params"],
+            run.mesh,
+            run.abstract_state["params"],
+            shape,
+        )
+
+    def __call__(self, params: Any, max_batches: int = 0) -> dict[str, float]:
+        cfg = self.run.cfg
+        batches = data.eval_batches(
+            self.val,
+            self.run.tokenizer.token_bytes,
+            seq_len=cfg.data.seq_len,
+            global_batch=cfg.eval.batch_size,
+            max_batches=max_batches,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        totals = None
+        for local in batches:
+            out = self._step(params, sharding.global_batch(local, self.run.mesh))
+            # Sum on device; one fetch at the end keeps the host out of the way.
+            totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+        if totals is None:
+            raise ValueError("the validation split yielded no batches")
+        t = {k: float(v) for k, v in jax.device_get(totals).items()}
+        return {
+            "val_loss": t["nll_sum"] / max(t["tokens"], 1.0),
+            "val_bpb": step.bits_per_byte(t["nll_sum"], t["bytes"]),
+            "val_tokens": int(t["tokens"]),
+            "val_ppl": math.exp(min(t["nll_sum"] / max(t["tokens"], 1.0), 50.0)),
+        }

@@ -1,0 +1,39 @@
+"""Model families, looked up by `model.name`.
+
+Every family module exposes `Config` (a frozen dataclass subclassing
+`lmtrain.config.ModelConfig`, with `flops_per_token(seq_len)`) and `Model` (an `nnx.Module`):
+
+    model(tokens_BxL, segment_ids_BxL=None, positions_BxL=None) -> logits_BxLxV (float32)
+    model.init_cache(batch_size, max_len) -> cache (a pytree of arrays)
+    model.decode(tokens_BxT, cache) -> (logits_BxTxV, cache)
+
+Adding a family means adding a file and one line to `FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from flax import nnx
+
+from lmtrain.config import ModelConfig
+
+# model.name -> module in lmtrain.models
+FAMILIES = {
+    "transformer": "transformer",
+}
+
+
+def family(name: str) -> ModuleType:
+    """The module implementing model family `name`."""
+    if name not in FAMILIES:
+        raise KeyError(f"unknown model.name {name!r}; known: {', '.join(sorted(FAMILIES))}")
+    return importlib.import_module(f"lmtrain.models.{FAMILIES[name]}")
+
+
+def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds the model that `cfg` describes."""
+    if cfg.vocab_size <= 0:
+        raise ValueError("model.vocab_size must be set (the run sets it from the tokenizer)")
+    return family(cfg.name).Model(cfg, rngs=rngs)

@@ -1,0 +1,214 @@
+"""Layers shared by the model families.
+
+Shape letters used in names (`x_BxLxD` is an array of shape (B, L, D)):
+
+    B batch             L sequence length       D model width
+    H query heads       K head dim              F ffn hidden width
+    V vocabulary        N state size            C chunk length / channels of a conv
+    G kv groups (kv heads; H is a multiple of G)
+    T new tokens in one decode call             S cache length
+    W conv state length (conv width - 1)
+
+Parameters are float32 and carry `logical_axes` metadata (one name per dim, or None); only
+`lmtrain.sharding` maps those names to mesh axes. Layers compute in their `dtype` (the compute
+dtype) and cast parameters at use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+# The logical axis names a parameter may carry; sharding.py has a rule (or None) for each.
+AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "kv", "head_dim", "conv", "state")
+
+
+def param(
+    rngs: nnx.Rngs, init: Init, shape: Sequence[int], axes: Sequence[str | None]
+) -> nnx.Param:
+    """A float32 `nnx.Param` initialised by `init`, tagged with one logical axis name per dim."""
+    shape, axes = tuple(shape), tuple(axes)
+    if len(shape) != len(axes) or any(a is not None and a not in AXIS_NAMES for a in axes):
+        raise ValueError(f"bad logical axes {axes} for shape {shape}; names: {AXIS_NAMES}")
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes)
+
+
+def normal(std: float) -> Init:
+    """Initialiser drawing from N(0, std^2)."""
+    return nnx.initializers.normal(stddev=std)
+
+
+class Linear(nnx.Module):
+    """Bias-free dense layer: kernel (in, out), computed in `dtype`."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        axes: tuple[str | None, str | None],
+        *,
+        rngs: nnx.Rngs,
+        std: float = 0.02,
+        dtype: jnp.dtype = jnp.float32,
+    ):
+        self.kernel = param(rngs, normal(std), (d_in, d_out), axes)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
+        """x (..., in) -> (..., out); `out_dtype` asks for a wider accumulation (e.g. logits)."""
+        kernel = self.kernel[...].astype(self.dtype)
+        return jnp.dot(x.astype(self.dtype), kernel, preferred_element_type=out_dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table (V, D); `attend` reuses it as a tied output head."""
+
+    def __init__(
+        self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs, std: float, dtype: jnp.dtype
+    ):
+        self.table = param(rngs, normal(std), (vocab_size, d_model), ("vocab", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+        """Looks up tokens; returns x_BxLxD in the compute dtype."""
+        return jnp.take(self.table[...], tokens_BxL, axis=0).astype(self.dtype)
+
+    def attend(self, x_BxLxD: jax.Array) -> jax.Array:
+        """Tied output head: float32 logits_BxLxV = x @ table^T."""
+        table_VxD = self.table[...].astype(self.dtype)
+        return jnp.dot(x_BxLxD.astype(self.dtype), table_VxD.T, preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalisation with a learned scale; statistics in float32 whatever the input dtype."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-6, dtype: jnp.dtype):
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("embed",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        """Normalises x (..., D) over its last axis; returns the compute dtype."""
+        x = x_BxLxD.astype(jnp.float32)
+        inv_rms = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        scale = self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,))
+        return (x * inv_rms * scale).astype(self.dtype)
+
+
+def apply_rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (rotate-half layout) at integer `positions`; K must be even."""
+    half = x_BxLxHxK.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BxLxK2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+    sin_BxLx1xK2 = jnp.sin(angles_BxLxK2)[:, :, None, :]
+    cos_BxLx1xK2 = jnp.cos(angles_BxLxK2)[:, :, None, :]
+    x = x_BxLxHxK.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate(
+        [x1 * cos_BxLx1xK2 - x2 * sin_BxLx1xK2, x2 * cos_BxLx1xK2 + x1 * sin_BxLx1xK2], axis=-1
+    )
+    return out.astype(x_BxLxHxK.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """Gated MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(
+        self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, std: float, out_std: float, dtype
+    ):
+        self.gate = Linear(d_model, d_ff, ("embed", "mlp"), rngs=rngs, std=std, dtype=dtype)
+        self.up = Linear(d_model, d_ff, ("embed", "mlp"), rngs=rngs, std=std, dtype=dtype)
+        self.down = Linear(d_ff, d_model, ("mlp", "embed"), rngs=rngs, std=out_std, dtype=dtype)
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        """x_BxLxD -> x_BxLxD."""
+        h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD)
+        return self.down(h_BxLxF)
+
+
+class ReluSquaredMLP(nnx.Module):
+    """Primer MLP: down(relu(up(x))^2)."""
+
+    def __init__(
+        self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, std: float, out_std: float, dtype
+    ):
+        self.up = Linear(d_model, d_ff, ("embed", "mlp"), rngs=rngs, std=std, dtype=dtype)
+        self.down = Linear(d_ff, d_model, ("mlp", "embed"), rngs=rngs, std=out_std, dtype=dtype)
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        """x_BxLxD -> x_BxLxD."""
+        return self.down(jnp.square(jax.nn.relu(self.up(x_BxLxD))))
+
+
+# activation name -> (MLP class, number of D x F matrices it holds)
+MLPS: dict[str, tuple[type[nnx.Module], int]] = {
+    "swiglu": (SwiGLU, 3),
+    "relu2": (ReluSquaredMLP, 2),
+}
+
+
+def _conv_init(std: float) -> Init:
+    """Identity (current-token tap = 1) plus N(0, std^2) noise, so a fresh conv passes x through."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+        identity = jnp.zeros(shape, dtype).at[0].set(1.0)
+        return identity + std * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+class ShortConv(nnx.Module):
+    """Causal depthwise convolution over the sequence that restarts at each segment start.
+
+    kernel[j, c] weights channel c of the token j steps back (j = 0 is the current token).
+    Training form `__call__` sees whole sequences; `step` consumes T >= 1 new tokens and carries
+    the last W = width - 1 inputs as state (zeros at the start, like the training form's padding).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        width: int,
+        channel_axis: str | None,
+        *,
+        rngs: nnx.Rngs,
+        std: float = 0.02,
+        dtype: jnp.dtype = jnp.float32,
+    ):
+        self.kernel = param(rngs, _conv_init(std), (width, channels), ("conv", channel_axis))
+        self.width = width
+        self.dtype = dtype
+
+    def __call__(self, x_BxLxC: jax.Array, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+        """y_t = sum_j kernel[j] * x_{t-j}, counting only x_{t-j} in the same segment as x_t."""
+        L = x_BxLxC.shape[1]
+        kernel_WxC = self.kernel[...]
+        y = kernel_WxC[0][None, None, :] * x_BxLxC.astype(jnp.float32)
+        for j in range(1, min(self.width, L)):  # a shift of L or more sees only padding
+            xj_BxLxC = jnp.pad(x_BxLxC, ((0, 0), (j, 0), (0, 0)))[:, :L].astype(jnp.float32)
+            if segment_ids_BxL is not None:
+                same_BxL = segment_ids_BxL[:, j:] == segment_ids_BxL[:, :-j]
+                same_BxL = jnp.pad(same_BxL, ((0, 0), (j, 0)), constant_values=False)
+                xj_BxLxC = jnp.where(same_BxL[:, :, None], xj_BxLxC, 0.0)
+            y = y + kernel_WxC[j][None, None, :] * xj_BxLxC
+        return y.astype(x_BxLxC.dtype)
+
+    def init_state(self, batch_size: int) -> jax.Array:
+        """Zero state (B, W, C) in the compute dtype: nothing seen yet."""
+        return jnp.zeros((batch_size, self.width - 1, self.kernel.shape[1]), self.dtype)
+
+    def step(self, x_BxTxC: jax.Array, state_BxWxC: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Convolves T new tokens given the previous W inputs; returns (y_BxTxC, new state)."""
+        T, W = x_BxTxC.shape[1], self.width - 1
+        window = jnp.concatenate([state_BxWxC.astype(x_BxTxC.dtype), x_BxTxC], axis=1)
+        kernel_WxC = self.kernel[...]
+        y = kernel_WxC[0][None, None, :] * x_BxTxC.astype(jnp.float32)
+        for j in range(1, self.width):
+            y = y + kernel_WxC[j][None, None, :] * window[:, W - j : W - j + T].astype(jnp.float32)
+        new_state = window[:, window.shape[1] - W :].astype(state_BxWxC.dtype)
+        return y.astype(x_BxTxC.dtype), new_state

@@ -1,0 +1,314 @@
+"""Llama-style decoder-only transformer (RMSNorm, RoPE, GQA, SwiGLU), with Primer options."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmtrain.config import ConfigError, ModelConfig
+from lmtrain.models.layers import MLPS, Embed, Linear, RMSNorm, ShortConv, apply_rope
+
+Cache = dict  # {"index": int32[], "layers": [{"k", "v"[, "conv_q", "conv_k", "conv_v"]}, ...]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(ModelConfig):
+    """Transformer options on top of the shared model fields.
+
+    FFN hidden width F: "swiglu" uses round(2/3 * ffn_mult * d_model) rounded up to a multiple
+    of 64 (so the three SwiGLU matrices cost about as much as a 2-matrix MLP of ffn_mult * d_model);
+    "relu2" (Primer's squared ReLU) uses ffn_mult * d_model.
+    """
+
+    rope_theta: float = 10000.0
+    activation: str = "swiglu"  # "swiglu" | "relu2" (Primer squared ReLU)
+    qkv_conv: int = 0  # Primer depthwise causal conv width after Q, K, V projections; 0 = off
+    attention_impl: str = "xla"  # `implementation` of jax.nn.dot_product_attention ("cudnn")
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads G (n_kv_heads, or n_heads when that is 0)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width K = d_model // n_heads."""
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_width(self) -> int:
+        """MLP hidden width F (see the class docstring)."""
+        if self.activation == "swiglu":
+            return -(-round(2 / 3 * self.ffn_mult * self.d_model) // 64) * 64
+        return int(self.ffn_mult * self.d_model)
+
+    def matmul_params(self) -> int:
+        """Parameters used in matmuls: Q, K, V, O, MLP per layer, plus the output head (V x D)."""
+        D, F, K = self.d_model, self.ffn_width, self.head_dim
+        attn = D * self.n_heads * K * 2 + D * self.kv_heads * K * 2
+        mlp = MLPS[self.activation][1] * D * F if self.activation in MLPS else 0
+        return self.n_layers * (attn + mlp) + self.vocab_size * D
+
+    def conv_params(self) -> int:
+        """Parameters of the Primer Q/K/V depthwise convolutions (0 when qkv_conv is 0)."""
+        channels = (self.n_heads + 2 * self.kv_heads) * self.head_dim
+        return self.n_layers * self.qkv_conv * channels
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), the MaxText/REFERENCE.md convention.
+
+        6 * matmul_params()                 (2 forward + 4 backward per weight; head included,
+                                             embedding gather excluded)
+        + 6 * n_layers * seq_len * d_model  (causal attention scores and values: half of
+                                             12 * n_layers * seq_len * d_model)
+        + 6 * conv_params()                 (each Primer conv tap is a multiply-add per token)
+        Norms, RoPE, activations and softmax are not counted.
+        """
+        attention = 6 * self.n_layers * seq_len * self.d_model
+        return float(6 * self.matmul_params() + attention + 6 * self.conv_params())
+
+
+def _validate(cfg: Config) -> None:
+    """Raises ConfigError naming the field when `cfg` cannot be built."""
+    checks = [
+        (cfg.d_model % cfg.n_heads == 0, "model.n_heads", f"must divide d_model ({cfg.d_model})"),
+        (cfg.head_dim % 2 == 0, "model.n_heads", "must leave an even head dim for RoPE"),
+        (cfg.n_heads % cfg.kv_heads == 0, "model.n_kv_heads", "must divide n_heads"),
+        (cfg.activation in MLPS, "model.activation", f"must be one of {sorted(MLPS)}"),
+        (cfg.qkv_conv >= 0, "model.qkv_conv", "must be >= 0"),
+        (cfg.attention_impl in ("xla", "cudnn"), "model.attention_impl", "must be xla|cudnn"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"{key} {msg}")
+
+
+class Attention(nnx.Module):
+    """Grouped-query causal self-attention with RoPE and optional Primer Q/K/V convolutions.
+
+    Projections are fused 2-D kernels: Q (D, H*K) axes ("embed", "heads"), K/V (D, G*K)
+    ("embed", "kv"), O (H*K, D) ("heads", "embed"); sharding the fused axis keeps heads whole
+    whenever the shard count divides the head count.
+    """
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs, out_std: float):
+        D, H, G, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        dtype, std = jnp.dtype(cfg.dtype), cfg.init_std
+        self.H, self.G, self.K = H, G, K
+        self.rope_theta = cfg.rope_theta
+        self.impl = cfg.attention_impl
+        self.q = Linear(D, H * K, ("embed", "heads"), rngs=rngs, std=std, dtype=dtype)
+        self.k = Linear(D, G * K, ("embed", "kv"), rngs=rngs, std=std, dtype=dtype)
+        self.v = Linear(D, G * K, ("embed", "kv"), rngs=rngs, std=std, dtype=dtype)
+        self.o = Linear(H * K, D, ("heads", "embed"), rngs=rngs, std=out_std, dtype=dtype)
+        if cfg.qkv_conv:
+            conv = dict(rngs=rngs, std=std, dtype=dtype)
+            self.conv_q = ShortConv(H * K, cfg.qkv_conv, "heads", **conv)
+            self.conv_k = ShortConv(G * K, cfg.qkv_conv, "kv", **conv)
+            self.conv_v = ShortConv(G * K, cfg.qkv_conv, "kv", **conv)
+        else:
+            self.conv_q = self.conv_k = self.conv_v = None
+
+    def _heads(self, q, k, v, positions_BxL):
+        """Splits heads and applies RoPE to q and k."""
+        B, L, _ = q.shape
+        q_BxLxHxK = apply_rope(q.reshape(B, L, self.H, self.K), positions_BxL, self.rope_theta)
+        k_BxLxGxK = apply_rope(k.reshape(B, L, self.G, self.K), positions_BxL, self.rope_theta)
+        return q_BxLxHxK, k_BxLxGxK, v.reshape(B, L, self.G, self.K)
+
+    def __call__(
+        self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array | None, positions_BxL: jax.Array
+    ) -> jax.Array:
+        """Training form over whole sequences; tokens only see earlier tokens of their segment."""
+        q, k, v = self.q(x_BxLxD), self.k(x_BxLxD), self.v(x_BxLxD)
+        if self.conv_q is not None:
+            q = self.conv_q(q, segment_ids_BxL)
+            k = self.conv_k(k, segment_ids_BxL)
+            v = self.conv_v(v, segment_ids_BxL)
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._heads(q, k, v, positions_BxL)
+        mask_Bx1xLxL = None
+        if segment_ids_BxL is not None:
+            # With implementation="cudnn" jax turns this mask into a dense (B, 1, L, L) bias.
+            mask_Bx1xLxL = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
+        o_BxLxHxK = jax.nn.dot_product_attention(
+            q_BxLxHxK,
+            k_BxLxGxK,
+            v_BxLxGxK,
+            mask=mask_Bx1xLxL,
+            is_causal=True,
+            implementation=self.impl,
+        )
+        B, L = x_BxLxD.shape[:2]
+        return self.o(o_BxLxHxK.reshape(B, L, self.H * self.K))
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> dict:
+        """Empty per-layer cache: keys/values (B, S, G, K) and conv states."""
+        kv = jnp.zeros((batch_size, max_len, self.G, self.K), dtype)
+        cache = {"k": kv, "v": kv}
+        if self.conv_q is not None:
+            for name in ("q", "k", "v"):
+                cache[f"conv_{name}"] = getattr(self, f"conv_{name}").init_state(batch_size)
+        return cache
+
+    def decode(self, x_BxTxD: jax.Array, cache: dict, index: jax.Array) -> tuple[jax.Array, dict]:
+        """Appends T tokens at cache positions index..index+T-1 and attends causally."""
+        B, T, _ = x_BxTxD.shape
+        new = dict(cache)
+        q, k, v = self.q(x_BxTxD), self.k(x_BxTxD), self.v(x_BxTxD)
+        if self.conv_q is not None:
+            q, new["conv_q"] = self.conv_q.step(q, cache["conv_q"])
+            k, new["conv_k"] = self.conv_k.step(k, cache["conv_k"])
+            v, new["conv_v"] = self.conv_v.step(v, cache["conv_v"])
+        pos_T = index + jnp.arange(T, dtype=jnp.int32)
+        positions_BxT = jnp.broadcast_to(pos_T[None, :], (B, T))
+        q_BxTxHxK, k_BxTxGxK, v_BxTxGxK = self._heads(q, k, v, positions_BxT)
+        start = (jnp.int32(0), index, jnp.int32(0), jnp.int32(0))
+        k_BxSxGxK = jax.lax.dynamic_update_slice(
+            cache["k"], k_BxTxGxK.astype(cache["k"].dtype), start
+        )
+        v_BxSxGxK = jax.lax.dynamic_update_slice(
+            cache["v"], v_BxTxGxK.astype(cache["v"].dtype), start
+        )
+        new["k"], new["v"] = k_BxSxGxK, v_BxSxGxK
+        S = k_BxSxGxK.shape[1]
+        # Query i sits at position index+i; slots past it are either future or still empty.
+        mask_TxS = jnp.arange(S, dtype=jnp.int32)[None, :] <= pos_T[:, None]
+        # Always XLA: decode is a T x S (often 1 x S) product where a flash kernel buys little.
+        o_BxTxHxK = jax.nn.dot_product_attention(
+            q_BxTxHxK,
+            k_BxSxGxK.astype(q_BxTxHxK.dtype),
+            v_BxSxGxK.astype(q_BxTxHxK.dtype),
+            mask=mask_TxS[None, None],
+            implementation="xla",
+        )
+        return self.o(o_BxTxHxK.reshape(B, T, self.H * self.K)), new
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        # GPT-2: residual-branch outputs start smaller so the residual stream's variance does
+        # not grow with depth (2 branches per layer).
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
+        self.attn = Attention(cfg, rngs=rngs, out_std=out_std)
+        self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
+        mlp_cls = MLPS[cfg.activation][0]
+        self.mlp = mlp_cls(
+            cfg.d_model, cfg.ffn_width, rngs=rngs, std=cfg.init_std, out_std=out_std, dtype=dtype
+        )
+
+    def __call__(
+        self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array | None, positions_BxL: jax.Array
+    ) -> jax.Array:
+        """Training form."""
+        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segment_ids_BxL, positions_BxL)
+        return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+
+    def decode(self, x_BxTxD: jax.Array, cache: dict, index: jax.Array) -> tuple[jax.Array, dict]:
+        """Decode form: T new tokens against the layer's cache."""
+        h_BxTxD, cache = self.attn.decode(self.attn_norm(x_BxTxD), cache, index)
+        x_BxTxD = x_BxTxD + h_BxTxD
+        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
+
+
+def _run_block(block: Block, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
+    return block(x_BxLxD, segment_ids_BxL, positions_BxL)
+
+
+def _run_block_remat(block: Block, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
+    """Runs `block` under jax.checkpoint: only its inputs are kept for the backward pass."""
+    # A pure function of the block's state, so it works whether the caller closed over the
+    # model or split/merged it (nnx.remat refuses Params from an outer trace level).
+    graphdef, state = nnx.split(block)
+
+    def pure(state, x_BxLxD, segment_ids_BxL, positions_BxL):
+        return nnx.merge(graphdef, state)(x_BxLxD, segment_ids_BxL, positions_BxL)
+
+    return jax.checkpoint(pure)(state, x_BxLxD, segment_ids_BxL, positions_BxL)
+
+
+class Model(nnx.Module):
+    """Decoder-only transformer: Embed -> n_layers Blocks -> RMSNorm -> output head.
+
+    Init: embeddings, Q/K/V, MLP input matrices and an untied head ~ N(0, init_std^2); each
+    block's attention-out and MLP-down matrices ~ N(0, (init_std / sqrt(2 n_layers))^2); norm
+    scales 1; Primer convs identity plus N(0, init_std^2). Parameters are float32; compute runs
+    in cfg.dtype; logits are float32.
+    """
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        _validate(cfg)
+        self.cfg = cfg
+        self.dtype = jnp.dtype(cfg.dtype)
+        std = cfg.init_std
+        self.token_embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, std=std, dtype=self.dtype)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=self.dtype)
+        if cfg.tie_embeddings:
+            self.head = None  # logits come from token_embed.attend
+        else:
+            head_axes = ("embed", "vocab")
+            self.head = Linear(
+                cfg.d_model, cfg.vocab_size, head_axes, rngs=rngs, std=std, dtype=self.dtype
+            )
+
+    def embed(self, tokens_BxL: jax.Array) -> jax.Array:
+        """Token ids -> x_BxLxD in the compute dtype."""
+        return self.token_embed(tokens_BxL)
+
+    def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
+        x_BxLxD = self.final_norm(x_BxLxD)
+        if self.head is None:
+            return self.token_embed.attend(x_BxLxD)
+        return self.head(x_BxLxD, out_dtype=jnp.float32)
+
+    def forward(
+        self,
+        x_BxLxD: jax.Array,
+        segment_ids_BxL: jax.Array | None = None,
+        positions_BxL: jax.Array | None = None,
+    ) -> jax.Array:
+        """Embeddings -> float32 logits_BxLxV; positions default to 0..L-1 in every row."""
+        B, L, _ = x_BxLxD.shape
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32)[None, :], (B, L))
+        x_BxLxD = x_BxLxD.astype(self.dtype)
+        run = _run_block_remat if self.cfg.remat else _run_block
+        for block in self.blocks:
+            x_BxLxD = run(block, x_BxLxD, segment_ids_BxL, positions_BxL)
+        return self._logits(x_BxLxD)
+
+    def __call__(
+        self,
+        tokens_BxL: jax.Array,
+        segment_ids_BxL: jax.Array | None = None,
+        positions_BxL: jax.Array | None = None,
+    ) -> jax.Array:
+        """Token ids -> float32 logits_BxLxV."""
+        return self.forward(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL)
+
+    def init_cache(self, batch_size: int, max_len: int) -> Cache:
+        """Empty decode cache for up to `max_len` tokens per row."""
+        layers = [b.attn.init_cache(batch_size, max_len, self.dtype) for b in self.blocks]
+        return {"index": jnp.zeros((), jnp.int32), "layers": layers}
+
+    def decode(self, tokens_BxT: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        """Appends T tokens (a prompt, or 1) to `cache`; returns their logits and the new cache.
+
+        Pure: the model is not mutated. The caller keeps index + T <= max_len.
+        """
+        index = cache["index"]
+        x_BxTxD = self.embed(tokens_BxT)
+        layers = []
+        for block, layer_cache in zip(self.blocks, cache["layers"], strict=True):
+            x_BxTxD, layer_cache = block.decode(x_BxTxD, layer_cache, index)
+            layers.append(layer_cache)
+        new_index = index + jnp.int32(tokens_BxT.shape[1])
+        return self._logits(x_BxTxD), {"index": new_index, "layers": layers}

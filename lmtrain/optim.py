@@ -1,0 +1,117 @@
+"""Optimizers and learning-rate schedules, chosen by name from lookup tables.
+
+Everything here is pure optax (no host-side state), so the transformations run inside a jitted,
+sharded train step. The optimizer state has the same structure whether or not clipping is on,
+so a checkpoint restores across a change of `optim.clip_norm`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lmtrain.config import ConfigError, OptimConfig
+
+# ---------------------------------------------------------------------------- schedules
+
+
+def _warmup(cfg: OptimConfig, step: jax.Array) -> jax.Array:
+    """Warmup multiplier; (step + 1) / warmup so the first update already moves the params."""
+    if cfg.warmup_steps <= 0:
+        return jnp.ones_like(step)
+    return jnp.minimum((step + 1.0) / cfg.warmup_steps, 1.0)
+
+
+def _progress(step: jax.Array, start: int, end: int) -> jax.Array:
+    """Fraction of the way from `start` to `end`, clipped to [0, 1] (holds past `end`)."""
+    return jnp.clip((step - start) / max(end - start, 1), 0.0, 1.0)
+
+
+def _cosine(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        t = _progress(step, cfg.warmup_steps, total_steps)
+        frac = cfg.final_lr_frac + (1.0 - cfg.final_lr_frac) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+        return cfg.lr * jnp.where(step < cfg.warmup_steps, _warmup(cfg, step), frac)
+
+    return schedule
+
+
+def _wsd(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    decay_steps = round(cfg.decay_frac * total_steps)
+    # A decay longer than the post-warmup phase starts right after warmup rather than overlap it.
+    decay_start = max(total_steps - decay_steps, cfg.warmup_steps)
+
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        t = _progress(step, decay_start, total_steps)
+        frac = 1.0 - (1.0 - cfg.final_lr_frac) * t
+        return cfg.lr * jnp.where(step < cfg.warmup_steps, _warmup(cfg, step), frac)
+
+    return schedule
+
+
+def _constant(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    del total_steps
+
+    def schedule(step: jax.Array) -> jax.Array:
+        return cfg.lr * _warmup(cfg, jnp.asarray(step, jnp.float32))
+
+    return schedule
+
+
+# optim.schedule -> builder(cfg, total_steps); every schedule has the same linear warmup
+SCHEDULES: dict[str, Callable[[OptimConfig, int], optax.Schedule]] = {
+    "cosine": _cosine,
+    "wsd": _wsd,
+    "constant": _constant,
+}
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate as a function of the (0-based) optimizer step."""
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(
+            f"optim.schedule {cfg.schedule!r} is unknown; valid: {', '.join(SCHEDULES)}"
+        )
+    return SCHEDULES[cfg.schedule](cfg, total_steps)
+
+
+# ---------------------------------------------------------------------------- optimizers
+
+
+def decay_mask(params: Any) -> Any:
+    """True for leaves that get weight decay: matrices and up, not norm scales or biases."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def _adamw(cfg: OptimConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+    return optax.adamw(
+        lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+    )
+
+
+def _lion(cfg: OptimConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+    # optax.lion defaults to weight_decay=1e-3, so ours is always passed; Lion has no eps.
+    return optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+
+
+# optim.name -> builder(cfg, schedule)
+OPTIMIZERS: dict[str, Callable[[OptimConfig, optax.Schedule], optax.GradientTransformation]] = {
+    "adamw": _adamw,
+    "lion": _lion,
+}
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping (if clip_norm > 0), then the named optimizer on `make_schedule`."""
+    if cfg.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name {cfg.name!r} is unknown; valid: {', '.join(OPTIMIZERS)}")
+    tx = OPTIMIZERS[cfg.name](cfg, make_schedule(cfg, total_steps))
+    # identity() keeps the state tree identical to clip_by_global_norm's (both EmptyState).
+    clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
+    return optax.chain(clip, tx)

@@ -1,0 +1,158 @@
+"""Pure functions: loss, train step, eval step. No I/O; `compile_*` adds shardings and donation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lmtrain import sharding
+
+Batch = dict[str, jax.Array]
+TRAIN_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
+EVAL_KEYS = (*TRAIN_KEYS, "target_bytes")
+
+
+def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Per-token negative log-likelihood and log-normaliser (log Z), both float32 [B, L]."""
+    model = nnx.merge(graphdef, params)
+    logits_BxLxV = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+    logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], -1)[..., 0]
+    return logz_BxL - target_logit_BxL, logz_BxL
+
+
+def _grads(graphdef, params, batch: Batch, z_loss: float, grad_accum: int):
+    """Gradient of the token-weighted mean loss over the batch, over `grad_accum` micro-batches.
+
+    Each micro-batch contributes sum(nll * w) / W_total, so the accumulated gradient is
+    exactly the full-batch gradient however the weights fall across micro-batches.
+    """
+    w_total = jnp.maximum(batch["weights"].sum(), 1.0)
+
+    def objective(p, mb):
+        nll, logz = token_nll(graphdef, p, mb)
+        w = mb["weights"]
+        nll_sum = (nll * w).sum()
+        z_sum = (jnp.square(logz) * w).sum()
+        return (nll_sum + z_loss * z_sum) / w_total, nll_sum
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    if grad_accum == 1:
+        (_, nll_sum), grads = grad_fn(params, batch)
+        return grads, nll_sum / w_total, w_total
+
+    def split(x):  # [B, ...] -> [A, B/A, ...] keeping each device's rows on that device
+        b = x.shape[0] // grad_accum
+        x = x.reshape(b, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, P(None, sharding.BATCH))
+
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, mb):
+        g_acc, nll_acc = carry
+        (_, nll_sum), g = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll_sum), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, nll_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
+    return grads, nll_sum / w_total, w_total
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    z_loss: float = 0.0,
+    grad_accum: int = 1,
+) -> Callable[[dict, Batch], tuple[dict, dict]]:
+    """train_step(state, batch) -> (state, metrics); a non-finite step keeps the old state."""
+
+    def train_step(state: dict, batch: Batch) -> tuple[dict, dict]:
+        params = state["params"]
+        grads, loss, tokens = _grads(graphdef, params, batch, z_loss, grad_accum)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # Keep the last good state on NaN/Inf so no checkpoint can ever hold a broken model;
+        # the host sees `finite == 0` and stops the run.
+        keep = lambda new, old: jnp.where(ok, new, old)
+        new_state = {
+            "step": state["step"] + ok.astype(state["step"].dtype),
+            "params": jax.tree.map(keep, new_params, params),
+            "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
+        }
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": jnp.asarray(schedule(state["step"]), jnp.float32),
+            "tokens": tokens,
+            "finite": ok.astype(jnp.float32),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict]:
+    """eval_step(params, batch) -> sums of weighted NLL, weights and target bytes."""
+
+    def eval_step(params: Any, batch: Batch) -> dict:
+        nll, _ = token_nll(graphdef, params, batch)
+        w = batch["weights"]
+        return {
+            "nll_sum": (nll * w).sum(),
+            "tokens": w.sum(),
+            "bytes": batch["target_bytes"].sum(),
+        }
+
+    return eval_step
+
+
+def batch_spec(global_batch: int, seq_len: int, keys: tuple[str, ...]) -> dict:
+    """Abstract shapes of one global batch."""
+    dtypes = {"weights": jnp.float32, "target_bytes": jnp.float32}
+    return {
+        k: jax.ShapeDtypeStruct((global_batch, seq_len), dtypes.get(k, jnp.int32)) for k in keys
+    }
+
+
+def compile_train_step(
+    fn: Callable, state_shardings: Any, mesh: Mesh, abstract_state: Any, batch_shape: dict
+) -> Any:
+    """Ahead-of-time compiled train step: sharded state in and out, state buffers donated."""
+    bs = sharding.batch_sharding(mesh)
+    replicated = NamedSharding(mesh, P())
+    jitted = jax.jit(
+        fn,
+        in_shardings=(state_shardings, {k: bs for k in batch_shape}),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),  # the old state is dead after the step; reuse its memory
+    )
+    with jax.set_mesh(mesh):  # lets the step name mesh axes in sharding constraints
+        return jitted.lower(abstract_state, batch_shape).compile()
+
+
+def compile_eval_step(fn: Callable, param_shardings: Any, mesh: Mesh, abstract_params, batch_shape):
+    """Ahead-of-time compiled eval step (no donation: params live on)."""
+    bs = sharding.batch_sharding(mesh)
+    jitted = jax.jit(
+        fn,
+        in_shardings=(param_shardings, {k: bs for k in batch_shape}),
+        out_shardings=NamedSharding(mesh, P()),
+    )
+    with jax.set_mesh(mesh):
+        return jitted.lower(abstract_params, batch_shape).compile()
+
+
+def bits_per_byte(nll_sum: float, n_bytes: float) -> float:
+    """Tokenizer-independent loss: nats summed over tokens / (ln 2 * UTF-8 bytes)."""
+    return nll_sum / (math.log(2) * max(n_bytes, 1.0))

@@ -1,0 +1,88 @@
+"""Run outputs on process 0: metrics.jsonl, TensorBoard events, progress bar, run header."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+class Tracker:
+    """Writes metrics rows to `workdir/metrics.jsonl` and `workdir/tb/`; a no-op off process 0."""
+
+    def __init__(self, workdir: Path, total_steps: int, start_step: int, progress: bool = True):
+        self.enabled = jax.process_index() == 0
+        self._bar = None
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self._tb = SummaryWriter(str(workdir / "tb"))
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                smoothing=0.1,
+                disable=None,  # None: off when not a terminal
+            )
+
+    def write(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
+        """One metrics row: a JSON line plus one TensorBoard scalar per number."""
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                tag = k if "/" in k else f"{prefix}/{k}"
+                self._tb.add_scalar(tag, v, int(step))
+        self._tb.flush()
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.enabled:
+            self._tb.add_text(tag, text, step)
+
+    def progress(self, step: int, postfix: dict[str, float] | None = None) -> None:
+        if self._bar is None:
+            return
+        self._bar.n = step
+        if postfix:
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+        self._bar.refresh()
+
+    def print(self, msg: str) -> None:
+        """A line on stderr that doesn't break the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        self._tb.close()
+        self._jsonl.close()
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN; keep the row parseable
+    return v

@@ -1,0 +1,304 @@
+"""The training loop: mesh -> data -> abstract init -> sharded init -> restore -> steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lmtrain import config as config_lib
+from lmtrain import data, flops, models, optim, sharding, step
+from lmtrain.checkpoint import Checkpointer
+from lmtrain.config import Config, ConfigError
+from lmtrain.evaluate import Evaluator
+from lmtrain.tracking import Tracker
+
+log = logging.getLogger("lmtrain")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient norm became NaN/Inf; the run stops without saving that state."""
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything derived from a config that train, eval and generate share."""
+
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    tokenizer: Any
+    graphdef: nnx.GraphDef
+    tx: Any
+    schedule: Any
+    abstract_state: dict  # ShapeDtypeStructs carrying their target shardings
+    state_shardings: dict
+    n_params: int
+
+    def init_state(self) -> dict:
+        """Materialises a fresh state directly in its shardings (never on one device first)."""
+        cfg = self.cfg
+
+        def init() -> dict:
+            model = models.build(cfg.model, nnx.Rngs(params=cfg.train.seed))
+            params = nnx.to_pure_dict(nnx.state(model))
+            return {
+                "step": jnp.zeros((), jnp.int32),
+                "params": params,
+                "opt_state": self.tx.init(params),
+            }
+
+        return jax.jit(init, out_shardings=self.state_shardings)()
+
+
+def setup(cfg: Config) -> Run:
+    """Tokenizer, mesh, abstract model and shardings for `cfg` (vocab size filled in)."""
+    tokenizer = data.make_tokenizer(cfg.data)
+    m = cfg.model
+    if m.vocab_size == 0:
+        m = dataclasses.replace(m, vocab_size=tokenizer.vocab_size)
+    elif m.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size {m.vocab_size} < the tokenizer's {tokenizer.vocab_size}"
+        )
+    cfg = dataclasses.replace(cfg, model=m).validate()
+    mesh = sharding.make_mesh(cfg.mesh)
+    dp = sharding.data_parallel_size(mesh)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % dp:
+        raise ConfigError(
+            f"train.batch_size / train.grad_accum = {micro} must be divisible by the "
+            f"data-parallel size {dp} (mesh.shape data x fsdp)"
+        )
+    if cfg.eval.batch_size % dp:
+        raise ConfigError(f"eval.batch_size {cfg.eval.batch_size} must be divisible by {dp}")
+
+    abstract_model = nnx.eval_shape(lambda: models.build(cfg.model, nnx.Rngs(params=0)))
+    graphdef, abstract_vars = nnx.split(abstract_model)
+    abstract_params = nnx.to_pure_dict(abstract_vars)
+    tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    schedule = optim.make_schedule(cfg.optim, cfg.train.steps)
+    specs = sharding.state_specs(sharding.param_specs(abstract_vars, mesh), tx, abstract_params)
+    shardings = sharding.named(mesh, specs)
+    shapes = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": abstract_params,
+        "opt_state": jax.eval_shape(tx.init, abstract_params),
+    }
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    )
+    n_params = flops.count_params(abstract_params)
+    return Run(cfg, mesh, tokenizer, graphdef, tx, schedule, abstract_state, shardings, n_params)
+
+
+def check_resume_config(saved: Config, new: Config) -> list[str]:
+    """Keys that may differ on resume (listed); model/data shape changes raise ConfigError."""
+    a, b = config_lib.to_dict(saved), config_lib.to_dict(new)
+    diffs = [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b.get(s, {}).get(k)]
+    fatal = [
+        d
+        for d in diffs
+        if d.startswith("model.") or d in ("data.tokenizer", "data.seq_len", "data.source")
+    ]
+    if fatal:
+        detail = ", ".join(f"{d}: {_get(a, d)!r} -> {_get(b, d)!r}" for d in fatal)
+        raise ConfigError(
+            f"the workdir holds a run with a different model or data ({detail}); "
+            "use a new --workdir"
+        )
+    return diffs
+
+
+def _get(d: dict, key: str) -> Any:
+    s, k = key.split(".")
+    return d[s].get(k)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to save and exit; a second SIGINT aborts at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: Config, workdir: Path) -> dict:
+    """Trains (or resumes) the run in `workdir`; returns a summary of the last metrics."""
+    workdir = Path(workdir).absolute()
+    t_start = time.time()
+    cfg_path = workdir / "config.json"
+    if cfg_path.exists():
+        saved = config_lib.load_json(cfg_path)
+        new = dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(
+                cfg.model, vocab_size=cfg.model.vocab_size or saved.model.vocab_size
+            ),
+        )
+        changed = check_resume_config(saved, new)
+        if changed:
+            log.warning("resuming with changed settings: %s", ", ".join(changed))
+    run = setup(cfg)
+    cfg, mesh = run.cfg, run.mesh
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_lib.save_json(cfg, cfg_path)
+
+    corpus = data.load_corpus(cfg.data, run.tokenizer)
+    it = data.train_iterator(
+        corpus.train,
+        seq_len=cfg.data.seq_len,
+        global_batch=cfg.train.batch_size,
+        seed=cfg.train.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        prefetch=cfg.data.prefetch,
+    )
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    restored = ckpt.restore_latest(run.abstract_state, it)
+    state = restored[1] if restored else run.init_state()
+    start = int(state["step"])
+
+    t0 = time.time()
+    batch_shape = step.batch_spec(cfg.train.batch_size, cfg.data.seq_len, step.TRAIN_KEYS)
+    train_step = step.compile_train_step(
+        step.make_train_step(
+            run.graphdef, run.tx, run.schedule, cfg.optim.z_loss, cfg.train.grad_accum
+        ),
+        run.state_shardings,
+        mesh,
+        run.abstract_state,
+        batch_shape,
+    )
+    compile_s = time.time() - t0
+    evaluator = Evaluator(run, corpus.val) if corpus.val is not None else None
+    flops_per_token = cfg.model.flops_per_token(cfg.data.seq_len)
+    peak, peak_src = flops.peak_flops(mesh.devices.flatten().tolist(), cfg.model.dtype)
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+
+    tracker = Tracker(workdir, cfg.train.steps, start, cfg.train.progress)
+    tracker.print(
+        f"lmtrain | {cfg.model.name} {run.n_params / 1e6:.2f}M params, "
+        f"{flops_per_token / 1e6:.1f} MFLOP/token | mesh {dict(mesh.shape)} on "
+        f"{jax.device_count()} {jax.devices()[0].platform} devices, {jax.process_count()} "
+        f"process(es) | data {cfg.data.source}: {corpus.stats['train']['tokens']:,} train tokens, "
+        f"{tokens_per_step:,} tokens/step | peak {peak / 1e9:.0f} GFLOP/s ({peak_src}) | "
+        f"compile {compile_s:.1f}s | " + (f"resumed at step {start}" if restored else "fresh start")
+    )
+    if start == 0 and jax.process_index() == 0:
+        tracker.text("config", "```\n" + cfg_path.read_text() + "\n```")
+
+    summary: dict[str, Any] = {"step": start}
+    pending: tuple[int, dict] | None = None
+    last_log = (start, time.time())
+    s = start
+
+    def flush() -> None:
+        """Fetches the pending step's metrics (one step late), stops on NaN, logs."""
+        nonlocal pending, last_log
+        if pending is None:
+            return
+        n, m = pending
+        pending = None
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if m.pop("finite") < 1:
+            raise NonFiniteLoss(
+                f"non-finite loss or gradient at step {n} (loss={m['loss']}, "
+                f"grad_norm={m['grad_norm']}); stopped without saving that state. The last "
+                f"checkpoint is step {ckpt.latest_step()}; try a lower optim.lr or "
+                "optim.z_loss=1e-4"
+            )
+        summary.update(step=n, loss=m["loss"])
+        if n % cfg.train.log_every == 0 or n == cfg.train.steps:
+            now = time.time()
+            tok_s = tokens_per_step * (n - last_log[0]) / max(now - last_log[1], 1e-9)
+            last_log = (n, now)
+            row = {
+                "loss": m["loss"],
+                "lr": m["lr"],
+                "grad_norm": m["grad_norm"],
+                "tokens_per_sec": tok_s,
+                "mfu": flops.mfu(tok_s, flops_per_token, peak),
+            }
+            tracker.write(n, row)
+            summary.update(tokens_per_sec=tok_s, mfu=row["mfu"])
+        tracker.progress(n, {"loss": m["loss"]})
+
+    try:
+        with _StopFlag() as stop:
+            while s < cfg.train.steps and stop.signal is None:
+                batch = sharding.global_batch(next(it), mesh)
+                state, metrics = train_step(state, batch)
+                s += 1
+                flush()  # step s-1's metrics, while step s runs
+                pending = (s, metrics)
+                last = s == cfg.train.steps
+                if evaluator and (last or (cfg.train.eval_every and s % cfg.train.eval_every == 0)):
+                    flush()
+                    ev = evaluator(state["params"], cfg.eval.max_batches)
+                    tracker.write(s, ev, prefix="eval")
+                    tracker.print(f"step {s}: " + " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+                    summary.update(ev)
+                save_now = cfg.train.checkpoint_every and s % cfg.train.checkpoint_every == 0
+                if last or save_now or stop.signal is not None:
+                    flush()  # never save a state whose step we haven't checked for NaN
+                    ckpt.save(s, state, it, config_lib.to_dict(cfg))
+            flush()
+            if stop.signal is not None:
+                tracker.print(
+                    f"stopped by signal {stop.signal} at step {s}; checkpoint saved. "
+                    "Run the same command again to resume."
+                )
+                summary["interrupted"] = True
+    finally:
+        pending = None
+        try:
+            ckpt.close()  # waits for async saves: a started checkpoint is completed or reported
+        finally:
+            tracker.close()
+    summary["wall_s"] = time.time() - t_start
+    return summary
+
+
+def restore_params(workdir: Path, overrides: dict | None = None) -> tuple[Run, Any, int]:
+    """(run, params, step) from the newest readable checkpoint of `workdir`, for eval/generate."""
+    workdir = Path(workdir).absolute()
+    cfg = config_lib.load_json(workdir / "config.json")
+    if overrides:
+        cfg = config_lib.override(cfg, overrides)
+    run = setup(cfg)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    try:
+        restored = ckpt.restore_latest(run.abstract_state)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise ConfigError(f"no checkpoint in {workdir / 'checkpoints'}; train first")
+    s, state = restored
+    return run, state["params"], s
+
+
+def to_numpy(tree: Any) -> Any:
+    return jax.tree.map(np.asarray, jax.device_get(tree))

@@ -1,0 +1,85 @@
+"""Peak table lookup, peak totals over devices, MFU arithmetic, parameter counts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from lmtrain import flops
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+    platform: str
+    device_kind: str
+
+
+@pytest.mark.parametrize(
+    "kind, want",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("TPU v4", 275e12),
+        ("TPU v5 lite", 197e12),
+        ("TPU v5e", 197e12),
+        ("TPU v5", 459e12),
+        ("TPU v5p", 459e12),
+        ("TPU v6 lite", 918e12),
+        ("tpu V6E", 918e12),
+        ("cpu", None),
+        ("TPU7x", None),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_lookup_peak(kind, want):
+    assert flops.lookup_peak(kind) == want
+
+
+def test_peak_from_table_is_per_chip_times_chips():
+    devices = [FakeDevice("gpu", "NVIDIA H100 80GB HBM3")] * 8
+    peak, source = flops.peak_flops(devices, jnp.bfloat16)
+    assert peak == pytest.approx(8 * 989e12)
+    assert source.startswith("table: NVIDIA H100")
+
+
+def test_unknown_accelerator_falls_back_to_a_measured_matmul(monkeypatch):
+    monkeypatch.setattr(flops, "_matmul_peak", lambda device, n, dtype, repeats: 1e14)
+    devices = [FakeDevice("gpu", "NVIDIA GeForce RTX 4090")] * 2
+    peak, source = flops.peak_flops(devices, "bfloat16")
+    assert peak == 2e14
+    assert source.startswith("measured: gpu matmul 4096 bfloat16 x2")
+
+
+def test_cpu_peak_is_not_multiplied_by_fake_devices(monkeypatch):
+    monkeypatch.setattr(flops, "measure_cpu_peak", lambda n=2048, repeats=4: 1.5e11)
+    peak, source = flops.peak_flops(jax.devices(), jnp.float32)
+    assert peak == 1.5e11
+    assert source == "measured: cpu matmul 2048 f32"
+
+
+def test_measure_cpu_peak_is_plausible():
+    peak = flops.measure_cpu_peak(n=1024, repeats=3)
+    assert math.isfinite(peak) and 1e8 < peak < 1e13
+
+
+def test_mfu_arithmetic():
+    # 1000 tok/s x 6e9 FLOP/token = 6e12 FLOP/s out of 1e13.
+    assert flops.mfu(1000.0, 6e9, 1e13) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="positive"):
+        flops.mfu(1000.0, 6e9, 0.0)
+
+
+def test_count_params():
+    params = {
+        "a": jnp.zeros((3, 4)),
+        "b": [jnp.zeros(5), jax.ShapeDtypeStruct((2, 3), jnp.float32)],
+        "c": {"scalar": jnp.zeros(())},
+    }
+    assert flops.count_params(params) == 12 + 5 + 6 + 1
+    assert flops.count_params({}) == 0

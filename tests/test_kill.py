@@ -1,0 +1,96 @@
+"""A real `kill -9` between checkpoints: the rerun resumes from the last complete checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_exp(tmp_path: Path, corpus: Path, steps: int) -> str:
+    p = tmp_path / f"exp{steps}.py"
+    p.write_text(f"""
+from lmtrain import config
+def get_config(arg):
+    return config.override(config.Config(), {{
+        "model.name": "transformer", "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
+        "data.source": {str(corpus)!r}, "data.tokenizer": "bytes", "data.seq_len": 32,
+        "train.batch_size": 8, "train.steps": {steps}, "train.log_every": 1,
+        "train.eval_every": 0, "train.checkpoint_every": 3, "train.progress": False,
+        "optim.schedule": "constant", "optim.warmup_steps": 2, "eval.max_batches": 1,
+        "eval.batch_size": 8,
+    }})
+""")
+    return str(p)
+
+
+def _lmtrain(*args, **kw):
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "PYTHONPATH": str(ROOT),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmtrain", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def _losses(wd: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        (corpus / f"{i}.txt").write_text(
+            " ".join(rng.choice(["ab", "cd", "ef", "gh"], size=int(rng.integers(20, 100))))
+        )
+    # Uninterrupted reference: 12 steps.
+    ref = _lmtrain("train", _write_exp(tmp_path, corpus, 12), "--workdir", str(tmp_path / "ref"))
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+
+    # A long run killed with SIGKILL once its step-6 checkpoint is complete.
+    wd = tmp_path / "killed"
+    long_run = _lmtrain("train", _write_exp(tmp_path, corpus, 100000), "--workdir", str(wd))
+    deadline = time.time() + 240
+    while not (wd / "checkpoints" / "6" / "_CHECKPOINT_METADATA").exists():
+        assert long_run.poll() is None, long_run.stderr.read()
+        assert time.time() < deadline, "no checkpoint at step 6 in time"
+        time.sleep(0.2)
+    long_run.send_signal(signal.SIGKILL)
+    long_run.wait(timeout=30)
+    assert long_run.returncode == -signal.SIGKILL
+    killed_steps = max(_losses(wd))
+
+    # The rerun (12 steps in total) resumes from the newest complete checkpoint.
+    rerun = _lmtrain("train", _write_exp(tmp_path, corpus, 12), "--workdir", str(wd))
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+    err = rerun.stderr.read()
+    resumed_at = int(err.split("resumed at step ")[1].split()[0])
+    assert resumed_at >= 6 and resumed_at % 3 == 0 and resumed_at <= killed_steps
+    a = _losses(tmp_path / "ref")
+    b = {}
+    for line in (wd / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            b[r["step"]] = r["loss"]  # the rerun's rows overwrite the killed run's
+    np.testing.assert_allclose(
+        [b[s] for s in range(1, 13)], [a[s] for s in range(1, 13)], rtol=1e-6
+    )

@@ -1,0 +1,283 @@
+"""Optimizers against a numpy reference; schedules at their landmarks; names; decay mask."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lmtrain.config import ConfigError, OptimConfig
+from lmtrain.optim import OPTIMIZERS, SCHEDULES, decay_mask, make_optimizer, make_schedule
+
+STEPS = 5
+# Warmup of 2 then cosine over 5 steps: the learning rate differs at every step.
+CFG = OptimConfig(
+    lr=1e-2,
+    weight_decay=0.5,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    schedule="cosine",
+    warmup_steps=2,
+    final_lr_frac=0.1,
+    clip_norm=0.0,
+)
+
+
+# ---------------------------------------------------------------------------- numpy reference
+
+
+def ref_lr(cfg: OptimConfig, step: int, total: int) -> float:
+    """Linear warmup (step + 1) / warmup, then cosine to final_lr_frac at `total`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = min((step - cfg.warmup_steps) / (total - cfg.warmup_steps), 1.0)
+    return cfg.lr * (
+        cfg.final_lr_frac + (1 - cfg.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
+    )
+
+
+def ref_clip(grads: dict, clip_norm: float) -> dict:
+    if clip_norm <= 0:
+        return grads
+    norm = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values()))
+    return grads if norm < clip_norm else {k: g / norm * clip_norm for k, g in grads.items()}
+
+
+def ref_adamw(cfg: OptimConfig, params: dict, grads_seq: list[dict]) -> list[dict]:
+    """AdamW with bias correction and decoupled weight decay (scaled by lr) on ndim >= 2 only."""
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    out = []
+    for t, grads in enumerate(grads_seq):
+        grads = ref_clip(grads, cfg.clip_norm)
+        lr = ref_lr(cfg, t, STEPS)
+        for k, g in grads.items():
+            m[k] = cfg.b1 * m[k] + (1 - cfg.b1) * g
+            v[k] = cfg.b2 * v[k] + (1 - cfg.b2) * g**2
+            m_hat = m[k] / (1 - cfg.b1 ** (t + 1))
+            v_hat = v[k] / (1 - cfg.b2 ** (t + 1))
+            wd = cfg.weight_decay if p[k].ndim >= 2 else 0.0
+            p[k] = p[k] - lr * (m_hat / (np.sqrt(v_hat) + cfg.eps) + wd * p[k])
+        out.append(dict(p))
+    return out
+
+
+def ref_lion(cfg: OptimConfig, params: dict, grads_seq: list[dict]) -> list[dict]:
+    """Lion (Chen et al.): u = sign(b1 m + (1-b1) g); p -= lr (u + wd p); m = b2 m + (1-b2) g."""
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    out = []
+    for t, grads in enumerate(grads_seq):
+        grads = ref_clip(grads, cfg.clip_norm)
+        lr = ref_lr(cfg, t, STEPS)
+        for k, g in grads.items():
+            u = np.sign(cfg.b1 * m[k] + (1 - cfg.b1) * g)
+            wd = cfg.weight_decay if p[k].ndim >= 2 else 0.0
+            p[k] = p[k] - lr * (u + wd * p[k])
+            m[k] = cfg.b2 * m[k] + (1 - cfg.b2) * g
+        out.append(dict(p))
+    return out
+
+
+REFERENCES = {"adamw": ref_adamw, "lion": ref_lion}
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def make_problem(grad_scale: float = 1.0) -> tuple[dict, list[dict]]:
+    """A matrix and a vector (so the decay mask matters) and a fixed gradient per step."""
+    rng = np.random.default_rng(0)
+    params = {
+        "w": rng.standard_normal((4, 3)).astype(np.float32),
+        "b": rng.standard_normal(3).astype(np.float32),
+    }
+    # Scales that change per step make clipping change the result even for scale-free Adam/Lion.
+    grads = [
+        {k: (grad_scale * (t + 1) * rng.standard_normal(v.shape)).astype(np.float32)
+         for k, v in params.items()}
+        for t in range(STEPS)
+    ]  # fmt: skip
+    return params, grads
+
+
+def run_optax(cfg: OptimConfig, params: dict, grads_seq: list[dict]) -> list[dict]:
+    tx = make_optimizer(cfg, STEPS)
+    p = jax.tree.map(jnp.asarray, params)
+    state = tx.init(p)
+    update = jax.jit(tx.update)
+    out = []
+    for grads in grads_seq:
+        updates, state = update(jax.tree.map(jnp.asarray, grads), state, p)
+        p = optax.apply_updates(p, updates)
+        out.append(jax.tree.map(np.asarray, p))
+    return out
+
+
+def assert_trajectories_close(got: list[dict], want: list[dict]) -> None:
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        for k in w:
+            np.testing.assert_allclose(g[k], w[k], rtol=2e-6, atol=1e-7, err_msg=f"{k} @ {step}")
+
+
+# ---------------------------------------------------------------------------- optimizers
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion"])
+def test_optimizer_matches_numpy_reference(name):
+    cfg = dataclasses.replace(CFG, name=name)
+    params, grads = make_problem()
+    assert_trajectories_close(run_optax(cfg, params, grads), REFERENCES[name](cfg, params, grads))
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion"])
+def test_clipping_matches_numpy_reference(name):
+    cfg = dataclasses.replace(CFG, name=name, clip_norm=1.0)
+    params, grads = make_problem(grad_scale=10.0)
+    assert all(math.sqrt(sum(np.sum(g**2) for g in gs.values())) > 1.0 for gs in grads)
+    want = REFERENCES[name](cfg, params, grads)
+    # Guard: clipping must change the outcome, or this test would not be testing it.
+    unclipped = REFERENCES[name](dataclasses.replace(cfg, clip_norm=0.0), params, grads)
+    assert not np.allclose(want[-1]["w"], unclipped[-1]["w"], rtol=1e-4)
+    assert_trajectories_close(run_optax(cfg, params, grads), want)
+
+
+def test_decay_skips_vectors():
+    # With zero gradients Adam's step is zero, so only weight decay moves the params.
+    cfg = dataclasses.replace(CFG, name="adamw")
+    params, grads = make_problem()
+    zeros = [{k: np.zeros_like(v) for k, v in g.items()} for g in grads]
+    final = run_optax(cfg, params, zeros)[-1]
+    np.testing.assert_array_equal(final["b"], params["b"])
+    assert np.all(np.abs(final["w"]) < np.abs(params["w"]))
+
+
+def test_adamw_and_lion_differ():
+    params, grads = make_problem()
+    adamw = run_optax(dataclasses.replace(CFG, name="adamw"), params, grads)
+    lion = run_optax(dataclasses.replace(CFG, name="lion"), params, grads)
+    # Not step 0: Adam's first bias-corrected step is m/sqrt(v) = sign(g), Lion's step too.
+    assert np.allclose(adamw[0]["w"], lion[0]["w"], rtol=1e-5)
+    assert not np.allclose(adamw[-1]["w"], lion[-1]["w"], rtol=1e-3)
+
+
+def test_lion_uses_our_weight_decay():
+    # optax.lion defaults to weight_decay=1e-3; with ours at 0 and zero gradients (sign(0) = 0)
+    # the matrix must not move at all.
+    cfg = dataclasses.replace(CFG, name="lion", weight_decay=0.0)
+    params, grads = make_problem()
+    zeros = [{k: np.zeros_like(v) for k, v in g.items()} for g in grads]
+    np.testing.assert_array_equal(run_optax(cfg, params, zeros)[-1]["w"], params["w"])
+
+
+def test_clip_does_not_change_state_structure():
+    params, _ = make_problem()
+    on = make_optimizer(dataclasses.replace(CFG, clip_norm=1.0), STEPS).init(params)
+    off = make_optimizer(dataclasses.replace(CFG, clip_norm=0.0), STEPS).init(params)
+    assert jax.tree.structure(on) == jax.tree.structure(off)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion"])
+def test_sharded_jit_matches_single_device(name):
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 fake CPU devices from conftest.py")
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(1)
+    params = {"w": rng.standard_normal((8, 4)).astype(np.float32), "b": np.ones(4, np.float32)}
+    grads = jax.tree.map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)
+    specs = {"w": jax.P("data", None), "b": jax.P()}
+    shardings = jax.tree.map(lambda s: jax.NamedSharding(mesh, s), specs)
+    tx = make_optimizer(dataclasses.replace(CFG, name=name, clip_norm=1.0), STEPS)
+
+    def step(p, g):
+        updates, _ = tx.update(g, tx.init(p), p)
+        return optax.apply_updates(p, updates)
+
+    sharded = jax.jit(step, in_shardings=(shardings, shardings), out_shardings=shardings)(
+        jax.device_put(params, shardings), jax.device_put(grads, shardings)
+    )
+    assert sharded["w"].sharding.spec == jax.P("data", None)
+    want = step(jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, grads))
+    for k in params:
+        np.testing.assert_allclose(np.asarray(sharded[k]), np.asarray(want[k]), rtol=1e-6)
+
+
+def test_unknown_optimizer_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"optim\.name.*adamw.*lion"):
+        make_optimizer(dataclasses.replace(CFG, name="sgd"), STEPS)
+
+
+def test_decay_mask_nested():
+    params = {
+        "embed": jnp.zeros((5, 2)),
+        "block": {"attn": {"wq": jnp.zeros((2, 2, 3)), "bias": jnp.zeros(3)}, "norm": jnp.ones(2)},
+        "scalar": jnp.zeros(()),
+    }
+    want = {
+        "embed": True,
+        "block": {"attn": {"wq": True, "bias": False}, "norm": False},
+        "scalar": False,
+    }
+    assert decay_mask(params) == want
+
+
+# ---------------------------------------------------------------------------- schedules
+
+SCHED = OptimConfig(lr=1.0, warmup_steps=10, final_lr_frac=0.1, decay_frac=0.2)
+TOTAL = 110
+
+
+def lrs(schedule: str, steps, **kw) -> np.ndarray:
+    cfg = dataclasses.replace(SCHED, schedule=schedule, **kw)
+    fn = jax.jit(make_schedule(cfg, TOTAL))
+    return np.array([float(fn(jnp.int32(s))) for s in steps])
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_warmup_is_linear_and_nonzero_at_step_0(name):
+    np.testing.assert_allclose(lrs(name, range(10)), np.arange(1, 11) / 10, rtol=1e-6)
+    assert lrs(name, [10])[0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_no_warmup_starts_at_peak(name):
+    assert lrs(name, [0], warmup_steps=0)[0] == pytest.approx(1.0)
+
+
+def test_cosine_landmarks():
+    got = lrs("cosine", [10, 60, TOTAL, TOTAL + 1, 10 * TOTAL])
+    np.testing.assert_allclose(got, [1.0, 0.55, 0.1, 0.1, 0.1], rtol=1e-6)
+
+
+def test_cosine_monotone_after_warmup():
+    assert np.all(np.diff(lrs("cosine", range(10, TOTAL + 5))) <= 1e-7)
+
+
+def test_wsd_flat_then_linear_decay():
+    # decay_frac 0.2 of 110 steps: 22 decay steps starting at step 88.
+    flat = lrs("wsd", range(10, 89))
+    np.testing.assert_array_equal(flat, np.ones_like(flat))
+    got = lrs("wsd", [89, 99, TOTAL, 10 * TOTAL])
+    assert got[0] < 1.0
+    np.testing.assert_allclose(got, [1.0 - 0.9 / 22, 0.55, 0.1, 0.1], rtol=1e-6)
+
+
+def test_constant_holds_peak():
+    np.testing.assert_allclose(lrs("constant", [10, 60, TOTAL, 10 * TOTAL]), 1.0)
+
+
+def test_unknown_schedule_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"optim\.schedule.*cosine.*wsd.*constant"):
+        make_schedule(dataclasses.replace(SCHED, schedule="linear"), TOTAL)
+
+
+def test_tables_are_complete():
+    assert set(OPTIMIZERS) == {"adamw", "lion"}
+    assert set(SCHEDULES) == {"cosine", "wsd", "constant"}

@@ -1,0 +1,270 @@
+"""End-to-end training: resume exactness, sharded == single device, failures that lose nothing."""
+
+import json
+import math
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from lmtrain import config as config_lib
+from lmtrain import sharding, step, train
+from lmtrain.checkpoint import Checkpointer
+from lmtrain.cli import main
+from lmtrain.config import Config
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A directory of small synthetic text documents with learnable structure."""
+    d = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        n = int(rng.integers(20, 200))
+        words = [
+            WORDS[(j * 3 + i) % len(WORDS)]
+            if rng.random() < 0.8
+            else WORDS[int(rng.integers(len(WORDS)))]
+            for j in range(n)
+        ]
+        (d / f"doc{i:03d}.txt").write_text(" ".join(words) + "\n")
+    return d
+
+
+def tiny(corpus, **sets) -> Config:
+    """A tiny transformer on the synthetic corpus; `sets` are --set style overrides."""
+    base = {
+        "model.name": "transformer",
+        "model.d_model": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 4,
+        "data.source": str(corpus),
+        "data.tokenizer": "bytes",
+        "data.seq_len": 32,
+        "train.batch_size": 8,
+        "train.steps": 8,
+        "train.log_every": 1,
+        "train.eval_every": 0,
+        "train.checkpoint_every": 4,
+        "train.progress": False,
+        "optim.warmup_steps": 2,
+        "eval.batch_size": 8,
+        "eval.max_batches": 2,
+    }
+    return config_lib.override(Config(), {**base, **sets}).validate()
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_resume_after_sigterm_matches_uninterrupted(corpus, tmp_path, monkeypatch):
+    full = train.train(tiny(corpus), tmp_path / "full")
+    assert full["step"] == 8
+
+    calls = {"n": 0}
+    real = sharding.global_batch
+
+    def batch_then_sigterm(local, mesh):  # SIGTERM arrives while step 3 is being prepared
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(local, mesh)
+
+    monkeypatch.setattr(sharding, "global_batch", batch_then_sigterm)
+    part = train.train(tiny(corpus), tmp_path / "split")
+    monkeypatch.setattr(sharding, "global_batch", real)
+    assert part.get("interrupted") and part["step"] == 3
+    assert Checkpointer(tmp_path / "split/checkpoints").steps() == [3]
+    rest = train.train(tiny(corpus), tmp_path / "split")
+    assert rest["step"] == 8
+
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    # Same batches and same arithmetic: identical losses, before and after the resume.
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-6, atol=0)
+    assert len(set(a.values())) > 4  # the loss actually changes step to step
+
+
+def _run_steps(cfg: Config, n: int):
+    run = train.setup(cfg)
+    state = run.init_state()
+    shape = step.batch_spec(cfg.train.batch_size, cfg.data.seq_len, step.TRAIN_KEYS)
+    fn = step.compile_train_step(
+        step.make_train_step(
+            run.graphdef, run.tx, run.schedule, cfg.optim.z_loss, cfg.train.grad_accum
+        ),
+        run.state_shardings,
+        run.mesh,
+        run.abstract_state,
+        shape,
+    )
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(n):
+        local = {
+            k: rng.integers(0, 200, (cfg.train.batch_size, cfg.data.seq_len), np.int32)
+            for k in ("inputs", "targets")
+        }
+        local["segment_ids"] = np.repeat(np.arange(4, dtype=np.int32), 8)[None].repeat(8, 0) + 1
+        local["positions"] = np.tile(np.arange(8, dtype=np.int32), 4)[None].repeat(8, 0)
+        local["weights"] = (rng.random((8, 32)) < 0.9).astype(np.float32)
+        state, m = fn(state, sharding.global_batch(local, run.mesh))
+        out.append((float(m["loss"]), float(m["grad_norm"])))
+    return run, out, jax.device_get(state["params"])
+
+
+@pytest.mark.parametrize("mesh", [(2, 2, 2), (8, 1, 1), (1, 2, 4)])
+def test_sharded_step_matches_single_device(corpus, mesh):
+    ref_run, ref_losses, ref_params = _run_steps(tiny(corpus, **{"mesh.shape": (1, 1, 1)}), 3)
+    run, got_losses, got_params = _run_steps(tiny(corpus, **{"mesh.shape": mesh}), 3)
+    assert ref_run.mesh.devices.size == 1 and run.mesh.devices.size == 8
+    specs = jax.tree.leaves(run.state_shardings["params"])
+    assert any(any(a is not None for a in s.spec) for s in specs) or mesh == (8, 1, 1)
+    # Losses and gradient norms of every step (the params evolve between them) agree tightly.
+    np.testing.assert_allclose(got_losses, ref_losses, rtol=1e-5)
+    # One Adam update moves a weight by ~lr (1e-3 here). Adam's g / (|g| + eps) amplifies
+    # reduction-order noise on near-zero gradients, so params are compared at 5% of one update:
+    # a wrong sharding (a lost or doubled shard) is off by whole updates.
+    for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(got_params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+
+
+def test_grad_accum_matches_full_batch(corpus):
+    mesh = {"mesh.shape": (2, 1, 1)}
+    _, l1, p1 = _run_steps(tiny(corpus, **mesh), 2)
+    _, l4, p4 = _run_steps(tiny(corpus, **mesh, **{"train.grad_accum": 4}), 2)
+    np.testing.assert_allclose(l4, l1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys):
+    wd = tmp_path / "nan"
+    exp = _exp_file(
+        tmp_path,
+        tiny(
+            corpus,
+            **{
+                "optim.lr": 1e38,
+                "optim.warmup_steps": 0,
+                "optim.clip_norm": 0.0,
+                "train.checkpoint_every": 1,
+                "train.steps": 50,
+            },
+        ),
+    )
+    assert main(["train", exp, "--workdir", str(wd)]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss or gradient at step" in err and "Traceback" not in err
+    bad_step = int(err.split("at step ")[1].split()[0])
+    steps = Checkpointer(wd / "checkpoints").steps()
+    assert steps and max(steps) < bad_step
+    run = train.setup(tiny(corpus))
+    _, state = Checkpointer(wd / "checkpoints").restore_latest(run.abstract_state)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state["params"])))
+
+
+def _exp_file(tmp_path: Path, cfg: Config) -> str:
+    """An experiment file returning `cfg` (so the CLI can be driven with exact configs)."""
+    (tmp_path / "cfg.json").write_text(json.dumps(config_lib.to_dict(cfg)))
+    p = tmp_path / "exp.py"
+    p.write_text(
+        "import json, pathlib\nfrom lmtrain import config\n"
+        "def get_config(arg):\n"
+        f"    return config.from_dict(json.loads(pathlib.Path({str(tmp_path / 'cfg.json')!r})"
+        ".read_text()))\n"
+    )
+    return str(p)
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept(corpus, tmp_path, capsys):
+    wd = tmp_path / "c"
+    train.train(tiny(corpus, **{"train.checkpoint_every": 3, "train.steps": 6}), wd)
+    assert Checkpointer(wd / "checkpoints").steps() == [3, 6]
+    for f in (wd / "checkpoints/6/state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    assert main(["eval", "--workdir", str(wd)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["step"] == 3 and math.isfinite(out["val_bpb"])
+    assert len(list((wd / "checkpoints").glob("corrupt-6-*"))) == 1  # kept for inspection
+    # Training continues from step 3 and writes a fresh step 6.
+    s = train.train(tiny(corpus, **{"train.checkpoint_every": 3, "train.steps": 6}), wd)
+    assert s["step"] == 6 and Checkpointer(wd / "checkpoints").steps() == [3, 6]
+    # Every checkpoint unreadable: one clear error, exit 1.
+    for step_dir in ("3", "6"):
+        for f in (wd / "checkpoints" / step_dir / "state").rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"garbage")
+    assert main(["eval", "--workdir", str(wd)]) == 1
+    assert "unreadable" in capsys.readouterr().err
+
+
+def test_outputs_tensorboard_metrics_eval_generate(corpus, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    wd = tmp_path / "o"
+    exp = _exp_file(tmp_path, tiny(corpus, **{"train.eval_every": 4}))
+    assert main(["train", exp, "--workdir", str(wd)]) == 0
+    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(train_rows[0])
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8] and all(r["val_bpb"] > 0 for r in evals)
+    ea = EventAccumulator(str(wd / "tb"))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("train/loss")] == list(range(1, 9))
+    assert [e.step for e in ea.Scalars("eval/val_bpb")] == [4, 8]
+    assert json.loads((wd / "config.json").read_text())["model"]["vocab_size"] == 258
+    capsys.readouterr()
+
+    assert main(["eval", "--workdir", str(wd), "--set", "eval.max_batches=0"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["step"] == 8 and out["val_tokens"] > 0 and {"val_loss", "val_bpb"} <= set(out)
+    assert (
+        main(
+            [
+                "generate",
+                "--workdir",
+                str(wd),
+                "--prompt",
+                "alpha beta",
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert text.startswith("alpha beta") and len(text) > len("alpha beta")
+
+
+def test_bad_data_paths_exit_2(corpus, tmp_path, capsys):
+    exp = _exp_file(tmp_path, tiny(corpus, **{"data.source": str(tmp_path / "missing")}))
+    assert main(["train", exp, "--workdir", str(tmp_path / "w")]) == 2
+    assert "missing" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    exp = _exp_file(tmp_path, tiny(corpus, **{"data.source": str(empty)}))
+    assert main(["train", exp, "--workdir", str(tmp_path / "w2")]) == 2
+    assert "empty" in capsys.readouterr().err.lower()
+
+
+def test_resume_refuses_a_different_model(corpus, tmp_path, capsys):
+    wd = tmp_path / "r"
+    train.train(tiny(corpus, **{"train.steps": 2}), wd)
+    exp = _exp_file(tmp_path, tiny(corpus, **{"train.steps": 4, "model.d_model": 64}))
+    assert main(["train", exp, "--workdir", str(wd)]) == 2
+    assert "model.d_model" in capsys.readouterr().err
+    shutil.rmtree(wd)
