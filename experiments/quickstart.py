@@ -8,7 +8,7 @@ from lmtrain.config import Config, DataConfig, EvalConfig, ModelConfig, OptimCon
 
 # arg -> (d_model, n_layers, n_heads, seq_len, batch_size, steps)
 SIZES = {
-    "": (256, 4, 4, 256, 32, 600),
+    "": (256, 3, 4, 256, 16, 200),
     "smoke": (32, 2, 2, 32, 8, 20),
 }
 
@@ -24,13 +24,13 @@ def get_config(arg: str = "") -> Config:
         data=DataConfig(
             source="stdlib", seq_len=seq_len, tokenizer="bytes" if smoke else "bpe:4096"
         ),
-        optim=OptimConfig(name="adamw", lr=3e-3, warmup_steps=5 if smoke else 50),
+        optim=OptimConfig(name="adamw", lr=3e-3, warmup_steps=5 if smoke else 20),
         train=TrainConfig(
             steps=steps,
             batch_size=batch,
             log_every=5 if smoke else 20,
-            eval_every=10 if smoke else 200,
-            checkpoint_every=10 if smoke else 200,
+            eval_every=10 if smoke else 0,  # 0: evaluate once, at the end
+            checkpoint_every=10 if smoke else 60,
         ),
-        eval=EvalConfig(batch_size=batch, max_batches=2 if smoke else 20),
+        eval=EvalConfig(batch_size=batch, max_batches=2 if smoke else 10),
     )

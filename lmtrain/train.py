@@ -11,7 +11,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from lmtrain import config as config_lib
@@ -298,7 +297,3 @@ def restore_params(workdir: Path, overrides: dict | None = None) -> tuple[Run, A
         raise ConfigError(f"no checkpoint in {workdir / 'checkpoints'}; train first")
     s, state = restored
     return run, state["params"], s
-
-
-def to_numpy(tree: Any) -> Any:
-    return jax.tree.map(np.asarray, jax.device_get(tree))

@@ -226,10 +226,15 @@ def test_eval_covers_every_target_once(P):
     assert (last["weights"][1, 3:] == 0).all() and last["weights"][1, :3].any()
     tb = sum(b["target_bytes"].sum() for b in batches)
     assert tb == (token_bytes[stream[1:]] * (stream[:-1] != E)).sum()
-    first2 = list(
+    # A limited eval samples rows spread over the whole split (first and last row included).
+    sample = list(
         data.eval_batches(stream, token_bytes, max_batches=2, **kw | {"process_count": 1})
     )
-    assert len(first2) == 2 and _same(first2, [{k: b[k] for k in b} for b in batches[:2]])
+    assert len(sample) == 2
+    rows = np.concatenate([b["inputs"] for b in sample])
+    all_rows = np.concatenate([b["inputs"] for b in batches])
+    picked = [int(np.flatnonzero((all_rows == r).all(axis=1))[0]) for r in rows]
+    assert picked == sorted(set(picked)) and picked[0] == 0 and picked[-1] == 13
 
 
 # ---------------------------------------------------------------------------- sources

@@ -295,7 +295,8 @@ def eval_batches(
     eod_id: int | None = None,
     pad_id: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Every validation target exactly once (or the first `max_batches` global batches), in order.
+    """Every validation target exactly once, in order; or `max_batches` global batches of rows
+    spread evenly over the split (a sample of every part of it, not just its first documents).
 
     Rows are the train rows plus, if tokens remain, one final short row padded to length; padded
     positions and padding rows have weights 0, segment_ids 0 and inputs/targets = pad_id.
@@ -306,13 +307,16 @@ def eval_batches(
     b = _local_batch(global_batch, process_index, process_count)
     n_rows = math.ceil((len(tokens) - 1) / seq_len) if len(tokens) > 1 else 0
     n_batches = math.ceil(n_rows / global_batch)
-    if max_batches > 0:
-        n_batches = min(n_batches, max_batches)
+    row_ids = np.arange(n_batches * global_batch)  # ids >= n_rows become padding rows
+    if 0 < max_batches < n_batches:
+        n_batches = max_batches
+        row_ids = np.linspace(0, n_rows - 1, n_batches * global_batch).round().astype(np.int64)
     nbytes = np.asarray(token_bytes, dtype=np.float32)
 
     def batch(k: int) -> dict[str, np.ndarray]:
         start = k * global_batch + process_index * b
-        return _eval_batch(tokens, nbytes, range(start, start + b), n_rows, seq_len, eod, pad)
+        rows = row_ids[start : start + b].tolist()
+        return _eval_batch(tokens, nbytes, rows, n_rows, seq_len, eod, pad)
 
     return map(batch, range(n_batches))
 
@@ -320,7 +324,7 @@ def eval_batches(
 def _eval_batch(
     tokens: np.ndarray,
     token_bytes: np.ndarray,
-    rows_wanted: range,
+    rows_wanted: Sequence[int],
     n_rows: int,
     seq_len: int,
     eod: int,

@@ -1,0 +1,148 @@
+"""Train-step throughput on this machine: tokens/s and MFU per (model size, dtype, CPU devices).
+
+    python benchmarks/step_throughput.py            # the sweep, one subprocess per device count
+    python benchmarks/step_throughput.py --child 8  # one device count (used by the sweep)
+
+Each configuration runs the real compiled train step (lmtrain.step) on synthetic batches of the
+quickstart shape; figures are medians of timed steps after warm-up. On a shared, noisy machine
+read the ratios between rows of ONE run, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+# (name, d_model, n_layers, n_heads)
+MODELS = [("d256-L4", 256, 4, 4), ("d192-L4", 192, 4, 4), ("d128-L4", 128, 4, 4)]
+DTYPES = ["float32", "bfloat16"]
+DEVICE_COUNTS = [1, 2, 8]
+
+
+def child(n_devices: int, steps: int, batch: int, seq_len: int, vocab: int) -> list[dict]:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    import jax
+    import numpy as np
+
+    from lmtrain import config, flops, sharding, step, train
+
+    peak, _ = flops.peak_flops(jax.devices()[:1], "float32")
+    rows = []
+    for name, d, n_layers, n_heads in MODELS:
+        for dtype in DTYPES:
+            cfg = config.override(
+                config.Config(),
+                {
+                    "model.name": "transformer",
+                    "model.d_model": d,
+                    "model.n_layers": n_layers,
+                    "model.n_heads": n_heads,
+                    "model.dtype": dtype,
+                    "model.vocab_size": vocab,
+                    "data.tokenizer": "bytes",
+                    "data.seq_len": seq_len,
+                    "train.batch_size": batch,
+                    "eval.batch_size": batch,
+                },
+            )
+            run = train.setup(cfg)
+            state = run.init_state()
+            shape = step.batch_spec(batch, seq_len, step.TRAIN_KEYS)
+            t0 = time.perf_counter()
+            fn = step.compile_train_step(
+                step.make_train_step(run.graphdef, run.tx, run.schedule),
+                run.state_shardings,
+                run.mesh,
+                run.abstract_state,
+                shape,
+            )
+            compile_s = time.perf_counter() - t0
+            rng = np.random.default_rng(0)
+            local = {
+                k: rng.integers(0, vocab, (batch, seq_len), np.int32) for k in ("inputs", "targets")
+            }
+            local["segment_ids"] = np.ones((batch, seq_len), np.int32)
+            local["positions"] = np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1))
+            local["weights"] = np.ones((batch, seq_len), np.float32)
+            b = sharding.global_batch(local, run.mesh)
+            times = []
+            for i in range(steps + 2):
+                t = time.perf_counter()
+                state, m = fn(state, b)
+                jax.block_until_ready(m["loss"])
+                if i >= 2:
+                    times.append(time.perf_counter() - t)
+            dt = float(np.median(times))
+            tok_s = batch * seq_len / dt
+            fpt = run.cfg.model.flops_per_token(seq_len)
+            rows.append(
+                {
+                    "model": name,
+                    "dtype": dtype,
+                    "devices": n_devices,
+                    "params_M": run.n_params / 1e6,
+                    "step_s": dt,
+                    "tokens_per_sec": tok_s,
+                    "mfu": flops.mfu(tok_s, fpt, peak),
+                    "compile_s": compile_s,
+                    "peak_gflops": peak / 1e9,
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--child", type=int, default=0, help="run one device count and print JSON")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=4096)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(a.child, a.steps, a.batch, a.seq_len, a.vocab)))
+        return
+    rows = []
+    for n in DEVICE_COUNTS:
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(n),
+                "--steps",
+                str(a.steps),
+                "--batch",
+                str(a.batch),
+                "--seq-len",
+                str(a.seq_len),
+                "--vocab",
+                str(a.vocab),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        rows += json.loads(out.stdout.strip().splitlines()[-1])
+    base = {(r["model"], r["dtype"]): r["tokens_per_sec"] for r in rows if r["devices"] == 1}
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"batch {a.batch} x seq {a.seq_len}, vocab {a.vocab}; median of {a.steps} steps\n"
+    )
+    print("| model | params | dtype | CPU devices | step s | tokens/s | vs 1 device | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = r["tokens_per_sec"] / base[(r["model"], r["dtype"])]
+        print(
+            f"| {r['model']} | {r['params_M']:.2f}M | {r['dtype']} | {r['devices']} | "
+            f"{r['step_s']:.3f} | {r['tokens_per_sec']:,.0f} | {ratio:.2f}x | {r['mfu']:.0%} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
