@@ -1,4 +1,9 @@
-"""Orbax checkpoints of the train state, the data-iterator state and the config."""
+"""Orbax checkpoints of the train state, the data-iterator state and the config.
+
+The data-iterator state is stored once, as JSON, rather than per process (grain's own handler
+writes `process_I-of-N.json`): lmtrain's iterator state is the global batch position, the same
+on every process, so a checkpoint written by N processes restores on any other number.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -27,6 +31,8 @@ class Checkpointer:
         self.keep = keep
         self.async_save = async_save
         self._mngr = self._open()
+        self._pending: int | None = None  # started, not yet known to be complete
+        self._confirmed: int | None = self.latest_step()  # newest save known to be complete
 
     def _open(self) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(
@@ -44,23 +50,43 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
 
-    def save(self, step: int, state: Any, data_iter: Any, config: dict) -> None:
-        """Starts an (async) save; errors of an earlier async save are raised here."""
+    def save(self, step: int, state: Any, data_state: dict | None, config: dict) -> None:
+        """Starts an (async) save; a failed save (this or the previous one) is a CheckpointError."""
+        self.wait()  # the previous save first, so an error names the step that failed
         args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
-        if data_iter is not None:
-            args["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
+        if data_state is not None:
+            args["data"] = ocp.args.JsonSave(data_state)
+        try:
+            self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
+        except Exception as e:  # noqa: BLE001 - any write failure ends the run the same way
+            raise self._save_error(step, e) from e
+        self._pending = step
 
     def wait(self) -> None:
-        """Blocks until every started save is complete on disk (re-raising its error)."""
-        self._mngr.wait_until_finished()
+        """Blocks until the started save is complete on disk (CheckpointError if it failed)."""
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(self._pending, e) from e
+        if self._pending is not None:
+            self._confirmed, self._pending = self._pending, None
+
+    def _save_error(self, step: int | None, e: BaseException) -> CheckpointError:
+        last = "none" if self._confirmed is None else f"step {self._confirmed}"
+        return CheckpointError(
+            f"saving the checkpoint of step {step} in {self.directory} failed "
+            f"({_first_line(e)}); the last complete checkpoint is {last}. Fix the directory "
+            "(space, permissions, mount) and rerun to resume"
+        )
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
         """Restores `step` onto the shardings in `abstract_state`; resumes `data_iter` in place."""
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
-            args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            args["data"] = ocp.args.JsonRestore()
         restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
+        if data_iter is not None:
+            data_iter.set_state(restored["data"])
         return restored["state"]
 
     def restore_latest(self, abstract_state: Any, data_iter: Any = None) -> tuple[int, Any] | None:
@@ -72,7 +98,9 @@ class Checkpointer:
         """
         for step in reversed(self.steps()):
             try:
-                return step, self.restore(step, abstract_state, data_iter)
+                state = self.restore(step, abstract_state, data_iter)
+                self._confirmed = step
+                return step, state
             except Exception as e:  # noqa: BLE001 - any read failure means "unusable"
                 log.warning(
                     "checkpoint at step %d is unreadable (%s); trying an older one",
@@ -98,8 +126,11 @@ class Checkpointer:
         self._mngr = self._open()
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        """Waits for started saves (CheckpointError if one failed), then releases the manager."""
+        try:
+            self.wait()
+        finally:
+            self._mngr.close()
 
 
 def _first_line(e: BaseException) -> str:

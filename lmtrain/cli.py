@@ -46,6 +46,29 @@ def _parser() -> argparse.ArgumentParser:
         "--print-config", action="store_true", help="print the resolved config as JSON and exit"
     )
 
+    dist = t.add_argument_group(
+        "multi-process runs (jax.distributed); without these, SLURM, Open MPI and TPU-pod "
+        "environments are detected automatically"
+    )
+    dist.add_argument(
+        "--coordinator",
+        default=os.environ.get("LMTRAIN_COORDINATOR"),
+        metavar="HOST:PORT",
+        help="address of process 0 (env LMTRAIN_COORDINATOR)",
+    )
+    dist.add_argument(
+        "--num-processes",
+        type=int,
+        default=_env_int("LMTRAIN_NUM_PROCESSES"),
+        help="number of processes in the run (env LMTRAIN_NUM_PROCESSES)",
+    )
+    dist.add_argument(
+        "--process-id",
+        type=int,
+        default=_env_int("LMTRAIN_PROCESS_ID"),
+        help="this process's index, 0..N-1 (env LMTRAIN_PROCESS_ID)",
+    )
+
     e = sub.add_parser(
         "eval",
         help="evaluate the newest checkpoint of a workdir",
@@ -69,6 +92,43 @@ def _default_workdir(spec: str) -> Path:
     return Path("runs") / (Path(path).stem + (f"-{arg}" if arg else ""))
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def _in_cluster() -> bool:
+    """True where jax.distributed can find its peers by itself (SLURM, Open MPI, TPU pods).
+
+    Set LMTRAIN_DISTRIBUTED=auto to call jax.distributed.initialize() with no arguments
+    where this guess misses (launch/tpu_vm.sh does).
+    """
+    env = os.environ
+    return (
+        int(env.get("SLURM_NTASKS", "1") or 1) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    )
+
+
+def _init_distributed(args, heartbeat_s: int) -> None:
+    """Joins a multi-process run before any JAX computation, if this is one."""
+    from lmtrain.config import ConfigError
+
+    given = [args.coordinator, args.num_processes, args.process_id]
+    if any(v is not None for v in given) and any(v is None for v in given):
+        raise ConfigError("--coordinator, --num-processes and --process-id go together")
+    if args.num_processes == 1:
+        return
+    import jax
+
+    timeout = {"heartbeat_timeout_seconds": heartbeat_s} if heartbeat_s > 0 else {}
+    if args.coordinator is not None:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id, **timeout)
+    elif os.environ.get("LMTRAIN_DISTRIBUTED") == "auto" or _in_cluster():
+        jax.distributed.initialize(**timeout)
+
+
 def _cmd_train(args) -> int:
     from lmtrain import config as config_lib
     from lmtrain import train
@@ -78,6 +138,7 @@ def _cmd_train(args) -> int:
     if args.print_config:
         print(json.dumps(config_lib.to_dict(cfg), indent=2))
         return 0
+    _init_distributed(args, cfg.train.hang_timeout_s)
     workdir = Path(args.workdir) if args.workdir else _default_workdir(args.experiment)
     summary = train.train(cfg, workdir)
     print(json.dumps({"workdir": str(workdir), **summary}))

@@ -82,6 +82,9 @@ class TrainConfig:
     checkpoint_every: int = 200  # 0: only at the end (and on SIGINT/SIGTERM)
     keep_checkpoints: int = 3
     progress: bool = True  # show a progress bar on process 0
+    # A run that makes no progress (step, eval batch, checkpoint) for this long exits with an
+    # error instead of hanging, e.g. when another process died inside a collective. 0: never.
+    hang_timeout_s: int = 300
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -31,7 +32,9 @@ class Evaluator:
             shape,
         )
 
-    def __call__(self, params: Any, max_batches: int = 0) -> dict[str, float]:
+    def __call__(
+        self, params: Any, max_batches: int = 0, on_batch: Callable[[str], None] | None = None
+    ) -> dict[str, float]:
         cfg = self.run.cfg
         batches = data.eval_batches(
             self.val,
@@ -47,6 +50,8 @@ class Evaluator:
             out = self._step(params, sharding.global_batch(local, self.run.mesh))
             # Sum on device; one fetch at the end keeps the host out of the way.
             totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+            if on_batch is not None:
+                on_batch("an eval batch")
         if totals is None:
             raise ValueError("the validation split yielded no batches")
         t = {k: float(v) for k, v in jax.device_get(totals).items()}

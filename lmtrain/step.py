@@ -97,6 +97,10 @@ def make_train_step(
             "tokens": tokens,
             "finite": ok.astype(jnp.float32),
         }
+        if "stop" in batch:
+            # Each process marks its rows when it was asked to stop; the max over the global
+            # batch is the same on every host, so all hosts stop (and save) at the same step.
+            metrics["stop"] = batch["stop"].max()
         return new_state, metrics
 
     return train_step
@@ -119,9 +123,11 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict]:
 
 def batch_spec(global_batch: int, seq_len: int, keys: tuple[str, ...]) -> dict:
     """Abstract shapes of one global batch."""
-    dtypes = {"weights": jnp.float32, "target_bytes": jnp.float32}
+    dtypes = {"weights": jnp.float32, "target_bytes": jnp.float32, "stop": jnp.float32}
+    shapes = {"stop": (global_batch,)}  # one flag per row (see make_train_step)
     return {
-        k: jax.ShapeDtypeStruct((global_batch, seq_len), dtypes.get(k, jnp.int32)) for k in keys
+        k: jax.ShapeDtypeStruct(shapes.get(k, (global_batch, seq_len)), dtypes.get(k, jnp.int32))
+        for k in keys
     }
 
 

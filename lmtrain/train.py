@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lmtrain import config as config_lib
@@ -143,6 +147,44 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+class _Watchdog:
+    """Ends the process with a clear error when the loop stops making progress.
+
+    A process whose peer died waits forever inside a collective or a checkpoint barrier; no
+    Python exception ever reaches it. This thread turns that into exit status 1 within
+    `timeout_s`, so schedulers see a failure and the rerun resumes from the last checkpoint.
+    """
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.where = "start-up"
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        if timeout_s > 0:
+            threading.Thread(target=self._watch, daemon=True, name="lmtrain-watchdog").start()
+
+    def pet(self, where: str) -> None:
+        self.where = where
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(self.timeout_s / 10, 5.0)):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout_s:
+                print(
+                    f"lmtrain: error: no progress for {idle:.0f} s after {self.where} on "
+                    f"process {jax.process_index()} (another process may have died or hung; "
+                    "train.hang_timeout_s sets the limit); exiting. Rerun to resume from the "
+                    "last complete checkpoint.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)
+
+    def stop(self) -> None:
+        self._done.set()
+
+
 def train(cfg: Config, workdir: Path) -> dict:
     """Trains (or resumes) the run in `workdir`; returns a summary of the last metrics."""
     workdir = Path(workdir).absolute()
@@ -181,7 +223,9 @@ def train(cfg: Config, workdir: Path) -> dict:
     start = int(state["step"])
 
     t0 = time.time()
-    batch_shape = step.batch_spec(cfg.train.batch_size, cfg.data.seq_len, step.TRAIN_KEYS)
+    batch_shape = step.batch_spec(
+        cfg.train.batch_size, cfg.data.seq_len, (*step.TRAIN_KEYS, "stop")
+    )
     train_step = step.compile_train_step(
         step.make_train_step(
             run.graphdef, run.tx, run.schedule, cfg.optim.z_loss, cfg.train.grad_accum
@@ -213,10 +257,11 @@ def train(cfg: Config, workdir: Path) -> dict:
     pending: tuple[int, dict] | None = None
     last_log = (start, time.time())
     s = start
+    agreed_stop = False  # set from a step's metrics, so every process sees it at the same step
 
     def flush() -> None:
         """Fetches the pending step's metrics (one step late), stops on NaN, logs."""
-        nonlocal pending, last_log
+        nonlocal pending, last_log, agreed_stop
         if pending is None:
             return
         n, m = pending
@@ -229,6 +274,7 @@ def train(cfg: Config, workdir: Path) -> dict:
                 f"checkpoint is step {ckpt.latest_step()}; try a lower optim.lr or "
                 "optim.z_loss=1e-4"
             )
+        agreed_stop = agreed_stop or m.pop("stop", 0.0) > 0
         summary.update(step=n, loss=m["loss"])
         if n % cfg.train.log_every == 0 or n == cfg.train.steps:
             now = time.time()
@@ -245,29 +291,35 @@ def train(cfg: Config, workdir: Path) -> dict:
             summary.update(tokens_per_sec=tok_s, mfu=row["mfu"])
         tracker.progress(n, {"loss": m["loss"]})
 
+    local_rows = cfg.train.batch_size // jax.process_count()
+    watchdog = _Watchdog(cfg.train.hang_timeout_s)
     try:
         with _StopFlag() as stop:
-            while s < cfg.train.steps and stop.signal is None:
-                batch = sharding.global_batch(next(it), mesh)
-                state, metrics = train_step(state, batch)
+            while s < cfg.train.steps and not agreed_stop:
+                local = next(it)
+                asked = float(stop.signal is not None)
+                local["stop"] = np.full((local_rows,), asked, np.float32)
+                state, metrics = train_step(state, sharding.global_batch(local, mesh))
                 s += 1
                 flush()  # step s-1's metrics, while step s runs
+                watchdog.pet(f"step {s - 1}")
                 pending = (s, metrics)
                 last = s == cfg.train.steps
                 if evaluator and (last or (cfg.train.eval_every and s % cfg.train.eval_every == 0)):
                     flush()
-                    ev = evaluator(state["params"], cfg.eval.max_batches)
+                    ev = evaluator(state["params"], cfg.eval.max_batches, watchdog.pet)
                     tracker.write(s, ev, prefix="eval")
                     tracker.print(f"step {s}: " + " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
                     summary.update(ev)
                 save_now = cfg.train.checkpoint_every and s % cfg.train.checkpoint_every == 0
-                if last or save_now or stop.signal is not None:
+                if last or save_now or agreed_stop:
                     flush()  # never save a state whose step we haven't checked for NaN
-                    ckpt.save(s, state, it, config_lib.to_dict(cfg))
+                    ckpt.save(s, state, it.get_state(), config_lib.to_dict(cfg))
+                    watchdog.pet(f"checkpoint {s}")
             flush()
-            if stop.signal is not None:
+            if agreed_stop and s < cfg.train.steps:
                 tracker.print(
-                    f"stopped by signal {stop.signal} at step {s}; checkpoint saved. "
+                    f"stopped by a signal at step {s}; checkpoint saved. "
                     "Run the same command again to resume."
                 )
                 summary["interrupted"] = True
@@ -276,6 +328,7 @@ def train(cfg: Config, workdir: Path) -> dict:
         try:
             ckpt.close()  # waits for async saves: a started checkpoint is completed or reported
         finally:
+            watchdog.stop()
             tracker.close()
     summary["wall_s"] = time.time() - t_start
     return summary

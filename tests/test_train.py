@@ -72,7 +72,10 @@ def test_resume_after_sigterm_matches_uninterrupted(corpus, tmp_path, monkeypatc
     calls = {"n": 0}
     real = sharding.global_batch
 
-    def batch_then_sigterm(local, mesh):  # SIGTERM arrives while step 3 is being prepared
+    # SIGTERM arrives while step 3's batch is placed on devices (its stop flag already built):
+    # step 4 carries the flag; step 4 is a checkpoint step, whose metrics are read at once, so
+    # every process agrees to stop there (without that, one step later).
+    def batch_then_sigterm(local, mesh):
         calls["n"] += 1
         if calls["n"] == 3:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -81,8 +84,8 @@ def test_resume_after_sigterm_matches_uninterrupted(corpus, tmp_path, monkeypatc
     monkeypatch.setattr(sharding, "global_batch", batch_then_sigterm)
     part = train.train(tiny(corpus), tmp_path / "split")
     monkeypatch.setattr(sharding, "global_batch", real)
-    assert part.get("interrupted") and part["step"] == 3
-    assert Checkpointer(tmp_path / "split/checkpoints").steps() == [3]
+    assert part.get("interrupted") and part["step"] == 4
+    assert Checkpointer(tmp_path / "split/checkpoints").steps() == [4]
     rest = train.train(tiny(corpus), tmp_path / "split")
     assert rest["step"] == 8
 
@@ -268,3 +271,35 @@ def test_resume_refuses_a_different_model(corpus, tmp_path, capsys):
     assert main(["train", exp, "--workdir", str(wd)]) == 2
     assert "model.d_model" in capsys.readouterr().err
     shutil.rmtree(wd)
+
+
+def test_unwritable_checkpoint_dir_mid_run_is_a_clear_error(corpus, tmp_path, monkeypatch, capsys):
+    import time
+
+    wd = tmp_path / "u"
+    exp = _exp_file(tmp_path, tiny(corpus, **{"train.checkpoint_every": 2, "train.steps": 8}))
+    calls = {"n": 0}
+    real = sharding.global_batch
+
+    def break_dir_before_step_4(local, mesh):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            done = wd / "checkpoints/2/_CHECKPOINT_METADATA"
+            for _ in range(300):  # let the async save of step 2 finish first
+                if done.exists():
+                    break
+                time.sleep(0.1)
+            (wd / "checkpoints").rename(wd / "moved")
+            (wd / "checkpoints").write_text("not a directory")  # root ignores chmod; this bites
+        return real(local, mesh)
+
+    monkeypatch.setattr(sharding, "global_batch", break_dir_before_step_4)
+    assert main(["train", exp, "--workdir", str(wd)]) == 1
+    err = capsys.readouterr().err
+    assert "saving the checkpoint of step 4" in err and "last complete checkpoint is step 2" in err
+    assert "Traceback" not in err
+    monkeypatch.setattr(sharding, "global_batch", real)
+    # The last good checkpoint is intact and restores.
+    run = train.setup(tiny(corpus))
+    step_, state = Checkpointer(wd / "moved").restore_latest(run.abstract_state)
+    assert step_ == 2 and int(state["step"]) == 2

@@ -1,0 +1,172 @@
+"""Real multi-process runs over 127.0.0.1 (jax.distributed, gloo): equality, topology, faults."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch" / "local.sh"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exp(tmp_path_factory) -> Path:
+    """A tiny experiment on a synthetic corpus; constant lr so the total step count is free."""
+    d = tmp_path_factory.mktemp("mp")
+    corpus = d / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        words = rng.choice(["ab", "cd", "ef", "gh", "ij"], size=int(rng.integers(20, 120)))
+        (corpus / f"{i}.txt").write_text(" ".join(words))
+    p = d / "exp.py"
+    p.write_text(f"""
+from lmtrain import config
+def get_config(arg):
+    return config.override(config.Config(), {{
+        "model.name": "transformer", "model.d_model": 32, "model.n_layers": 2,
+        "model.n_heads": 2, "data.source": {str(corpus)!r}, "data.tokenizer": "bytes",
+        "data.seq_len": 32, "train.batch_size": 8, "train.steps": int(arg or 12),
+        "train.log_every": 1, "train.eval_every": 0, "train.checkpoint_every": 3,
+        "train.progress": False, "train.hang_timeout_s": 20, "optim.schedule": "constant",
+        "optim.warmup_steps": 2, "eval.max_batches": 1, "eval.batch_size": 8,
+    }})
+""")
+    return p
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "LMTRAIN_"))}
+    return {
+        **env,
+        "PYTHONPATH": str(ROOT),
+        "LMTRAIN_CACHE": os.environ.get("LMTRAIN_CACHE", str(Path.home() / ".cache/lmtrain")),
+        **extra,
+    }
+
+
+def launch(n: int, devices: int, exp: Path, steps: int, wd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            "bash",
+            str(LAUNCH),
+            str(n),
+            "--cpu-devices",
+            str(devices),
+            "--",
+            "train",
+            f"{exp}:{steps}",
+            "--workdir",
+            str(wd),
+        ],
+        cwd=ROOT,
+        env=_env(PYTHON=sys.executable),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(p: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    _, err = p.communicate(timeout=timeout)
+    return p.returncode, err
+
+
+def losses(wd: Path) -> dict[int, float]:
+    out = {}
+    for line in (wd / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]  # a resumed run's rows replace the earlier ones
+    return out
+
+
+def wait_for_checkpoint(wd: Path, step: int, proc: subprocess.Popen, limit: float = 180) -> None:
+    deadline = time.time() + limit
+    while not (wd / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, f"no checkpoint {step} in time"
+        time.sleep(0.2)
+
+
+def test_two_processes_match_one_and_resume_across_topologies(exp, tmp_path):
+    rc, err = finish(launch(1, 4, exp, 12, tmp_path / "ref"))
+    assert rc == 0, err
+    ref = losses(tmp_path / "ref")
+    wd = tmp_path / "mp"
+    rc, err = finish(launch(2, 2, exp, 6, wd))  # 2 processes x 2 devices
+    assert rc == 0, err
+    rc, err = finish(launch(1, 4, exp, 9, wd))  # written by 2 processes, resumed by 1
+    assert rc == 0 and "resumed at step 6" in err, err
+    rc, err = finish(launch(2, 2, exp, 12, wd))  # and back to 2 processes
+    assert rc == 0 and "resumed at step 9" in err, err
+    got = losses(wd)
+    assert sorted(got) == sorted(ref) == list(range(1, 13))
+    np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=1e-5)
+
+
+def test_sigterm_to_both_saves_the_same_step_and_resumes(exp, tmp_path):
+    rc, err = finish(launch(1, 4, exp, 12, tmp_path / "ref"))
+    assert rc == 0, err
+    wd = tmp_path / "term"
+    p = launch(2, 2, exp, 100000, wd)
+    wait_for_checkpoint(wd, 3, p)
+    os.killpg(p.pid, signal.SIGTERM)  # the launcher and both processes, as a scheduler would
+    rc, err = finish(p, timeout=120)
+    assert rc == 0, err
+    stopped = int(err.split("stopped by a signal at step ")[1].split(";")[0])
+    from lmtrain.checkpoint import Checkpointer
+
+    assert Checkpointer(wd / "checkpoints").latest_step() == stopped  # one checkpoint, all hosts
+    rc, err = finish(launch(2, 2, exp, stopped + 3, wd))
+    assert rc == 0 and f"resumed at step {stopped}" in err, err
+    ref, got = losses(tmp_path / "ref"), losses(wd)
+    steps = [s for s in range(1, stopped + 4) if s in ref]
+    np.testing.assert_allclose([got[s] for s in steps], [ref[s] for s in steps], rtol=1e-5)
+
+
+def test_kill_9_of_one_process_ends_the_other_within_the_bound(exp, tmp_path):
+    """No launcher here: on a cluster the survivor is on another host and must stop by itself."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    wd = tmp_path / "kill"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lmtrain", "train", f"{exp}:100000", "--workdir", str(wd)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(
+                XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                JAX_PLATFORMS="cpu",
+                LMTRAIN_COORDINATOR=f"127.0.0.1:{port}",
+                LMTRAIN_NUM_PROCESSES="2",
+                LMTRAIN_PROCESS_ID=str(i),
+            ),
+        )
+        for i in range(2)
+    ]
+    wait_for_checkpoint(wd, 3, procs[0])
+    procs[1].kill()
+    t0 = time.time()
+    _, err = procs[0].communicate(timeout=120)
+    elapsed = time.time() - t0
+    assert procs[0].returncode != 0, err
+    assert elapsed < 20 + 30, f"survivor took {elapsed:.0f} s to stop"  # hang_timeout_s + slack
+    from lmtrain.checkpoint import Checkpointer
+
+    last = Checkpointer(wd / "checkpoints").latest_step()
+    assert last is not None and last >= 3
+    rc, err = finish(launch(1, 2, exp, last + 2, wd))
+    assert rc == 0 and f"resumed at step {last}" in err, err
