@@ -22,6 +22,10 @@ from lmtrain.config import ModelConfig
 # model.name -> module in lmtrain.models
 FAMILIES = {
     "transformer": "transformer",
+    "based": "linear_attention",
+    "retnet": "linear_attention",
+    "lightning": "linear_attention",
+    "gla": "linear_attention",
 }
 
 

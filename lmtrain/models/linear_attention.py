@@ -1,0 +1,432 @@
+"""Linear-attention family: BASED, RetNet retention, lightning (TransNormerLLM), GLA.
+
+Each layer is a pre-norm block, x + mixer(norm(x)) then x + SwiGLU(norm(x)), where the mixer of
+layer i is named by letter i of the layer pattern (`Config.layer_kinds`):
+
+    B  "based"      BASED linear attention (Taylor feature map, normalised by phi(q).z)
+    R  "retention"  scalar decay lambda_h = 1 - 2^(-5-h), RoPE on q/k, per-head RMSNorm + gate
+    L  "lightning"  scalar decay by layer l: log lambda_h = -2^(-8(h+1)/H) (1 - l/(L-1)), SiLU q/k,
+                    RMSNorm + sigmoid gate (TransNormerLLM's released code; see Lightning)
+    G  "gla"        gated linear attention: data-dependent diagonal decay, RMSNorm + gate
+    W  "swa"        sliding-window softmax attention with RoPE
+    C  "conv"       short causal gated convolution
+
+Recipes (model.name -> pattern when model.pattern is ""): retnet = R..., lightning = L...,
+gla = G..., based = the released BASED checkpoints' layout (HazyResearch/based configs: linear
+attention at layers 1, 6, 11, ..., sliding window at 2, 7, 12, ..., gated convolutions at the
+rest), i.e. "CBWCC" repeated; at 2 layers that is "CB" (a gated conv, then BASED).
+
+Mixer contract (so a hybrid family can stack mixers from several files): `Mixer(cfg, layer=i,
+rngs=rngs)` with `__call__(x_BxLxD, segment_ids_BxL, positions_BxL) -> y_BxLxD` (training,
+chunked), `init_state(batch_size, max_len)` and `step(x_BxTxD, state, index) -> (y, state)`
+(recurrent; `index` = tokens already processed); `linear_ops.mixer_costs(cfg, kind, seq_len)`
+gives its parameters, FLOPs and state size. Every recurrence and convolution restarts at
+segment starts; linear-attention cores run in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmtrain.config import ConfigError, ModelConfig
+from lmtrain.models import linear_ops as ops
+from lmtrain.models import transformer
+from lmtrain.models.layers import Embed, Linear, RMSNorm, ShortConv, SwiGLU, apply_rope, param
+
+LETTERS = {"B": "based", "R": "retention", "L": "lightning", "G": "gla", "W": "swa", "C": "conv"}
+RECIPES = {"based": "CBWCC", "retnet": "R", "lightning": "L", "gla": "G"}  # repeated to n_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(ModelConfig):
+    """Linear-attention options on top of the shared model fields (defaults suit tiny CPU runs).
+
+    K = d_model / n_heads for every mixer; SwiGLU width F as the transformer's (2/3 * ffn_mult *
+    d_model rounded up to a multiple of 64).
+    """
+
+    pattern: str = ""  # one letter per layer (see the module docstring); "" = recipe of `name`
+    chunk: int = 64  # chunk length C of the BASED / scalar-decay chunked form
+    gla_chunk: int = 16  # GLA's own chunk: its intra-chunk decay tensor is (C, C, P) per head
+    feature_dim: int = 16  # BASED: q/k projected to this dim per head before the Taylor map
+    window: int = 64  # sliding-window attention: keys per query, itself included
+    conv_width: int = 3  # gated-convolution taps (BASED uses 3)
+    gla_expand_k: float = 0.5  # GLA key width = gla_expand_k * d_model (values: d_model)
+    gla_gate_rank: int = 16  # GLA: rank of the decay projection x W1 W2
+    gla_tau: float = 16.0  # GLA: alpha = sigmoid(x W1 W2 + b)^(1 / tau)
+    rope_theta: float = 10000.0  # retention and sliding-window attention
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width K = d_model // n_heads."""
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_width(self) -> int:
+        """SwiGLU hidden width F (see the class docstring)."""
+        return -(-round(2 / 3 * self.ffn_mult * self.d_model) // 64) * 64
+
+    def layer_kinds(self) -> tuple[str, ...]:
+        """The mixer name of every layer, from `pattern` or the recipe of `name`."""
+        pattern = self.pattern or (RECIPES.get(self.name, "") * self.n_layers)[: self.n_layers]
+        return tuple(LETTERS.get(c, c) for c in pattern)
+
+    def _costs(self, seq_len: int) -> list[tuple[int, float, int]]:
+        return [ops.mixer_costs(self, kind, seq_len) for kind in self.layer_kinds()]
+
+    def matmul_params(self) -> int:
+        """Matmul parameters: every mixer's projections, SwiGLU (3 D F), the output head (V D)."""
+        mixers = sum(c[0] for c in self._costs(1))
+        mlps = self.n_layers * 3 * self.d_model * self.ffn_width
+        return mixers + mlps + self.vocab_size * self.d_model
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 * matmul_params() + each mixer's own term.
+
+        Mixer terms (forward + backward = 3 x forward; C = min(chunk of the mixer, seq_len)):
+          linear attention  3 H (C (P + E) + 4 P E): the causal half of the intra-chunk scores
+                            and values, plus reading (q S) and writing (k^T v) the P x E state.
+                            BASED P = 1 + f + f^2 (f = feature_dim), E = K + 1 (normaliser);
+                            retention/lightning P = E = K; GLA P = gla_expand_k D / H, E = K.
+          sliding window    12 D c with c = w (1 - w / (2 seq_len)), w = min(window, seq_len),
+                            the mean keys per query (seq_len / 2 when w = seq_len: then this is
+                            the transformer's causal term 6 D seq_len).
+          convolution       6 conv_width D (a multiply-add per tap and channel).
+        Norms, gates, decays, feature maps and softmax are not counted.
+        """
+        return float(6 * self.matmul_params() + sum(c[1] for c in self._costs(seq_len)))
+
+    def state_size(self) -> int:
+        """Floats of decode state per sequence, all layers (the recall-vs-memory x axis)."""
+        return sum(c[2] for c in self._costs(1))
+
+
+def _validate(cfg: Config) -> None:
+    """Raises ConfigError naming the field when `cfg` cannot be built."""
+    kinds = cfg.layer_kinds()
+    bad = sorted(set(kinds) - set(MIXERS))
+    gla_keys = cfg.gla_expand_k * cfg.d_model
+    checks = [
+        (bool(cfg.pattern) or cfg.name in RECIPES, "model.name", f"needs a recipe {RECIPES}"),
+        (not bad, "model.pattern", f"has unknown mixers {bad}; letters: {LETTERS}"),
+        (len(kinds) == cfg.n_layers, "model.pattern", f"needs n_layers ({cfg.n_layers}) letters"),
+        (cfg.d_model % cfg.n_heads == 0, "model.n_heads", f"must divide d_model ({cfg.d_model})"),
+        (
+            cfg.head_dim % 2 == 0 or not {"retention", "swa"} & set(kinds),
+            "model.n_heads",
+            "must leave an even head dim for RoPE",
+        ),
+        (min(cfg.chunk, cfg.gla_chunk) >= 1, "model.chunk", "and gla_chunk must be >= 1"),
+        (min(cfg.window, cfg.conv_width, cfg.feature_dim) >= 1, "model.window", "conv_width, "
+         "feature_dim must be >= 1"),
+        (gla_keys == int(gla_keys) and gla_keys % cfg.n_heads == 0, "model.gla_expand_k",
+         "* d_model must be a whole multiple of n_heads"),
+    ]  # fmt: skip
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"{key} {msg}")
+
+
+def _out_std(cfg: Config) -> float:
+    # GPT-2: residual-branch outputs start smaller so the stream's variance does not grow.
+    return cfg.init_std / math.sqrt(2 * cfg.n_layers)
+
+
+def _linear_kw(cfg: Config, rngs: nnx.Rngs) -> dict:
+    return dict(rngs=rngs, std=cfg.init_std, dtype=jnp.dtype(cfg.dtype))
+
+
+def _positions(index: jax.Array, B: int, T: int) -> jax.Array:
+    return jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
+
+
+class HeadNorm(nnx.Module):
+    """RMSNorm over each head's values (float32 statistics), a learned scale per channel."""
+
+    def __init__(self, H: int, K: int, *, rngs: nnx.Rngs, eps: float):
+        self.scale = param(rngs, nnx.initializers.ones, (H * K,), ("heads",))
+        self.H, self.K, self.eps = H, K, eps
+
+    def __call__(self, o_BxLxHxK: jax.Array) -> jax.Array:
+        """o_BxLxHxK (float32) -> normalised, flattened to (B, L, H*K)."""
+        inv_rms = jax.lax.rsqrt(jnp.mean(o_BxLxHxK * o_BxLxHxK, -1, keepdims=True) + self.eps)
+        B, L = o_BxLxHxK.shape[:2]
+        return (o_BxLxHxK * inv_rms).reshape(B, L, self.H * self.K) * self.scale[...][None, None]
+
+
+class _LinearMixer(nnx.Module):
+    """Shared forms; subclasses give `_qkv(x, positions) -> (q, k, v, log_decay)` and `_out`."""
+
+    def __init__(self, cfg: Config, kind: str, chunk: int):
+        self.H, self.K, self.chunk = cfg.n_heads, cfg.head_dim, chunk
+        self.P, self.E = ops.linear_dims(cfg, kind)
+
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
+        """Training form: chunked linear attention, restarting at each document."""
+        q, k, v, log_decay = self._qkv(x_BxLxD, positions_BxL)
+        doc_BxL = ops.doc_index(segment_ids_BxL, x_BxLxD.shape[:2])
+        o, _ = ops.chunked_linear_attention(q, k, v, log_decay, doc_BxL, self.chunk)
+        return self._out(x_BxLxD, o)
+
+    def init_state(self, batch_size: int, max_len: int) -> jax.Array:
+        """Zero float32 state S (B, H, P, E): constant size, whatever max_len."""
+        return jnp.zeros((batch_size, self.H, self.P, self.E), jnp.float32)
+
+    def step(self, x_BxTxD, state, index) -> tuple[jax.Array, jax.Array]:
+        """Recurrent form: T new tokens, one state update each."""
+        B, T, _ = x_BxTxD.shape
+        q, k, v, log_decay = self._qkv(x_BxTxD, _positions(index, B, T))
+        o, state = ops.recurrent_linear_attention(q, k, v, log_decay, state)
+        return self._out(x_BxTxD, o), state
+
+    def _heads(self, x_BxLxN: jax.Array, n: int) -> jax.Array:
+        return x_BxLxN.astype(jnp.float32).reshape(*x_BxLxN.shape[:2], self.H, n)
+
+    def _out(self, x_BxLxD, o_BxLxHxK):
+        """o(norm(o) * act(g(x))): the retention / lightning / GLA output."""
+        gate_BxLxD = getattr(jax.nn, self.gate_act)(self.g(x_BxLxD).astype(jnp.float32))
+        h_BxLxD = self.norm(o_BxLxHxK) * gate_BxLxD
+        return self.o(h_BxLxD.astype(x_BxLxD.dtype))
+
+
+class BasedAttention(_LinearMixer):
+    """BASED: o = phi(q) S / phi(q) z, phi the Taylor map of q, k projected to feature_dim."""
+
+    def __init__(self, cfg: Config, *, layer: int = 0, rngs: nnx.Rngs):
+        super().__init__(cfg, "based", cfg.chunk)
+        D, H, K, self.f = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.feature_dim
+        kw = _linear_kw(cfg, rngs)
+        self.q = Linear(D, H * self.f, ("embed", "heads"), **kw)
+        self.k = Linear(D, H * self.f, ("embed", "heads"), **kw)
+        self.v = Linear(D, H * K, ("embed", "heads"), **kw)
+        self.o = Linear(H * K, D, ("heads", "embed"), **{**kw, "std": _out_std(cfg)})
+
+    def _qkv(self, x_BxLxD, positions_BxL):
+        q = ops.taylor_feature_map(self._heads(self.q(x_BxLxD), self.f))
+        k = ops.taylor_feature_map(self._heads(self.k(x_BxLxD), self.f))
+        v = self._heads(self.v(x_BxLxD), self.K)
+        # A ones column in v makes the state carry z = sum phi(k) beside S.
+        return q, k, jnp.concatenate([v, jnp.ones_like(v[..., :1])], -1), None
+
+    def _out(self, x_BxLxD, o_BxLxHxE):
+        B, L, _ = x_BxLxD.shape
+        # phi(q).phi(k) = 1 + s + s^2/2 >= 1/2, so the denominator never nears 0.
+        o = o_BxLxHxE[..., :-1] / o_BxLxHxE[..., -1:]
+        return self.o(o.reshape(B, L, self.H * self.K).astype(x_BxLxD.dtype))
+
+
+class ScalarDecayAttention(_LinearMixer):
+    """S_t = lambda_h S_{t-1} + k_t^T v_t; out = o(norm(q S) * act(g(x)))."""
+
+    def __init__(self, cfg: Config, *, layer: int, rngs: nnx.Rngs, schedule: str):
+        super().__init__(cfg, schedule, cfg.chunk)
+        D, H, K = cfg.d_model, cfg.n_heads, cfg.head_dim
+        kw = _linear_kw(cfg, rngs)
+        self.rope_theta, self.schedule = cfg.rope_theta, schedule
+        # Python floats, not arrays: fixed hyper-parameters, never trained or sharded.
+        if schedule == "retention":
+            self.log_lambda = tuple(math.log1p(-(2.0 ** (-5 - h))) for h in range(H))
+            self.gate_act = "silu"
+        else:  # ALiBi slopes scaled down with depth (the last layer keeps a 1e-5 sliver)
+            depth = 1 - layer / max(cfg.n_layers - 1, 1) + 1e-5
+            self.log_lambda = tuple(-(2.0 ** (-8 * (h + 1) / H)) * depth for h in range(H))
+            self.gate_act = "sigmoid"
+        self.q, self.k, self.v, self.g = (
+            Linear(D, H * K, ("embed", "heads"), **kw) for _ in "qkvg"
+        )
+        self.norm = HeadNorm(H, K, rngs=rngs, eps=cfg.norm_eps)
+        self.o = Linear(H * K, D, ("heads", "embed"), **{**kw, "std": _out_std(cfg)})
+
+    def _qkv(self, x_BxLxD, positions_BxL):
+        B, L, _ = x_BxLxD.shape
+        q, k = self._heads(self.q(x_BxLxD), self.K), self._heads(self.k(x_BxLxD), self.K)
+        if self.schedule == "retention":
+            q = apply_rope(q, positions_BxL, self.rope_theta)
+            k = apply_rope(k, positions_BxL, self.rope_theta)
+        else:
+            q, k = jax.nn.silu(q), jax.nn.silu(k)
+        q, v = q * self.K**-0.5, self._heads(self.v(x_BxLxD), self.K)
+        log_lambda_H = jnp.asarray(self.log_lambda, jnp.float32)
+        return q, k, v, jnp.broadcast_to(log_lambda_H[None, None], (B, L, self.H))
+
+
+class Retention(ScalarDecayAttention):
+    """RetNet retention (decay 1 - 2^(-5-h); RoPE in place of xPos)."""
+
+    def __init__(self, cfg: Config, *, layer: int = 0, rngs: nnx.Rngs):
+        super().__init__(cfg, layer=layer, rngs=rngs, schedule="retention")
+
+
+class Lightning(ScalarDecayAttention):
+    """TransNormerLLM lightning attention: layer-dependent decay, SiLU q/k, no positions.
+
+    Decays follow the released code (ALiBi slopes 2^(-8(h+1)/H) times 1 - l/(L-1) + 1e-5 as
+    -log lambda), not REFERENCE.md's -(8h/H)(1 - l/L), which would forget within 1-2 tokens.
+    """
+
+    def __init__(self, cfg: Config, *, layer: int = 0, rngs: nnx.Rngs):
+        super().__init__(cfg, layer=layer, rngs=rngs, schedule="lightning")
+
+
+class GatedLinearAttention(_LinearMixer):
+    """GLA: S_t = diag(alpha_t) S_{t-1} + k_t^T v_t, alpha_t = sigmoid(x W1 W2 + b)^(1/tau)."""
+
+    def __init__(self, cfg: Config, *, layer: int = 0, rngs: nnx.Rngs):
+        super().__init__(cfg, "gla", cfg.gla_chunk)
+        D, Dk, r = cfg.d_model, self.H * self.P, cfg.gla_gate_rank
+        kw = _linear_kw(cfg, rngs)
+        self.tau, self.gate_act = cfg.gla_tau, "silu"
+        self.q = Linear(D, Dk, ("embed", "heads"), **kw)
+        self.k = Linear(D, Dk, ("embed", "heads"), **kw)
+        self.v = Linear(D, D, ("embed", "heads"), **kw)
+        self.g = Linear(D, D, ("embed", "heads"), **kw)
+        self.gate_down = Linear(D, r, ("embed", None), **kw)
+        self.gate_up = Linear(r, Dk, (None, "heads"), **kw)
+        self.gate_bias = param(rngs, nnx.initializers.zeros, (Dk,), ("heads",))
+        self.norm = HeadNorm(self.H, self.K, rngs=rngs, eps=cfg.norm_eps)
+        self.o = Linear(D, D, ("heads", "embed"), **{**kw, "std": _out_std(cfg)})
+
+    def _qkv(self, x_BxLxD, positions_BxL):
+        q = self._heads(self.q(x_BxLxD), self.P) * self.P**-0.5
+        k, v = self._heads(self.k(x_BxLxD), self.P), self._heads(self.v(x_BxLxD), self.K)
+        logits = self.gate_up(self.gate_down(x_BxLxD)).astype(jnp.float32)
+        log_alpha = jax.nn.log_sigmoid(logits + self.gate_bias[...][None, None]) / self.tau
+        return q, k, v, self._heads(log_alpha, self.P)
+
+
+class SlidingWindowAttention(nnx.Module):
+    """Softmax attention over the last `window` tokens of the same document, with RoPE."""
+
+    def __init__(self, cfg: Config, *, layer: int = 0, rngs: nnx.Rngs):
+        D, H, K = cfg.d_model, cfg.n_heads, cfg.head_dim
+        kw = _linear_kw(cfg, rngs)
+        self.H, self.K, self.window, self.rope_theta = H, K, cfg.window, cfg.rope_theta
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.q, self.k, self.v = (Linear(D, H * K, ("embed", "heads"), **kw) for _ in "qkv")
+        self.o = Linear(H * K, D, ("heads", "embed"), **{**kw, "std": _out_std(cfg)})
+
+    def _qkv(self, x_BxLxD, positions_BxL):
+        B, L, _ = x_BxLxD.shape
+        q, k, v = (p(x_BxLxD).reshape(B, L, self.H, self.K) for p in (self.q, self.k, self.v))
+        rope = lambda t: apply_rope(t, positions_BxL, self.rope_theta)  # noqa: E731
+        return rope(q), rope(k), v
+
+    def _out(self, o_BxLxHxK):
+        B, L = o_BxLxHxK.shape[:2]
+        return self.o(o_BxLxHxK.reshape(B, L, self.H * self.K).astype(self.dtype))
+
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
+        """Training form: blocked, O(L window)."""
+        q, k, v = self._qkv(x_BxLxD, positions_BxL)
+        doc_BxL = ops.doc_index(segment_ids_BxL, x_BxLxD.shape[:2])
+        return self._out(ops.sliding_window_attention(q, k, v, doc_BxL, self.window))
+
+    def init_state(self, batch_size: int, max_len: int) -> dict:
+        """Rolling cache of the last `window` keys and values, (B, window, H, K) each."""
+        kv = jnp.zeros((batch_size, self.window, self.H, self.K), self.dtype)
+        return {"k": kv, "v": kv}
+
+    def step(self, x_BxTxD, state, index) -> tuple[jax.Array, dict]:
+        """T new tokens against the rolling cache."""
+        B, T, _ = x_BxTxD.shape
+        q, k, v = self._qkv(x_BxTxD, _positions(index, B, T))
+        o, state = ops.sliding_window_step(q, k, v, state, index, self.window)
+        return self._out(o), state
+
+
+class GatedConv(nnx.Module):
+    """Short causal gated convolution, o(conv(in(x)) * gate(x)), restarting at documents.
+
+    BASED's BaseConv is conv(x) * proj(x); the in/out projections added here let the branch
+    start small (out_std) like every other mixer.
+    """
+
+    def __init__(self, cfg: Config, *, layer: int = 0, rngs: nnx.Rngs):
+        D, kw = cfg.d_model, _linear_kw(cfg, rngs)
+        self.inp = Linear(D, D, ("embed", "heads"), **kw)
+        self.gate = Linear(D, D, ("embed", "heads"), **kw)
+        self.conv = ShortConv(D, cfg.conv_width, "heads", **kw)
+        self.o = Linear(D, D, ("heads", "embed"), **{**kw, "std": _out_std(cfg)})
+
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
+        """Training form."""
+        return self.o(self.conv(self.inp(x_BxLxD), segment_ids_BxL) * self.gate(x_BxLxD))
+
+    def init_state(self, batch_size: int, max_len: int) -> jax.Array:
+        """The last conv_width - 1 inputs (B, W, D)."""
+        return self.conv.init_state(batch_size)
+
+    def step(self, x_BxTxD, state, index) -> tuple[jax.Array, jax.Array]:
+        """T new tokens."""
+        y, state = self.conv.step(self.inp(x_BxTxD), state)
+        return self.o(y * self.gate(x_BxTxD)), state
+
+
+MIXERS: dict[str, type[nnx.Module]] = {
+    "based": BasedAttention,
+    "retention": Retention,
+    "lightning": Lightning,
+    "gla": GatedLinearAttention,
+    "swa": SlidingWindowAttention,
+    "conv": GatedConv,
+}
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + SwiGLU(norm(x))."""
+
+    def __init__(self, cfg: Config, kind: str, layer: int, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        self.mixer_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
+        self.mixer = MIXERS[kind](cfg, layer=layer, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
+        std, out_std = cfg.init_std, _out_std(cfg)
+        self.mlp = SwiGLU(
+            cfg.d_model, cfg.ffn_width, rngs=rngs, std=std, out_std=out_std, dtype=dtype
+        )
+
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
+        """Training form."""
+        h_BxLxD = self.mixer(self.mixer_norm(x_BxLxD), segment_ids_BxL, positions_BxL)
+        x_BxLxD = x_BxLxD + h_BxLxD.astype(x_BxLxD.dtype)
+        return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+
+    def decode(self, x_BxTxD, state, index) -> tuple[jax.Array, object]:
+        """Recurrent form: T new tokens against the layer's state."""
+        h_BxTxD, state = self.mixer.step(self.mixer_norm(x_BxTxD), state, index)
+        x_BxTxD = x_BxTxD + h_BxTxD.astype(x_BxTxD.dtype)
+        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), state
+
+
+class Model(transformer.Model):
+    """Embed -> blocks (mixers from the layer pattern) -> RMSNorm -> head.
+
+    embed / forward / __call__ / decode (and remat) are the transformer's, which only need
+    blocks with `__call__(x, segment_ids, positions)` and `decode(x, state, index)`; this class
+    swaps the blocks and the cache. Init as the transformer's; GLA decay bias 0.
+    """
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        _validate(cfg)
+        self.cfg = cfg
+        self.dtype = dtype = jnp.dtype(cfg.dtype)
+        std = cfg.init_std
+        self.token_embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, std=std, dtype=dtype)
+        kinds = cfg.layer_kinds()
+        self.blocks = nnx.List([Block(cfg, kind, i, rngs=rngs) for i, kind in enumerate(kinds)])
+        self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
+        if cfg.tie_embeddings:
+            self.head = None  # logits come from token_embed.attend
+        else:
+            axes = ("embed", "vocab")
+            self.head = Linear(cfg.d_model, cfg.vocab_size, axes, rngs=rngs, std=std, dtype=dtype)
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """Decode state {"index": int32[], "layers": [each mixer's init_state]}."""
+        layers = [b.mixer.init_state(batch_size, max_len) for b in self.blocks]
+        return {"index": jnp.zeros((), jnp.int32), "layers": layers}
