@@ -124,10 +124,22 @@ def _run_steps(cfg: Config, n: int):
     return run, out, jax.device_get(state["params"])
 
 
-@pytest.mark.parametrize("mesh", [(2, 2, 2), (8, 1, 1), (1, 2, 4)])
-def test_sharded_step_matches_single_device(corpus, mesh):
-    ref_run, ref_losses, ref_params = _run_steps(tiny(corpus, **{"mesh.shape": (1, 1, 1)}), 3)
-    run, got_losses, got_params = _run_steps(tiny(corpus, **{"mesh.shape": mesh}), 3)
+@pytest.mark.parametrize(
+    ("name", "mesh"),
+    [
+        ("transformer", (2, 2, 2)),
+        ("transformer", (8, 1, 1)),
+        ("transformer", (1, 2, 4)),
+        ("mamba2", (2, 2, 2)),
+        ("gla", (2, 2, 2)),
+    ],
+)
+def test_sharded_step_matches_single_device(corpus, name, mesh):
+    def cfg(shape):
+        return tiny(corpus, **{"model.name": name, "mesh.shape": shape})
+
+    ref_run, ref_losses, ref_params = _run_steps(cfg((1, 1, 1)), 3)
+    run, got_losses, got_params = _run_steps(cfg(mesh), 3)
     assert ref_run.mesh.devices.size == 1 and run.mesh.devices.size == 8
     specs = jax.tree.leaves(run.state_shardings["params"])
     assert any(any(a is not None for a in s.spec) for s in specs) or mesh == (8, 1, 1)

@@ -26,6 +26,9 @@ FAMILIES = {
     "retnet": "linear_attention",
     "lightning": "linear_attention",
     "gla": "linear_attention",
+    "s4d": "ssm",
+    "h3": "ssm",
+    "mamba2": "ssm",
 }
 
 

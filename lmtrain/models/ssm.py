@@ -1,0 +1,388 @@
+"""State-space model family: S4D, H3 and Mamba-2 (SSD) mixers and their pure stacks.
+
+Mixer contract (so a hybrid can stack mixers from any family file by a layer pattern):
+`Mixer(cfg, *, rngs)`; `mixer(x_BxLxD, segment_ids_BxL, positions_BxL) -> y_BxLxD` (training
+form, state reset at every segment start); `mixer.init_state(batch_size, max_len)` -> pytree;
+`mixer.step(x_BxTxD, state, index) -> (y_BxTxD, state)` (recurrent form, constant-size state).
+The scan and kernel math lives in `ssm_ops`; the SSM cores run in float32 whatever cfg.dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmtrain.config import ConfigError, ModelConfig
+from lmtrain.models import ssm_ops
+from lmtrain.models.layers import Embed, Linear, RMSNorm, ShortConv, SwiGLU, param
+from lmtrain.models.transformer import _run_block_remat
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(ModelConfig):
+    """SSM options on top of the shared model fields (`n_heads` sets H3 and Mamba-2 heads)."""
+
+    state_size: int = 16  # N: S4D/H3 complex state per channel/head (N/2 conjugate pairs),
+    #                       Mamba-2 width of B and C
+    expand: int = 2  # Mamba-2 inner width E = expand * d_model, head dim P = E / n_heads
+    conv_width: int = 4  # Mamba-2 causal conv on (x, B, C); H3 shift conv on K
+    chunk_size: int = 32  # chunk length C of the chunked training forms
+    s4d_fft: bool = False  # S4D: FFT convolution when no segment ids (see S4D docstring)
+
+    @property
+    def ffn_width(self) -> int:
+        """SwiGLU hidden width F (s4d, h3): 2/3 * ffn_mult * d_model up to a multiple of 64."""
+        return -(-round(2 / 3 * self.ffn_mult * self.d_model) // 64) * 64
+
+    @property
+    def inner_width(self) -> int:
+        """Mamba-2 inner width E = expand * d_model."""
+        return self.expand * self.d_model
+
+    def matmul_params(self) -> int:
+        """Parameters used in matmuls per layer (mixer projections, MLP) plus the output head."""
+        D, N, H, E = self.d_model, self.state_size, self.n_heads, self.inner_width
+        mlp = 3 * D * self.ffn_width
+        per_layer = {
+            "s4d": D * D + mlp,  # output projection
+            "h3": 4 * D * D + mlp,  # q, k, v, o
+            "mamba2": D * (2 * E + 2 * N + H) + E * D,  # z, x, B, C, dt in; out
+        }[self.name]
+        return self.n_layers * per_layer + self.vocab_size * D
+
+    def mixer_macs(self, seq_len: int) -> int:
+        """Multiply-adds per token of one mixer's sequence work (chunked training form).
+
+        A complex-mode weight times a real value, or the real part of a complex product,
+        counts 2 real multiply-adds. C = min(chunk_size, seq_len), W = conv_width.
+        s4d:    D * (C + 2N + 1)              Toeplitz block; chunk states and readout
+                                              (M = N/2 modes, 2 each way); D skip
+        h3:     W*D + 2*C*D + 2*N*K*D + 2*D   shift conv; q.k scores and scores @ v in the
+                                              chunk; per-mode K x K states in and out; skip
+        mamba2: W*(E + 2N) + C*N + C*E + 2*N*E + E
+                                              conv; c.b scores (one group) and @ x; chunk
+                                              states and readout; D skip
+        """
+        D, N, W, E = self.d_model, self.state_size, self.conv_width, self.inner_width
+        C, K = min(self.chunk_size, seq_len), self.d_model // self.n_heads
+        return {
+            "s4d": D * (C + 2 * N + 1),
+            "h3": W * D + 2 * C * D + 2 * N * K * D + 2 * D,
+            "mamba2": W * (E + 2 * N) + C * N + C * E + 2 * N * E + E,
+        }[self.name]
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 * matmul_params() + 6 * n_layers * mixer_macs(seq_len).
+
+        6 = 2 FLOPs per multiply-add x (1 forward + 2 backward), as for the weights. Norms,
+        activations, discretisation and the per-chunk scan are not counted.
+        """
+        return float(6 * self.matmul_params() + 6 * self.n_layers * self.mixer_macs(seq_len))
+
+
+def _validate(cfg: Config) -> None:
+    """Raises ConfigError naming the field when `cfg` cannot be built."""
+    checks = [
+        (cfg.name in RECIPES, "model.name", f"must be one of {sorted(RECIPES)}"),
+        (cfg.state_size >= 2 and cfg.state_size % 2 == 0, "model.state_size", "must be even >= 2"),
+        (cfg.d_model % cfg.n_heads == 0, "model.n_heads", f"must divide d_model ({cfg.d_model})"),
+        (cfg.expand >= 1, "model.expand", "must be >= 1"),
+        (cfg.conv_width >= 1, "model.conv_width", "must be >= 1"),
+        (cfg.chunk_size >= 1, "model.chunk_size", "must be >= 1"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"{key} {msg}")
+
+
+def _out_std(cfg: Config) -> float:
+    """GPT-2 scaled init for residual-branch outputs (2 branches per layer)."""
+    return cfg.init_std / math.sqrt(2 * cfg.n_layers)
+
+
+class S4D(nnx.Module):
+    """S4D per channel (D independent complex diagonal SSMs), GELU, output projection.
+
+    Training uses the chunked form (exact resets; exactly causal). With `s4d_fft` and no
+    segment ids it uses the FFT convolution instead, which is faster for long L but not exactly
+    causal: roundoff leaks ~1e-8 of later tokens into earlier outputs.
+    """
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        D, self.dtype = cfg.d_model, jnp.dtype(cfg.dtype)
+        self.chunk, self.fft = cfg.chunk_size, cfg.s4d_fft
+        self.ssm = ssm_ops.DiagonalSSM(D, cfg.state_size, "heads", rngs=rngs)
+        self.out = Linear(D, D, ("heads", "embed"), rngs=rngs, std=_out_std(cfg), dtype=self.dtype)
+
+    def _finish(self, y_BxLxD: jax.Array, u_BxLxD: jax.Array) -> jax.Array:
+        y_BxLxD = y_BxLxD + self.ssm.d[...][None, None, :] * u_BxLxD
+        return self.out(jax.nn.gelu(y_BxLxD).astype(self.dtype))
+
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
+        """Training form."""
+        u_BxLxD = x_BxLxD.astype(jnp.float32)
+        log_da, db, c = self.ssm.discretised()
+        if self.fft and segment_ids_BxL is None:
+            kernel_DxL = ssm_ops.lti_kernel(log_da, db * c, u_BxLxD.shape[1])
+            return self._finish(ssm_ops.fft_conv(u_BxLxD, kernel_DxL), u_BxLxD)
+        reset_BxL = ssm_ops.resets(segment_ids_BxL)
+        y_BxLxDx1 = ssm_ops.lti_chunked(
+            None, None, u_BxLxD[..., None], log_da, db, c, reset_BxL, self.chunk
+        )
+        return self._finish(y_BxLxDx1[..., 0], u_BxLxD)
+
+    def init_state(self, batch_size: int, max_len: int) -> dict:
+        """Zero complex state (B, D, M, 1, 1)."""
+        D, M = self.ssm.c.shape[:2]
+        return {"h": jnp.zeros((batch_size, D, M, 1, 1), jnp.complex64)}
+
+    def step(self, x_BxTxD, state: dict, index: jax.Array) -> tuple[jax.Array, dict]:
+        """Recurrent form for T new tokens."""
+        u_BxTxD = x_BxTxD.astype(jnp.float32)
+        ones_BxTxDx1 = jnp.ones((*u_BxTxD.shape, 1), jnp.float32)
+        y_BxTxDx1, h = ssm_ops.lti_step(
+            ones_BxTxDx1, ones_BxTxDx1, u_BxTxD[..., None], *self.ssm.discretised(), state["h"]
+        )
+        return self._finish(y_BxTxDx1[..., 0], u_BxTxD), {"h": h}
+
+
+class H3(nnx.Module):
+    """H3: y = out(Q * SSM_diag(shift(K) V^T)) per head, with a D skip in the diagonal SSM.
+
+    The shift SSM is a causal depthwise conv of width conv_width on K; the diagonal SSM
+    (S4D-Lin, one per head, shared by the head's K x K entries) runs over the outer products.
+    """
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        D, H = cfg.d_model, cfg.n_heads
+        self.H, self.K, self.chunk = H, D // H, cfg.chunk_size
+        dtype, std = jnp.dtype(cfg.dtype), cfg.init_std
+        self.q = Linear(D, D, ("embed", "heads"), rngs=rngs, std=std, dtype=dtype)
+        self.k = Linear(D, D, ("embed", "heads"), rngs=rngs, std=std, dtype=dtype)
+        self.v = Linear(D, D, ("embed", "heads"), rngs=rngs, std=std, dtype=dtype)
+        self.o = Linear(D, D, ("heads", "embed"), rngs=rngs, std=_out_std(cfg), dtype=dtype)
+        self.shift = ShortConv(D, cfg.conv_width, "heads", rngs=rngs, std=std, dtype=dtype)
+        self.ssm = ssm_ops.DiagonalSSM(H, cfg.state_size, "heads", rngs=rngs)
+
+    def _heads(self, *xs: jax.Array) -> list[jax.Array]:
+        return [x.astype(jnp.float32).reshape(*x.shape[:2], self.H, self.K) for x in xs]
+
+    def _finish(self, y_BxLxHxK, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, dtype) -> jax.Array:
+        qk_BxLxH = jnp.sum(q_BxLxHxK * k_BxLxHxK, axis=-1)
+        skip_BxLxHx1 = (self.ssm.d[...][None, None, :] * qk_BxLxH)[..., None]
+        y_BxLxHxK = y_BxLxHxK + skip_BxLxHx1 * v_BxLxHxK
+        return self.o(y_BxLxHxK.reshape(*y_BxLxHxK.shape[:2], -1).astype(dtype))
+
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
+        """Training form."""
+        k_BxLxD = self.shift(self.k(x_BxLxD), segment_ids_BxL)
+        q, k, v = self._heads(self.q(x_BxLxD), k_BxLxD, self.v(x_BxLxD))
+        reset_BxL = ssm_ops.resets(segment_ids_BxL)
+        y = ssm_ops.lti_chunked(q, k, v, *self.ssm.discretised(), reset_BxL, self.chunk)
+        return self._finish(y, q, k, v, x_BxLxD.dtype)
+
+    def init_state(self, batch_size: int, max_len: int) -> dict:
+        """Shift-conv window (B, W, D) and complex SSM state (B, H, M, K, K)."""
+        M = self.ssm.c.shape[1]
+        h = jnp.zeros((batch_size, self.H, M, self.K, self.K), jnp.complex64)
+        return {"conv": self.shift.init_state(batch_size), "h": h}
+
+    def step(self, x_BxTxD, state: dict, index: jax.Array) -> tuple[jax.Array, dict]:
+        """Recurrent form for T new tokens."""
+        k_BxTxD, conv = self.shift.step(self.k(x_BxTxD), state["conv"])
+        q, k, v = self._heads(self.q(x_BxTxD), k_BxTxD, self.v(x_BxTxD))
+        y, h = ssm_ops.lti_step(q, k, v, *self.ssm.discretised(), state["h"])
+        return self._finish(y, q, k, v, x_BxTxD.dtype), {"conv": conv, "h": h}
+
+
+def _a_log_init(key, shape, dtype):
+    """log of A ~ U[1, 16] (Mamba-2)."""
+    return jnp.log(jax.random.uniform(key, shape, dtype, 1.0, 16.0))
+
+
+def _dt_bias_init(key, shape, dtype):
+    """Inverse softplus of dt ~ log-uniform [DT_MIN, DT_MAX], so softplus(bias) starts there."""
+    dt = jnp.exp(ssm_ops.log_uniform(ssm_ops.DT_MIN, ssm_ops.DT_MAX)(key, shape, dtype))
+    return dt + jnp.log(-jnp.expm1(-dt))
+
+
+class Mamba2(nnx.Module):
+    """Mamba-2 mixer: in-proj (z, x, B, C, dt); conv + SiLU on x, B, C; SSD; D skip; gated
+    RMSNorm with z; out-proj. One B/C group shared by all heads."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        D, N, H, E, W = cfg.d_model, cfg.state_size, cfg.n_heads, cfg.inner_width, cfg.conv_width
+        self.H, self.P, self.chunk, self.eps = H, E // H, cfg.chunk_size, cfg.norm_eps
+        dtype, std = jnp.dtype(cfg.dtype), cfg.init_std
+        lin = dict(rngs=rngs, std=std, dtype=dtype)
+        self.in_z = Linear(D, E, ("embed", "heads"), **lin)
+        self.in_x = Linear(D, E, ("embed", "heads"), **lin)
+        self.in_b = Linear(D, N, ("embed", "state"), **lin)
+        self.in_c = Linear(D, N, ("embed", "state"), **lin)
+        self.in_dt = Linear(D, H, ("embed", "heads"), **lin)
+        self.conv_x = ShortConv(E, W, "heads", **lin)
+        self.conv_b = ShortConv(N, W, "state", **lin)
+        self.conv_c = ShortConv(N, W, "state", **lin)
+        self.a_log = param(rngs, _a_log_init, (H,), ("heads",))
+        self.dt_bias = param(rngs, _dt_bias_init, (H,), ("heads",))
+        self.d = param(rngs, nnx.initializers.ones, (H,), ("heads",))
+        self.norm_scale = param(rngs, nnx.initializers.ones, (E,), ("heads",))
+        self.out = Linear(E, D, ("heads", "embed"), rngs=rngs, std=_out_std(cfg), dtype=dtype)
+
+    def _ssd_inputs(self, x_BxLxD: jax.Array, xs, b, c):
+        """float32 (x_BxLxHxP, dt_BxLxH, a_H, b_BxLxN, c_BxLxN) from conv outputs."""
+        B, L, _ = x_BxLxD.shape
+        xs, b, c = (jax.nn.silu(a.astype(jnp.float32)) for a in (xs, b, c))
+        dt_raw = self.in_dt(x_BxLxD).astype(jnp.float32)
+        dt_BxLxH = jax.nn.softplus(dt_raw + self.dt_bias[...][None, None, :])
+        return xs.reshape(B, L, self.H, self.P), dt_BxLxH, -jnp.exp(self.a_log[...]), b, c
+
+    def _finish(self, y_BxLxHxP, x_BxLxHxP, z_BxLxE) -> jax.Array:
+        y_BxLxHxP = y_BxLxHxP + self.d[...][None, None, :, None] * x_BxLxHxP
+        y_BxLxE = y_BxLxHxP.reshape(*y_BxLxHxP.shape[:2], -1)
+        # Mamba-2 gated RMSNorm (gate before the norm), statistics in float32.
+        g_BxLxE = y_BxLxE * jax.nn.silu(z_BxLxE.astype(jnp.float32))
+        inv_rms = jax.lax.rsqrt(jnp.mean(g_BxLxE * g_BxLxE, axis=-1, keepdims=True) + self.eps)
+        g_BxLxE = g_BxLxE * inv_rms * self.norm_scale[...][None, None, :]
+        return self.out(g_BxLxE.astype(self.out.dtype))
+
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
+        """Training form."""
+        xs = self.conv_x(self.in_x(x_BxLxD), segment_ids_BxL)
+        b = self.conv_b(self.in_b(x_BxLxD), segment_ids_BxL)
+        c = self.conv_c(self.in_c(x_BxLxD), segment_ids_BxL)
+        xs, dt, a, b, c = self._ssd_inputs(x_BxLxD, xs, b, c)
+        reset_BxL = ssm_ops.resets(segment_ids_BxL)
+        y, _ = ssm_ops.ssd_chunked(xs, dt, a, b, c, reset_BxL, self.chunk)
+        return self._finish(y, xs, self.in_z(x_BxLxD))
+
+    def init_state(self, batch_size: int, max_len: int) -> dict:
+        """Conv windows for x, B, C and the SSM state (B, H, P, N), float32."""
+        N = self.in_b.kernel.shape[1]
+        state = {
+            name: getattr(self, name).init_state(batch_size)
+            for name in ("conv_x", "conv_b", "conv_c")
+        }
+        return {**state, "h": jnp.zeros((batch_size, self.H, self.P, N), jnp.float32)}
+
+    def step(self, x_BxTxD, state: dict, index: jax.Array) -> tuple[jax.Array, dict]:
+        """Recurrent form for T new tokens."""
+        new = {}
+        xs, new["conv_x"] = self.conv_x.step(self.in_x(x_BxTxD), state["conv_x"])
+        b, new["conv_b"] = self.conv_b.step(self.in_b(x_BxTxD), state["conv_b"])
+        c, new["conv_c"] = self.conv_c.step(self.in_c(x_BxTxD), state["conv_c"])
+        xs, dt, a, b, c = self._ssd_inputs(x_BxTxD, xs, b, c)
+        y, new["h"] = ssm_ops.ssd_step(xs, dt, a, b, c, state["h"])
+        return self._finish(y, xs, self.in_z(x_BxTxD)), new
+
+
+MIXERS: dict[str, type[nnx.Module]] = {"s4d": S4D, "h3": H3, "mamba2": Mamba2}
+# model.name -> (mixer, whether each block also has a SwiGLU MLP)
+RECIPES: dict[str, tuple[str, bool]] = {
+    "s4d": ("s4d", True),
+    "h3": ("h3", True),
+    "mamba2": ("mamba2", False),
+}
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then (if any) x + mlp(norm(x))."""
+
+    def __init__(self, cfg: Config, mixer: str, mlp: bool, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        self.mixer_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
+        self.mixer = MIXERS[mixer](cfg, rngs=rngs)
+        if mlp:
+            self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
+            self.mlp = SwiGLU(
+                cfg.d_model,
+                cfg.ffn_width,
+                rngs=rngs,
+                std=cfg.init_std,
+                out_std=_out_std(cfg),
+                dtype=dtype,
+            )
+        else:  # Mamba-style block: the mixer alone
+            self.mlp_norm = self.mlp = None
+
+    def _mlp(self, x_BxLxD: jax.Array) -> jax.Array:
+        return x_BxLxD if self.mlp is None else x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
+        """Training form."""
+        x_BxLxD = x_BxLxD + self.mixer(self.mixer_norm(x_BxLxD), segment_ids_BxL, positions_BxL)
+        return self._mlp(x_BxLxD)
+
+    def step(self, x_BxTxD, state, index) -> tuple[jax.Array, dict]:
+        """Recurrent form."""
+        h_BxTxD, state = self.mixer.step(self.mixer_norm(x_BxTxD), state, index)
+        return self._mlp(x_BxTxD + h_BxTxD.astype(x_BxTxD.dtype)), state
+
+
+class Model(nnx.Module):
+    """Embed -> n_layers Blocks of the recipe's mixer -> RMSNorm -> output head.
+
+    Init as the transformer (N(0, init_std^2), residual outputs scaled by 1/sqrt(2 n_layers));
+    SSM parameters as in S4D-Lin / Mamba-2. Decoding carries each mixer's constant-size state.
+    """
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        _validate(cfg)
+        self.cfg = cfg
+        self.dtype = jnp.dtype(cfg.dtype)
+        mixer, mlp = RECIPES[cfg.name]
+        std = cfg.init_std
+        self.token_embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, std=std, dtype=self.dtype)
+        self.blocks = nnx.List([Block(cfg, mixer, mlp, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=self.dtype)
+        if cfg.tie_embeddings:
+            self.head = None  # logits come from token_embed.attend
+        else:
+            axes = ("embed", "vocab")
+            self.head = Linear(
+                cfg.d_model, cfg.vocab_size, axes, rngs=rngs, std=std, dtype=self.dtype
+            )
+
+    def embed(self, tokens_BxL: jax.Array) -> jax.Array:
+        """Token ids -> x_BxLxD in the compute dtype."""
+        return self.token_embed(tokens_BxL)
+
+    def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
+        x_BxLxD = self.final_norm(x_BxLxD)
+        if self.head is None:
+            return self.token_embed.attend(x_BxLxD)
+        return self.head(x_BxLxD, out_dtype=jnp.float32)
+
+    def forward(self, x_BxLxD, segment_ids_BxL=None, positions_BxL=None) -> jax.Array:
+        """Embeddings -> float32 logits_BxLxV (SSMs ignore positions)."""
+        x_BxLxD = x_BxLxD.astype(self.dtype)
+        for block in self.blocks:
+            if self.cfg.remat:
+                x_BxLxD = _run_block_remat(block, x_BxLxD, segment_ids_BxL, positions_BxL)
+            else:
+                x_BxLxD = block(x_BxLxD, segment_ids_BxL, positions_BxL)
+        return self._logits(x_BxLxD)
+
+    def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None) -> jax.Array:
+        """Token ids -> float32 logits_BxLxV."""
+        return self.forward(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL)
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """Zero recurrent states (their size does not grow with max_len)."""
+        layers = [b.mixer.init_state(batch_size, max_len) for b in self.blocks]
+        return {"index": jnp.zeros((), jnp.int32), "layers": layers}
+
+    def decode(self, tokens_BxT: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """Feeds T tokens (a prompt, or 1) through the recurrences; returns logits and new cache."""
+        index = cache["index"]
+        x_BxTxD = self.embed(tokens_BxT)
+        layers = []
+        for block, state in zip(self.blocks, cache["layers"], strict=True):
+            x_BxTxD, state = block.step(x_BxTxD, state, index)
+            layers.append(state)
+        new_index = index + jnp.int32(tokens_BxT.shape[1])
+        return self._logits(x_BxTxD), {"index": new_index, "layers": layers}
