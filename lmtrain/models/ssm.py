@@ -17,9 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmtrain.config import ConfigError, ModelConfig
-from lmtrain.models import ssm_ops
+from lmtrain.models import ssm_ops, transformer
 from lmtrain.models.layers import Embed, Linear, RMSNorm, ShortConv, SwiGLU, param
-from lmtrain.models.transformer import _run_block_remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,17 +316,19 @@ class Block(nnx.Module):
         x_BxLxD = x_BxLxD + self.mixer(self.mixer_norm(x_BxLxD), segment_ids_BxL, positions_BxL)
         return self._mlp(x_BxLxD)
 
-    def step(self, x_BxTxD, state, index) -> tuple[jax.Array, dict]:
-        """Recurrent form."""
+    def decode(self, x_BxTxD, state, index) -> tuple[jax.Array, dict]:
+        """Recurrent form (the name transformer.Model's decode loop calls)."""
         h_BxTxD, state = self.mixer.step(self.mixer_norm(x_BxTxD), state, index)
         return self._mlp(x_BxTxD + h_BxTxD.astype(x_BxTxD.dtype)), state
 
 
-class Model(nnx.Module):
+class Model(transformer.Model):
     """Embed -> n_layers Blocks of the recipe's mixer -> RMSNorm -> output head.
 
-    Init as the transformer (N(0, init_std^2), residual outputs scaled by 1/sqrt(2 n_layers));
-    SSM parameters as in S4D-Lin / Mamba-2. Decoding carries each mixer's constant-size state.
+    embed / forward / __call__ / decode (and remat) are the transformer's, which only need blocks
+    with `__call__(x, segment_ids, positions)` and `decode(x, state, index)`; this class swaps
+    the blocks and the cache. Init as the transformer (N(0, init_std^2), residual outputs scaled
+    by 1/sqrt(2 n_layers)); SSM parameters as in S4D-Lin / Mamba-2. SSMs ignore positions.
     """
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
@@ -347,42 +348,7 @@ class Model(nnx.Module):
                 cfg.d_model, cfg.vocab_size, axes, rngs=rngs, std=std, dtype=self.dtype
             )
 
-    def embed(self, tokens_BxL: jax.Array) -> jax.Array:
-        """Token ids -> x_BxLxD in the compute dtype."""
-        return self.token_embed(tokens_BxL)
-
-    def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
-        x_BxLxD = self.final_norm(x_BxLxD)
-        if self.head is None:
-            return self.token_embed.attend(x_BxLxD)
-        return self.head(x_BxLxD, out_dtype=jnp.float32)
-
-    def forward(self, x_BxLxD, segment_ids_BxL=None, positions_BxL=None) -> jax.Array:
-        """Embeddings -> float32 logits_BxLxV (SSMs ignore positions)."""
-        x_BxLxD = x_BxLxD.astype(self.dtype)
-        for block in self.blocks:
-            if self.cfg.remat:
-                x_BxLxD = _run_block_remat(block, x_BxLxD, segment_ids_BxL, positions_BxL)
-            else:
-                x_BxLxD = block(x_BxLxD, segment_ids_BxL, positions_BxL)
-        return self._logits(x_BxLxD)
-
-    def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None) -> jax.Array:
-        """Token ids -> float32 logits_BxLxV."""
-        return self.forward(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL)
-
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """Zero recurrent states (their size does not grow with max_len)."""
         layers = [b.mixer.init_state(batch_size, max_len) for b in self.blocks]
         return {"index": jnp.zeros((), jnp.int32), "layers": layers}
-
-    def decode(self, tokens_BxT: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-        """Feeds T tokens (a prompt, or 1) through the recurrences; returns logits and new cache."""
-        index = cache["index"]
-        x_BxTxD = self.embed(tokens_BxT)
-        layers = []
-        for block, state in zip(self.blocks, cache["layers"], strict=True):
-            x_BxTxD, state = block.step(x_BxTxD, state, index)
-            layers.append(state)
-        new_index = index + jnp.int32(tokens_BxT.shape[1])
-        return self._logits(x_BxTxD), {"index": new_index, "layers": layers}
