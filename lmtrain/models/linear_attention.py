@@ -36,7 +36,7 @@ from flax import nnx
 from lmtrain.config import ConfigError, ModelConfig
 from lmtrain.models import linear_ops as ops
 from lmtrain.models import transformer
-from lmtrain.models.layers import Embed, Linear, RMSNorm, ShortConv, SwiGLU, apply_rope, param
+from lmtrain.models.layers import Linear, RMSNorm, ShortConv, SwiGLU, apply_rope, param
 
 LETTERS = {"B": "based", "R": "retention", "L": "lightning", "G": "gla", "W": "swa", "C": "conv"}
 RECIPES = {"based": "CBWCC", "retnet": "R", "lightning": "L", "gla": "G"}  # repeated to n_layers
@@ -413,18 +413,10 @@ class Model(transformer.Model):
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         _validate(cfg)
-        self.cfg = cfg
-        self.dtype = dtype = jnp.dtype(cfg.dtype)
-        std = cfg.init_std
-        self.token_embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, std=std, dtype=dtype)
         kinds = cfg.layer_kinds()
-        self.blocks = nnx.List([Block(cfg, kind, i, rngs=rngs) for i, kind in enumerate(kinds)])
-        self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
-        if cfg.tie_embeddings:
-            self.head = None  # logits come from token_embed.attend
-        else:
-            axes = ("embed", "vocab")
-            self.head = Linear(cfg.d_model, cfg.vocab_size, axes, rngs=rngs, std=std, dtype=dtype)
+        self._init_stack(
+            cfg, lambda: [Block(cfg, kind, i, rngs=rngs) for i, kind in enumerate(kinds)], rngs
+        )
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """Decode state {"index": int32[], "layers": [each mixer's init_state]}."""

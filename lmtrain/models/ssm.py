@@ -18,7 +18,7 @@ from flax import nnx
 
 from lmtrain.config import ConfigError, ModelConfig
 from lmtrain.models import ssm_ops, transformer
-from lmtrain.models.layers import Embed, Linear, RMSNorm, ShortConv, SwiGLU, param
+from lmtrain.models.layers import Linear, RMSNorm, ShortConv, SwiGLU, param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,20 +333,10 @@ class Model(transformer.Model):
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         _validate(cfg)
-        self.cfg = cfg
-        self.dtype = jnp.dtype(cfg.dtype)
         mixer, mlp = RECIPES[cfg.name]
-        std = cfg.init_std
-        self.token_embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, std=std, dtype=self.dtype)
-        self.blocks = nnx.List([Block(cfg, mixer, mlp, rngs=rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=self.dtype)
-        if cfg.tie_embeddings:
-            self.head = None  # logits come from token_embed.attend
-        else:
-            axes = ("embed", "vocab")
-            self.head = Linear(
-                cfg.d_model, cfg.vocab_size, axes, rngs=rngs, std=std, dtype=self.dtype
-            )
+        self._init_stack(
+            cfg, lambda: [Block(cfg, mixer, mlp, rngs=rngs) for _ in range(cfg.n_layers)], rngs
+        )
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
         """Zero recurrent states (their size does not grow with max_len)."""

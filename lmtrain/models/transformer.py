@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -245,11 +247,15 @@ class Model(nnx.Module):
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         _validate(cfg)
+        self._init_stack(cfg, lambda: [Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)], rngs)
+
+    def _init_stack(self, cfg: Any, make_blocks: Callable[[], list], rngs: nnx.Rngs) -> None:
+        """Embedding, blocks, final norm and head; every family that subclasses Model uses it."""
         self.cfg = cfg
         self.dtype = jnp.dtype(cfg.dtype)
         std = cfg.init_std
         self.token_embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, std=std, dtype=self.dtype)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.blocks = nnx.List(make_blocks())
         self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=self.dtype)
         if cfg.tie_embeddings:
             self.head = None  # logits come from token_embed.attend
