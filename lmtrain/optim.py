@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from lmtrain.config import ConfigError, OptimConfig
 
@@ -85,33 +86,57 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-    """True for leaves that get weight decay: matrices and up, not norm scales or biases."""
+    """True for leaves that get weight decay: matrices and up, not norm scales or biases.
+
+    A tree of `nnx.Variable`s (from `nnx.split`) uses each Param's `weight_decay` metadata
+    (set by `lmtrain.models.layers.param`, so a model can exempt non-weight matrices such as
+    SSM decay rates) and returns a pure dict like `nnx.to_pure_dict`; a tree of arrays uses
+    ndim >= 2.
+    """
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    if any(is_var(x) for x in jax.tree.leaves(params, is_leaf=is_var)):
+
+        def wd(v: nnx.Variable) -> bool:
+            return bool(v.get_metadata().get("weight_decay", v.get_value().ndim >= 2))
+
+        return nnx.to_pure_dict(jax.tree.map(wd, params, is_leaf=is_var))
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def _adamw(cfg: OptimConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+Mask = Any  # a pytree of bools matching the params, or a function params -> such a tree
+
+
+def _adamw(cfg: OptimConfig, lr: optax.Schedule, mask: Mask) -> optax.GradientTransformation:
     return optax.adamw(
-        lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+        lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask
     )
 
 
-def _lion(cfg: OptimConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+def _lion(cfg: OptimConfig, lr: optax.Schedule, mask: Mask) -> optax.GradientTransformation:
     # optax.lion defaults to weight_decay=1e-3, so ours is always passed; Lion has no eps.
-    return optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+    return optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask)
 
 
-# optim.name -> builder(cfg, schedule)
-OPTIMIZERS: dict[str, Callable[[OptimConfig, optax.Schedule], optax.GradientTransformation]] = {
+# optim.name -> builder(cfg, schedule, weight-decay mask)
+OPTIMIZERS: dict[
+    str, Callable[[OptimConfig, optax.Schedule, Mask], optax.GradientTransformation]
+] = {
     "adamw": _adamw,
     "lion": _lion,
 }
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping (if clip_norm > 0), then the named optimizer on `make_schedule`."""
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int, mask: Mask = decay_mask
+) -> optax.GradientTransformation:
+    """Global-norm clipping (if clip_norm > 0), then the named optimizer on `make_schedule`.
+
+    `mask` says which parameters get weight decay: the run passes `decay_mask(abstract
+    variables)` so Param metadata decides; the default applies ndim >= 2 to the arrays.
+    """
     if cfg.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name {cfg.name!r} is unknown; valid: {', '.join(OPTIMIZERS)}")
-    tx = OPTIMIZERS[cfg.name](cfg, make_schedule(cfg, total_steps))
+    tx = OPTIMIZERS[cfg.name](cfg, make_schedule(cfg, total_steps), mask)
     # identity() keeps the state tree identical to clip_by_global_norm's (both EmptyState).
     clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
     return optax.chain(clip, tx)

@@ -86,7 +86,7 @@ def setup(cfg: Config) -> Run:
     abstract_model = nnx.eval_shape(lambda: models.build(cfg.model, nnx.Rngs(params=0)))
     graphdef, abstract_vars = nnx.split(abstract_model)
     abstract_params = nnx.to_pure_dict(abstract_vars)
-    tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    tx = optim.make_optimizer(cfg.optim, cfg.train.steps, optim.decay_mask(abstract_vars))
     schedule = optim.make_schedule(cfg.optim, cfg.train.steps)
     specs = sharding.state_specs(sharding.param_specs(abstract_vars, mesh), tx, abstract_params)
     shardings = sharding.named(mesh, specs)

@@ -281,3 +281,28 @@ def test_unknown_schedule_is_a_config_error():
 def test_tables_are_complete():
     assert set(OPTIMIZERS) == {"adamw", "lion"}
     assert set(SCHEDULES) == {"cosine", "wsd", "constant"}
+
+
+def test_decay_mask_follows_param_metadata():
+    """SSM decay rates are matrices but must not decay; the run's mask reads Param metadata."""
+    from flax import nnx
+
+    from lmtrain import models
+
+    cfg = models.family("s4d").Config(
+        name="s4d", vocab_size=11, d_model=8, n_layers=1, n_heads=2, state_size=4
+    )
+    _, variables = nnx.split(nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(params=0))))
+    mask = decay_mask(variables)
+    ssm = mask["blocks"][0]["mixer"]["ssm"]
+    assert ssm == {"log_dt": False, "log_neg_a_re": False, "a_im": False, "c": True, "d": False}
+    assert mask["blocks"][0]["mixer"]["out"]["kernel"] is True
+    assert mask["final_norm"]["scale"] is False
+
+    # Zero gradients: only decayed parameters move, by lr * weight_decay * p.
+    params = nnx.to_pure_dict(nnx.state(models.build(cfg, nnx.Rngs(params=0))))
+    opt = dataclasses.replace(CFG, weight_decay=0.5, clip_norm=0.0, warmup_steps=0)
+    tx = make_optimizer(opt, STEPS, mask)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
+    assert moved == mask

@@ -29,13 +29,24 @@ AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "kv", "head_dim", "conv", "state
 
 
 def param(
-    rngs: nnx.Rngs, init: Init, shape: Sequence[int], axes: Sequence[str | None]
+    rngs: nnx.Rngs,
+    init: Init,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    *,
+    weight_decay: bool | None = None,
 ) -> nnx.Param:
-    """A float32 `nnx.Param` initialised by `init`, tagged with one logical axis name per dim."""
+    """A float32 `nnx.Param` initialised by `init`, tagged with one logical axis name per dim.
+
+    `weight_decay` (metadata read by `lmtrain.optim.decay_mask`) defaults to "is a matrix":
+    weights decay, norm scales and biases do not. Pass False for matrices that are not weights
+    (SSM decay rates, discretisation steps, state readouts).
+    """
     shape, axes = tuple(shape), tuple(axes)
     if len(shape) != len(axes) or any(a is not None and a not in AXIS_NAMES for a in axes):
         raise ValueError(f"bad logical axes {axes} for shape {shape}; names: {AXIS_NAMES}")
-    return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes)
+    decay = len(shape) >= 2 if weight_decay is None else weight_decay
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes, weight_decay=decay)
 
 
 def normal(std: float) -> Init:

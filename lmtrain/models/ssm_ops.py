@@ -164,14 +164,17 @@ class DiagonalSSM(nnx.Module):
     """Complex diagonal SSM parameters for H groups of M = N/2 conjugate pairs (S4D-Lin init).
 
     A = -exp(log_neg_a_re) + i a_im (Re A < 0 always), B = 1 (folded into C), dt = exp(log_dt).
+    A and dt get no weight decay (as in the S4 code: decaying them would pull every mode to
+    Re A = -1, Im A = 0); C, a weight, does.
     """
 
     def __init__(self, groups: int, state_size: int, axis: str, *, rngs: nnx.Rngs):
         M = state_size // 2
         self.log_dt = param(rngs, log_uniform(DT_MIN, DT_MAX), (groups,), (axis,))
         neg_a_re = nnx.initializers.constant(math.log(0.5))
-        self.log_neg_a_re = param(rngs, neg_a_re, (groups, M), (axis, "state"))
-        self.a_im = param(rngs, _s4d_lin_imag, (groups, M), (axis, "state"))
+        no_wd = {"weight_decay": False}
+        self.log_neg_a_re = param(rngs, neg_a_re, (groups, M), (axis, "state"), **no_wd)
+        self.a_im = param(rngs, _s4d_lin_imag, (groups, M), (axis, "state"), **no_wd)
         # C ~ complex normal with unit variance (real and imaginary parts each 1/2).
         self.c = param(
             rngs, nnx.initializers.normal(math.sqrt(0.5)), (groups, M, 2), (axis, "state", None)
