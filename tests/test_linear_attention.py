@@ -232,18 +232,18 @@ def test_all_mixers_in_one_model_decode_matches_forward():
         outs.append(logits)
     np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
     sizes = sum(x.size for x in jax.tree.leaves(cache["layers"])) // B
-    assert sizes == cfg.state_size()
+    assert sizes == cfg.state_floats()
 
 
 def test_state_size_hand_count():
     D, K = 32, 8  # 4 heads, BASED feature dim 16: 1 + 16 + 256 = 273 features
-    assert mixer_config(name="retnet").state_size() == 2 * 4 * K * K == 512
-    assert mixer_config(name="lightning").state_size() == 512
-    assert mixer_config(name="gla").state_size() == 2 * 4 * (16 // 4) * K == 256
+    assert mixer_config(name="retnet").state_floats() == 2 * 4 * K * K == 512
+    assert mixer_config(name="lightning").state_floats() == 512
+    assert mixer_config(name="gla").state_floats() == 2 * 4 * (16 // 4) * K == 256
     # based at 2 layers = "CB": conv keeps 2 inputs; BASED keeps (1+f+f^2) x (K+1) per head.
     assert mixer_config().layer_kinds() == ("conv", "based")
-    assert mixer_config().state_size() == 2 * D + 4 * 273 * (K + 1) == 9892
-    assert mixer_config(pattern="WW", window=64).state_size() == 2 * 2 * 64 * D
+    assert mixer_config().state_floats() == 2 * D + 4 * 273 * (K + 1) == 9892
+    assert mixer_config(pattern="WW", window=64).state_floats() == 2 * 2 * 64 * D
 
 
 def test_flops_per_token_hand_count():

@@ -30,15 +30,21 @@ TRANSFORMER_OPTIONS = {
 }
 
 
+FAMILY_DEFAULTS = {"hybrid": dict(pattern="MA")}  # fields a family needs beyond TINY
+
+
 def tiny_config(name: str, **overrides):
     """A small fp32 config of family `name`."""
-    return models.family(name).Config(name=name, **{**TINY, **overrides})
+    fields = {**TINY, **FAMILY_DEFAULTS.get(name, {}), **overrides}
+    return models.family(name).Config(name=name, **fields)
 
 
 CASES = {name: tiny_config(name) for name in models.FAMILIES}
 CASES.update(
     {f"transformer-{k}": tiny_config("transformer", **v) for k, v in TRANSFORMER_OPTIONS.items()}
 )
+# Every other layer kind once, in a 4-layer hybrid: H3, GLA, sliding window, S4D.
+CASES["hybrid-HGWS"] = tiny_config("hybrid", pattern="HGWS", n_layers=4, window=4)
 
 
 class Harness:
@@ -164,6 +170,18 @@ def test_decode_matches_forward(case):
         one_by_one,
         cache_prefill,
     )
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_state_floats_counts_the_decode_cache(case):
+    """Config.state_floats (the recall-vs-memory x axis) == floats in init_cache's arrays."""
+    h = harness(case)
+    shapes = jax.eval_shape(lambda: h.model.init_cache(3, L))["layers"]
+    floats = sum(
+        x.size * (2 if jnp.issubdtype(x.dtype, jnp.complexfloating) else 1)
+        for x in jax.tree.leaves(shapes)
+    )
+    assert floats == 3 * h.cfg.state_floats(L)
 
 
 # ------------------------------------------------------------------------------ transformer options

@@ -132,11 +132,15 @@ def _run_steps(cfg: Config, n: int):
         ("transformer", (1, 2, 4)),
         ("mamba2", (2, 2, 2)),
         ("gla", (2, 2, 2)),
+        ("hybrid:GMA", (2, 2, 2)),
     ],
 )
 def test_sharded_step_matches_single_device(corpus, name, mesh):
+    name, _, pattern = name.partition(":")
+    extra = {"model.pattern": pattern, "model.n_layers": len(pattern)} if pattern else {}
+
     def cfg(shape):
-        return tiny(corpus, **{"model.name": name, "mesh.shape": shape})
+        return tiny(corpus, **{"model.name": name, "mesh.shape": shape, **extra})
 
     ref_run, ref_losses, ref_params = _run_steps(cfg((1, 1, 1)), 3)
     run, got_losses, got_params = _run_steps(cfg(mesh), 3)

@@ -7,6 +7,8 @@ Every family module exposes `Config` (a frozen dataclass subclassing
     model.init_cache(batch_size, max_len) -> cache (a pytree of arrays)
     model.decode(tokens_BxT, cache) -> (logits_BxTxV, cache)
 
+and its Config has `state_floats(seq_len)`, the floats of decode state per sequence.
+
 Adding a family means adding a file and one line to `FAMILIES`.
 """
 
@@ -29,6 +31,7 @@ FAMILIES = {
     "s4d": "ssm",
     "h3": "ssm",
     "mamba2": "ssm",
+    "hybrid": "hybrid",
 }
 
 

@@ -101,8 +101,9 @@ class Config(ModelConfig):
         """
         return float(6 * self.matmul_params() + sum(c[1] for c in self._costs(seq_len)))
 
-    def state_size(self) -> int:
-        """Floats of decode state per sequence, all layers (the recall-vs-memory x axis)."""
+    def state_floats(self, seq_len: int = 0) -> int:
+        """Floats of decode state per sequence, all layers (the recall-vs-memory x axis);
+        constant in seq_len (sliding windows keep `window` keys and values)."""
         return sum(c[2] for c in self._costs(1))
 
 
@@ -396,6 +397,10 @@ class Block(nnx.Module):
         x_BxLxD = x_BxLxD + h_BxLxD.astype(x_BxLxD.dtype)
         return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
 
+    def init_state(self, batch_size: int, max_len: int):
+        """The mixer's zero decode state."""
+        return self.mixer.init_state(batch_size, max_len)
+
     def decode(self, x_BxTxD, state, index) -> tuple[jax.Array, object]:
         """Recurrent form: T new tokens against the layer's state."""
         h_BxTxD, state = self.mixer.step(self.mixer_norm(x_BxTxD), state, index)
@@ -406,9 +411,10 @@ class Block(nnx.Module):
 class Model(transformer.Model):
     """Embed -> blocks (mixers from the layer pattern) -> RMSNorm -> head.
 
-    embed / forward / __call__ / decode (and remat) are the transformer's, which only need
-    blocks with `__call__(x, segment_ids, positions)` and `decode(x, state, index)`; this class
-    swaps the blocks and the cache. Init as the transformer's; GLA decay bias 0.
+    embed / forward / __call__ / init_cache / decode (and remat) are the transformer's, which
+    only need blocks with `__call__(x, segment_ids, positions)`, `init_state(batch, max_len)`
+    and `decode(x, state, index)`; this class swaps the blocks. Init as the transformer's; GLA
+    decay bias 0.
     """
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
@@ -417,8 +423,3 @@ class Model(transformer.Model):
         self._init_stack(
             cfg, lambda: [Block(cfg, kind, i, rngs=rngs) for i, kind in enumerate(kinds)], rngs
         )
-
-    def init_cache(self, batch_size: int, max_len: int) -> dict:
-        """Decode state {"index": int32[], "layers": [each mixer's init_state]}."""
-        layers = [b.mixer.init_state(batch_size, max_len) for b in self.blocks]
-        return {"index": jnp.zeros((), jnp.int32), "layers": layers}

@@ -82,6 +82,25 @@ class Config(ModelConfig):
         """
         return float(6 * self.matmul_params() + 6 * self.n_layers * self.mixer_macs(seq_len))
 
+    def state_floats(self, seq_len: int = 0) -> int:
+        """Floats of decode state per sequence, all layers (complex = 2 floats); constant in
+        seq_len. s4d: D N; h3: (W-1) D shift window + H N K^2; mamba2: (W-1)(E + 2N) conv
+        windows + H P N."""
+        D, N, W, E, H = (
+            self.d_model,
+            self.state_size,
+            self.conv_width,
+            self.inner_width,
+            self.n_heads,
+        )
+        K = D // H
+        per_layer = {
+            "s4d": D * N,
+            "h3": (W - 1) * D + H * N * K * K,
+            "mamba2": (W - 1) * (E + 2 * N) + E * N,
+        }[self.name]
+        return self.n_layers * per_layer
+
 
 def _validate(cfg: Config) -> None:
     """Raises ConfigError naming the field when `cfg` cannot be built."""
@@ -316,6 +335,10 @@ class Block(nnx.Module):
         x_BxLxD = x_BxLxD + self.mixer(self.mixer_norm(x_BxLxD), segment_ids_BxL, positions_BxL)
         return self._mlp(x_BxLxD)
 
+    def init_state(self, batch_size: int, max_len: int):
+        """The mixer's zero decode state."""
+        return self.mixer.init_state(batch_size, max_len)
+
     def decode(self, x_BxTxD, state, index) -> tuple[jax.Array, dict]:
         """Recurrent form (the name transformer.Model's decode loop calls)."""
         h_BxTxD, state = self.mixer.step(self.mixer_norm(x_BxTxD), state, index)
@@ -325,10 +348,11 @@ class Block(nnx.Module):
 class Model(transformer.Model):
     """Embed -> n_layers Blocks of the recipe's mixer -> RMSNorm -> output head.
 
-    embed / forward / __call__ / decode (and remat) are the transformer's, which only need blocks
-    with `__call__(x, segment_ids, positions)` and `decode(x, state, index)`; this class swaps
-    the blocks and the cache. Init as the transformer (N(0, init_std^2), residual outputs scaled
-    by 1/sqrt(2 n_layers)); SSM parameters as in S4D-Lin / Mamba-2. SSMs ignore positions.
+    embed / forward / __call__ / init_cache / decode (and remat) are the transformer's, which
+    only need blocks with `__call__(x, segment_ids, positions)`, `init_state(batch, max_len)`
+    and `decode(x, state, index)`; this class swaps the blocks. Init as the transformer
+    (N(0, init_std^2), residual outputs scaled by 1/sqrt(2 n_layers)); SSM parameters as in
+    S4D-Lin / Mamba-2. SSMs ignore positions.
     """
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
@@ -337,8 +361,3 @@ class Model(transformer.Model):
         self._init_stack(
             cfg, lambda: [Block(cfg, mixer, mlp, rngs=rngs) for _ in range(cfg.n_layers)], rngs
         )
-
-    def init_cache(self, batch_size: int, max_len: int) -> dict:
-        """Zero recurrent states (their size does not grow with max_len)."""
-        layers = [b.mixer.init_state(batch_size, max_len) for b in self.blocks]
-        return {"index": jnp.zeros((), jnp.int32), "layers": layers}

@@ -73,6 +73,13 @@ class Config(ModelConfig):
         attention = 6 * self.n_layers * seq_len * self.d_model
         return float(6 * self.matmul_params() + attention + 6 * self.conv_params())
 
+    def state_floats(self, seq_len: int) -> int:
+        """Floats of decode state per sequence at context seq_len: the KV cache (grows with
+        seq_len) plus the Primer conv windows."""
+        kv = 2 * seq_len * self.kv_heads * self.head_dim
+        conv = max(self.qkv_conv - 1, 0) * (self.n_heads + 2 * self.kv_heads) * self.head_dim
+        return self.n_layers * (kv + conv)
+
 
 def _validate(cfg: Config) -> None:
     """Raises ConfigError naming the field when `cfg` cannot be built."""
@@ -198,6 +205,7 @@ class Block(nnx.Module):
         # GPT-2: residual-branch outputs start smaller so the residual stream's variance does
         # not grow with depth (2 branches per layer).
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.dtype = dtype
         self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
         self.attn = Attention(cfg, rngs=rngs, out_std=out_std)
         self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
@@ -212,6 +220,10 @@ class Block(nnx.Module):
         """Training form."""
         x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segment_ids_BxL, positions_BxL)
         return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+
+    def init_state(self, batch_size: int, max_len: int) -> dict:
+        """The layer's empty decode cache (every family's Block has this method)."""
+        return self.attn.init_cache(batch_size, max_len, self.dtype)
 
     def decode(self, x_BxTxD: jax.Array, cache: dict, index: jax.Array) -> tuple[jax.Array, dict]:
         """Decode form: T new tokens against the layer's cache."""
@@ -302,7 +314,7 @@ class Model(nnx.Module):
 
     def init_cache(self, batch_size: int, max_len: int) -> Cache:
         """Empty decode cache for up to `max_len` tokens per row."""
-        layers = [b.attn.init_cache(batch_size, max_len, self.dtype) for b in self.blocks]
+        layers = [b.init_state(batch_size, max_len) for b in self.blocks]
         return {"index": jnp.zeros((), jnp.int32), "layers": layers}
 
     def decode(self, tokens_BxT: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:

@@ -1,0 +1,77 @@
+"""Hybrid stacks: a pattern of one family is that family; mixed patterns build, count and fail
+clearly. (The shared model tests in test_models.py also run hybrids.)"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmtrain import models
+from lmtrain.config import Config, ConfigError, override
+from lmtrain.models import hybrid
+
+TINY = dict(vocab_size=61, d_model=32, n_heads=4)
+TOKENS = jax.random.randint(jax.random.key(0), (2, 12), 0, 61)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "family"),
+    [("AA", "transformer"), ("MM", "mamba2"), ("GG", "gla"), ("HH", "h3")],
+)
+def test_single_letter_pattern_is_the_pure_family(pattern, family):
+    """Same seed -> same parameters, logits, FLOPs and state size as the pure family."""
+    pure_cfg = models.family(family).Config(name=family, n_layers=2, **TINY)
+    hyb_cfg = hybrid.Config(pattern=pattern, n_layers=2, **TINY)
+    pure = models.build(pure_cfg, nnx.Rngs(0))
+    hyb = models.build(hyb_cfg, nnx.Rngs(0))
+    a, b = nnx.to_pure_dict(nnx.state(pure)), nnx.to_pure_dict(nnx.state(hyb))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    np.testing.assert_array_equal(pure(TOKENS), hyb(TOKENS))
+    assert hyb_cfg.flops_per_token(64) == pure_cfg.flops_per_token(64)
+    assert hyb_cfg.matmul_params() == pure_cfg.matmul_params()
+    assert hyb_cfg.state_floats(64) == pure_cfg.state_floats(64)
+
+
+def test_pattern_repeats_to_depth_and_mixes_families():
+    cfg = hybrid.Config(pattern="MMA", n_layers=6, **TINY)
+    assert cfg.layer_letters() == "MMAMMA"
+    model = models.build(cfg, nnx.Rngs(0))
+    kinds = [type(getattr(b, "mixer", getattr(b, "attn", None))).__name__ for b in model.blocks]
+    assert kinds == ["Mamba2", "Mamba2", "Attention"] * 2
+    # FLOPs add up layer by layer: 4 Mamba-2 layers, 2 attention layers, the head.
+    one = lambda fam: models.family(fam).Config(name=fam, n_layers=1, **{**TINY, "vocab_size": 0})  # noqa: E731
+    want = 4 * one("mamba2").flops_per_token(32) + 2 * one("transformer").flops_per_token(32)
+    assert cfg.flops_per_token(32) == want + 6 * 61 * 32
+
+
+def test_residual_init_is_scaled_by_total_depth():
+    cfg = hybrid.Config(pattern="AM", n_layers=8, **TINY)
+    model = models.build(cfg, nnx.Rngs(0))
+    out = np.asarray(model.blocks[0].attn.o.kernel[...])
+    want = cfg.init_std / np.sqrt(2 * 8)
+    assert abs(out.std() - want) < 0.15 * want
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        (dict(pattern="MXA", n_layers=3), r"unknown letters \['X'\]"),
+        (dict(pattern="MMA", n_layers=4), "dividing model.n_layers"),
+        (dict(pattern="", n_layers=2), "non-empty"),
+        (dict(pattern="AM", n_layers=2, n_kv_heads=3), "n_kv_heads"),
+        (dict(pattern="MA", n_layers=2, state_size=0), "state_size"),
+    ],
+)
+def test_bad_pattern_is_a_config_error(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        models.build(hybrid.Config(**{**TINY, **fields}), nnx.Rngs(0))
+
+
+def test_set_model_name_hybrid_from_the_command_line():
+    cfg = override(Config(), {"model.name": "hybrid", "model.pattern": "HA", "model.n_layers": 4})
+    assert isinstance(cfg.model, hybrid.Config) and cfg.model.layer_letters() == "HAHA"
+    assert dataclasses.asdict(cfg.model)["conv_width"] == 4  # the SSM default serves all convs
