@@ -48,6 +48,13 @@ class DataConfig:
     text_key: str = "text"  # field holding the text in .jsonl records
     cache_dir: str = ""  # tokenizers and tokenised corpora; "" means ~/.cache/lmtrain
     prefetch: int = 2  # batches prepared ahead by grain's reader threads
+    # source "mqar" (synthetic recall task, lmtrain/data/mqar.py; data.tokenizer is ignored)
+    num_kv_pairs: int = 16  # key-value pairs per example, each queried once
+    mqar_vocab: int = 8192  # keys from [1, V/2), values from [V/2, V)
+    mqar_power_a: float = 0.01  # query gap g drawn with odds a (g + 1)^(a - 1)
+    mqar_train_examples: int = 100_000
+    mqar_val_examples: int = 3_000
+    mqar_seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,11 @@ if TYPE_CHECKING:
 
 
 class Evaluator:
-    """evaluator(params, max_batches) -> {val_loss, val_bpb, val_tokens, val_ppl}."""
+    """evaluator(params, max_batches) -> {val_loss, val_acc, val_tokens, val_ppl[, val_bpb]}.
+
+    val_acc: fraction of weighted targets that are the argmax prediction (for MQAR, the
+    recall accuracy over queries).
+    """
 
     def __init__(self, run: Run, val_stream: Any):
         if val_stream is None:
@@ -23,7 +27,12 @@ class Evaluator:
         self.run = run
         self.val = val_stream
         cfg = run.cfg
-        shape = step.batch_spec(cfg.eval.batch_size, cfg.data.seq_len, step.EVAL_KEYS)
+        shape = step.batch_spec(
+            cfg.eval.batch_size,
+            cfg.data.seq_len,
+            step.EVAL_KEYS,
+            getattr(val_stream, "targets_per_row", 0),
+        )
         self._step = step.compile_eval_step(
             step.make_eval_step(run.graphdef),
             run.state_shardings["params"],
@@ -55,9 +64,13 @@ class Evaluator:
         if totals is None:
             raise ValueError("the validation split yielded no batches")
         t = {k: float(v) for k, v in jax.device_get(totals).items()}
-        return {
-            "val_loss": t["nll_sum"] / max(t["tokens"], 1.0),
-            "val_bpb": step.bits_per_byte(t["nll_sum"], t["bytes"]),
+        n = max(t["tokens"], 1.0)
+        out = {
+            "val_loss": t["nll_sum"] / n,
+            "val_acc": t["correct"] / n,
             "val_tokens": int(t["tokens"]),
-            "val_ppl": math.exp(min(t["nll_sum"] / max(t["tokens"], 1.0), 50.0)),
+            "val_ppl": math.exp(min(t["nll_sum"] / n, 50.0)),
         }
+        if t["bytes"] > 0:  # synthetic tasks (MQAR) have no text, so no bits per byte
+            out["val_bpb"] = step.bits_per_byte(t["nll_sum"], t["bytes"])
+        return out

@@ -94,6 +94,16 @@ def peak_flops(devices: Sequence[jax.Device], dtype: Any = jnp.bfloat16) -> tupl
     )
 
 
+def train_flops_per_token(model_cfg: Any, seq_len: int, targets_per_row: int = 0) -> float:
+    """The model's flops_per_token(seq_len), with the output head (6 V D per token) charged
+    only for the scored fraction Q / L of positions when a batch scores Q per row (MQAR)."""
+    fpt = model_cfg.flops_per_token(seq_len)
+    if targets_per_row:
+        head = 6 * model_cfg.vocab_size * model_cfg.d_model
+        fpt -= head * (1 - targets_per_row / seq_len)
+    return float(fpt)
+
+
 def mfu(tokens_per_sec: float, flops_per_token: float, peak: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over peak FLOP/s."""
     if peak <= 0:

@@ -20,12 +20,30 @@ TRAIN_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 EVAL_KEYS = (*TRAIN_KEYS, "target_bytes")
 
 
+def _logits(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """float32 logits_BxTxV and the target's logit_BxT at the T scored positions.
+
+    Dense batches score every position (T = L). A batch with `target_index` (int32 [B, Q])
+    scores only those positions (T = Q; its targets and weights are [B, Q]): the output head,
+    often most of a small model's FLOPs, then runs on Q positions instead of L (MQAR scores P
+    queries out of L tokens).
+    """
+    model = nnx.merge(graphdef, params)
+    args = (batch["inputs"], batch["segment_ids"], batch["positions"])
+    if "target_index" in batch:
+        x_BxLxD = model.hidden(*args)
+        x_BxQxD = jnp.take_along_axis(x_BxLxD, batch["target_index"][..., None], axis=1)
+        logits_BxTxV = model.head_logits(x_BxQxD)
+    else:
+        logits_BxTxV = model(*args)
+    target_logit_BxT = jnp.take_along_axis(logits_BxTxV, batch["targets"][..., None], -1)[..., 0]
+    return logits_BxTxV, target_logit_BxT
+
+
 def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Per-token negative log-likelihood and log-normaliser (log Z), both float32 [B, L]."""
-    model = nnx.merge(graphdef, params)
-    logits_BxLxV = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+    logits_BxLxV, target_logit_BxL = _logits(graphdef, params, batch)
     logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], -1)[..., 0]
     return logz_BxL - target_logit_BxL, logz_BxL
 
 
@@ -107,13 +125,17 @@ def make_train_step(
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict]:
-    """eval_step(params, batch) -> sums of weighted NLL, weights and target bytes."""
+    """eval_step(params, batch) -> sums of weighted NLL, argmax hits, weights, target bytes."""
 
     def eval_step(params: Any, batch: Batch) -> dict:
-        nll, _ = token_nll(graphdef, params, batch)
+        logits_BxLxV, target_logit_BxL = _logits(graphdef, params, batch)
+        nll = jax.nn.logsumexp(logits_BxLxV, axis=-1) - target_logit_BxL
+        # Correct = the target's logit is the largest (a tie counts as correct).
+        correct = target_logit_BxL >= logits_BxLxV.max(axis=-1)
         w = batch["weights"]
         return {
             "nll_sum": (nll * w).sum(),
+            "correct": (correct * w).sum(),
             "tokens": w.sum(),
             "bytes": batch["target_bytes"].sum(),
         }
@@ -121,10 +143,17 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict]:
     return eval_step
 
 
-def batch_spec(global_batch: int, seq_len: int, keys: tuple[str, ...]) -> dict:
-    """Abstract shapes of one global batch."""
+def batch_spec(
+    global_batch: int, seq_len: int, keys: tuple[str, ...], targets_per_row: int = 0
+) -> dict:
+    """Abstract shapes of one global batch; `targets_per_row` Q > 0 adds `target_index` and
+    makes targets, weights and target_bytes [B, Q] (see _logits)."""
     dtypes = {"weights": jnp.float32, "target_bytes": jnp.float32, "stop": jnp.float32}
     shapes = {"stop": (global_batch,)}  # one flag per row (see make_train_step)
+    if targets_per_row:
+        keys = (*keys, "target_index")
+        for k in ("targets", "weights", "target_bytes", "target_index"):
+            shapes[k] = (global_batch, targets_per_row)
     return {
         k: jax.ShapeDtypeStruct(shapes.get(k, (global_batch, seq_len)), dtypes.get(k, jnp.int32))
         for k in keys

@@ -224,7 +224,10 @@ def train(cfg: Config, workdir: Path) -> dict:
 
     t0 = time.time()
     batch_shape = step.batch_spec(
-        cfg.train.batch_size, cfg.data.seq_len, (*step.TRAIN_KEYS, "stop")
+        cfg.train.batch_size,
+        cfg.data.seq_len,
+        (*step.TRAIN_KEYS, "stop"),
+        getattr(corpus.train, "targets_per_row", 0),
     )
     train_step = step.compile_train_step(
         step.make_train_step(
@@ -237,7 +240,9 @@ def train(cfg: Config, workdir: Path) -> dict:
     )
     compile_s = time.time() - t0
     evaluator = Evaluator(run, corpus.val) if corpus.val is not None else None
-    flops_per_token = cfg.model.flops_per_token(cfg.data.seq_len)
+    flops_per_token = flops.train_flops_per_token(
+        cfg.model, cfg.data.seq_len, getattr(corpus.train, "targets_per_row", 0)
+    )
     peak, peak_src = flops.peak_flops(mesh.devices.flatten().tolist(), cfg.model.dtype)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
 

@@ -16,6 +16,7 @@ import grain
 import numpy as np
 
 from lmtrain.config import DataConfig
+from lmtrain.data import mqar
 from lmtrain.data.sources import (
     DataError,
     cache_dir,
@@ -54,6 +55,29 @@ class TokenStream:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.tokens.shape
+
+    # Row-source interface (shared with synthetic sources such as lmtrain.data.mqar): row i of
+    # length L is tokens[i L : i L + L + 1], packed with segment ids.
+
+    def num_rows(self, seq_len: int) -> int:
+        """Whole training rows of seq_len targets."""
+        return (len(self.tokens) - 1) // seq_len
+
+    def load_rows(self, rows: Sequence[int], seq_len: int) -> dict[str, np.ndarray]:
+        """Packed training batch of `rows`."""
+        return pack_rows(_read_rows(self.tokens, rows, seq_len), self.eod_id)
+
+    def num_eval_rows(self, seq_len: int) -> int:
+        """Rows covering every target once (the last may be short)."""
+        return math.ceil((len(self.tokens) - 1) / seq_len) if len(self.tokens) > 1 else 0
+
+    def load_eval_rows(
+        self, rows: Sequence[int], seq_len: int, token_bytes: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Eval batch of `rows` with target_bytes; rows past the end are padding."""
+        n_rows = self.num_eval_rows(seq_len)
+        nbytes = np.asarray(token_bytes, dtype=np.float32)
+        return _eval_batch(self.tokens, nbytes, rows, n_rows, seq_len, self.eod_id, self.pad_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +204,9 @@ def _build(cfg: DataConfig, tok: Tokenizer, where: Path, dtype: np.dtype) -> dic
 
 def load_corpus(cfg: DataConfig, tok: Tokenizer) -> Corpus:
     """The corpus as token streams, tokenised once and cached on disk; later calls only map it."""
+    if cfg.source == mqar.SOURCE:
+        train, val, stats = mqar.corpus_splits(cfg)
+        return Corpus(train=train, val=val, stats=stats)
     frac = val_fraction(cfg.val_fraction)
     key = f"{source_fingerprint(cfg)}-{tok.name}-val{frac.numerator}_{frac.denominator}"
     where = cache_dir(cfg) / "corpora" / key
@@ -230,13 +257,17 @@ def _read_rows(tokens: np.ndarray, rows: Sequence[int], seq_len: int) -> np.ndar
     return np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in rows])
 
 
-def _ids(stream, eod_id: int | None, pad_id: int | None) -> tuple[np.ndarray, int, int]:
+def _source(stream: Any, eod_id: int | None, pad_id: int | None) -> Any:
+    """A row source: `stream` itself (a TokenStream or synthetic split), or a TokenStream over
+    a plain token array (then eod_id is required)."""
+    if hasattr(stream, "load_rows") and eod_id is None and pad_id is None:
+        return stream
     eod = getattr(stream, "eod_id", None) if eod_id is None else eod_id
     pad = getattr(stream, "pad_id", eod) if pad_id is None else pad_id
     if eod is None:
         raise ValueError("pass eod_id= when the stream is a plain array")
     tokens = stream.tokens if isinstance(stream, TokenStream) else np.asarray(stream)
-    return tokens, int(eod), int(pad)
+    return TokenStream(tokens, int(eod), int(pad))
 
 
 def _local_batch(global_batch: int, process_index: int, process_count: int) -> int:
@@ -259,12 +290,12 @@ def train_iterator(
     eod_id: int | None = None,
 ) -> grain.DatasetIterator:
     """Endless shuffled batches of this process's rows; checkpointable with get/set_state."""
-    tokens, eod, _ = _ids(stream, eod_id, None)
+    src = _source(stream, eod_id, None)
     b = _local_batch(global_batch, process_index, process_count)
-    n_rows = (len(tokens) - 1) // seq_len
+    n_rows = src.num_rows(seq_len)
     if n_rows < 1:
         raise DataError(
-            f"the training split has {len(tokens)} tokens, too few for one row of seq_len "
+            f"the training split has {len(src)} tokens, too few for one row of seq_len "
             f"{seq_len}; lower data.seq_len or add data"
         )
     # The global row order depends only on the seed, so batch k is the same global batch for
@@ -275,7 +306,7 @@ def train_iterator(
     def load(k: int) -> dict[str, np.ndarray]:
         start = k * global_batch + first
         rows = [order[i] for i in range(start, start + b)]  # only this process's rows are read
-        return pack_rows(_read_rows(tokens, rows, seq_len), eod)
+        return src.load_rows(rows, seq_len)
 
     batches = grain.MapDataset.range(len(order) // global_batch).map(load)
     # Threads keep the state exact: it is just the index of the next batch to return.
@@ -303,20 +334,19 @@ def eval_batches(
     """
     if stream is None:
         return iter(())
-    tokens, eod, pad = _ids(stream, eod_id, pad_id)
+    src = _source(stream, eod_id, pad_id)
     b = _local_batch(global_batch, process_index, process_count)
-    n_rows = math.ceil((len(tokens) - 1) / seq_len) if len(tokens) > 1 else 0
+    n_rows = src.num_eval_rows(seq_len)
     n_batches = math.ceil(n_rows / global_batch)
     row_ids = np.arange(n_batches * global_batch)  # ids >= n_rows become padding rows
     if 0 < max_batches < n_batches:
         n_batches = max_batches
         row_ids = np.linspace(0, n_rows - 1, n_batches * global_batch).round().astype(np.int64)
-    nbytes = np.asarray(token_bytes, dtype=np.float32)
 
     def batch(k: int) -> dict[str, np.ndarray]:
         start = k * global_batch + process_index * b
         rows = row_ids[start : start + b].tolist()
-        return _eval_batch(tokens, nbytes, rows, n_rows, seq_len, eod, pad)
+        return src.load_eval_rows(rows, seq_len, token_bytes)
 
     return map(batch, range(n_batches))
 

@@ -235,6 +235,10 @@ def _bpe(cfg: DataConfig, vocab_size: int) -> HFTokenizer:
 def make_tokenizer(cfg: DataConfig) -> Tokenizer:
     """The tokenizer `cfg.tokenizer` names: "bytes", "bpe:N", or a tokenizer.json / .model path."""
     spec = cfg.tokenizer
+    if cfg.source == "mqar":  # the task's own symbols; data.tokenizer does not apply
+        from lmtrain.data.mqar import MQARTokenizer
+
+        return MQARTokenizer(cfg.mqar_vocab)
     if spec == "bytes":
         return ByteTokenizer()
     if spec.startswith("bpe:"):

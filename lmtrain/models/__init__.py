@@ -6,6 +6,8 @@ Every family module exposes `Config` (a frozen dataclass subclassing
     model(tokens_BxL, segment_ids_BxL=None, positions_BxL=None) -> logits_BxLxV (float32)
     model.init_cache(batch_size, max_len) -> cache (a pytree of arrays)
     model.decode(tokens_BxT, cache) -> (logits_BxTxV, cache)
+    model.hidden(tokens_BxL, segment_ids_BxL, positions_BxL) -> x_BxLxD  (before norm and head)
+    model.head_logits(x_BxTxD) -> logits_BxTxV (float32)
 
 and its Config has `state_floats(seq_len)`, the floats of decode state per sequence.
 

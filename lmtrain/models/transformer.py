@@ -287,13 +287,13 @@ class Model(nnx.Module):
             return self.token_embed.attend(x_BxLxD)
         return self.head(x_BxLxD, out_dtype=jnp.float32)
 
-    def forward(
+    def blocks_forward(
         self,
         x_BxLxD: jax.Array,
         segment_ids_BxL: jax.Array | None = None,
         positions_BxL: jax.Array | None = None,
     ) -> jax.Array:
-        """Embeddings -> float32 logits_BxLxV; positions default to 0..L-1 in every row."""
+        """Embeddings -> the last block's output; positions default to 0..L-1 in every row."""
         B, L, _ = x_BxLxD.shape
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32)[None, :], (B, L))
@@ -301,7 +301,29 @@ class Model(nnx.Module):
         run = _run_block_remat if self.cfg.remat else _run_block
         for block in self.blocks:
             x_BxLxD = run(block, x_BxLxD, segment_ids_BxL, positions_BxL)
-        return self._logits(x_BxLxD)
+        return x_BxLxD
+
+    def forward(
+        self,
+        x_BxLxD: jax.Array,
+        segment_ids_BxL: jax.Array | None = None,
+        positions_BxL: jax.Array | None = None,
+    ) -> jax.Array:
+        """Embeddings -> float32 logits_BxLxV; positions default to 0..L-1 in every row."""
+        return self._logits(self.blocks_forward(x_BxLxD, segment_ids_BxL, positions_BxL))
+
+    def hidden(
+        self,
+        tokens_BxL: jax.Array,
+        segment_ids_BxL: jax.Array | None = None,
+        positions_BxL: jax.Array | None = None,
+    ) -> jax.Array:
+        """Token ids -> the last block's output x_BxLxD (before the final norm and head)."""
+        return self.blocks_forward(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL)
+
+    def head_logits(self, x_BxTxD: jax.Array) -> jax.Array:
+        """Final norm and output head on some positions' hidden states -> float32 logits."""
+        return self._logits(x_BxTxD)
 
     def __call__(
         self,

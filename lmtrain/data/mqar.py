@@ -1,0 +1,153 @@
+"""MQAR, multi-query associative recall (Zoology; Arora et al. 2023), as a data source.
+
+`data.source = "mqar"`. Each example of length L = data.seq_len + 1 holds P = data.num_kv_pairs
+key-value pairs `k1 v1 ... kP vP`, keys drawn without replacement from [1, V/2) and values
+from [V/2, V) (V = data.mqar_vocab, 8192 in the papers), then the query region: every key is
+asked once, at slot g of the (L - 1 - 2P) // 2 slots, g drawn without replacement with
+P(g) proportional to a (g + 1)^(a - 1), a = data.mqar_power_a (0.01: a power law that favours
+short gaps). A key asked at slot g sits at 2P + 2g and its value follows it, so the model
+sees the key as input and its value is the target; only those P targets have weight 1. The
+other query-region tokens are random ids from the whole vocabulary (Zoology's
+`random_non_queries`). data.mqar_seed picks the dataset.
+
+Examples are a pure function of (split, index): example i of the training split is the same
+for any process count and after a resume. The training split has data.mqar_train_examples
+examples (repeated, reshuffled each epoch, like Zoology's fixed training set), the validation
+split data.mqar_val_examples. Accuracy at eval is argmax accuracy on the query targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from lmtrain.config import DataConfig
+from lmtrain.data.sources import DataError
+from lmtrain.data.tokenizers import Tokenizer
+
+SOURCE = "mqar"
+_SPLIT_SEEDS = {"train": 0, "val": 1}
+
+
+class MQARTokenizer(Tokenizer):
+    """Ids are the task's symbols; text is the ids as decimal numbers ("17 4100 17")."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab_size, self.eod_id, self.pad_id = vocab, 0, 0
+        self.name = f"mqar{vocab}"
+        self.token_bytes = np.zeros(vocab, np.int32)  # no text: bits per byte is undefined
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            ids = [int(t) for t in text.split()]
+        except ValueError:
+            msg = "MQAR prompts are token ids separated by spaces, e.g. '17 4100 17'"
+            raise DataError(msg) from None
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            raise DataError(f"MQAR token ids must be in [0, {self.vocab_size})")
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def check(cfg: DataConfig) -> None:
+    """DataError naming the key when the task cannot be built."""
+    P, L, V = cfg.num_kv_pairs, cfg.seq_len, cfg.mqar_vocab
+    if P < 1:
+        raise DataError("data.num_kv_pairs must be >= 1")
+    if V < 4 or V // 2 - 1 < P:
+        raise DataError(f"data.mqar_vocab {V} has fewer than num_kv_pairs ({P}) keys")
+    if (L - 2 * P) // 2 < P:
+        raise DataError(
+            f"data.seq_len {L} is too short for {P} pairs and their queries: needs >= {4 * P}"
+        )
+    if min(cfg.mqar_train_examples, cfg.mqar_val_examples) < 1:
+        raise DataError("data.mqar_train_examples and mqar_val_examples must be >= 1")
+    if not cfg.mqar_power_a > 0:
+        raise DataError("data.mqar_power_a must be > 0")
+
+
+def example(cfg: DataConfig, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32[L + 1], answer mask bool[L + 1]): mask marks the P value tokens that
+    answer a query (as targets they are predicted from the query key before them)."""
+    P, L, V = cfg.num_kv_pairs, cfg.seq_len + 1, cfg.mqar_vocab
+    rng = np.random.default_rng([cfg.mqar_seed, _SPLIT_SEEDS[split], index])
+    keys = 1 + rng.choice(V // 2 - 1, P, replace=False)
+    values = V // 2 + rng.choice(V - V // 2, P, replace=False)
+    slots = (L - 1 - 2 * P) // 2
+    a = cfg.mqar_power_a
+    p = a * np.arange(1, slots + 1, dtype=np.float64) ** (a - 1)
+    gaps = rng.choice(slots, P, replace=False, p=p / p.sum())
+    tokens = rng.integers(0, V, L).astype(np.int32)  # random non-query tokens
+    tokens[0 : 2 * P : 2], tokens[1 : 2 * P : 2] = keys, values
+    at = 2 * P + 2 * gaps
+    tokens[at], tokens[at + 1] = keys, values
+    answer = np.zeros(L, bool)
+    answer[at + 1] = True
+    return tokens, answer
+
+
+class MQARSplit:
+    """One split as a row source: `num_rows` examples, `load_rows` -> model batches."""
+
+    def __init__(self, cfg: DataConfig, split: str):
+        self.cfg, self.split = cfg, split
+        n = cfg.mqar_train_examples if split == "train" else cfg.mqar_val_examples
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n * (self.cfg.seq_len + 1)
+
+    def num_rows(self, seq_len: int) -> int:
+        return self.n
+
+    num_eval_rows = num_rows
+
+    @property
+    def targets_per_row(self) -> int:
+        """Only the P query positions are scored (see lmtrain.step._logits)."""
+        return self.cfg.num_kv_pairs
+
+    def load_rows(self, rows: Sequence[int], seq_len: int) -> dict[str, np.ndarray]:
+        """Batch of examples `rows` (ids >= n: padding rows with weight 0): inputs,
+        segment_ids, positions [B, L]; target_index (the query keys' positions), targets (their
+        values) and weights, [B, P]."""
+        B, P = len(rows), self.cfg.num_kv_pairs
+        tokens = np.zeros((B, seq_len + 1), np.int32)
+        index = np.tile(np.arange(P, dtype=np.int32), (B, 1))
+        weights = np.zeros((B, P), np.float32)
+        for j, r in enumerate(rows):
+            if r < self.n:
+                tokens[j], answer = example(self.cfg, self.split, int(r))
+                index[j] = np.flatnonzero(answer[1:])
+                weights[j] = 1.0
+        t = np.arange(seq_len, dtype=np.int32)
+        return {
+            "inputs": tokens[:, :-1],
+            "targets": np.take_along_axis(tokens[:, 1:], index, axis=1),
+            "target_index": index,
+            "segment_ids": np.ones((B, seq_len), np.int32),
+            "positions": np.broadcast_to(t, (B, seq_len)).copy(),
+            "weights": weights,
+        }
+
+    def load_eval_rows(
+        self, rows: Sequence[int], seq_len: int, token_bytes: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        batch = self.load_rows(rows, seq_len)
+        batch["target_bytes"] = np.zeros_like(batch["weights"])
+        return batch
+
+
+def corpus_splits(cfg: DataConfig) -> tuple[MQARSplit, MQARSplit | None, dict]:
+    """(train, val, stats) for `load_corpus`."""
+    check(cfg)
+    train = MQARSplit(cfg, "train")
+    val = MQARSplit(cfg, "val")
+    stats = {
+        split.split: {"docs": split.n, "tokens": split.n * cfg.seq_len, "bytes": 0}
+        for split in (train, val)
+    }
+    return train, val, stats

@@ -1,0 +1,166 @@
+"""MQAR: the task's structure and odds, the scored-positions step == the dense step, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmtrain import models, step
+from lmtrain.cli import main
+from lmtrain.config import DataConfig
+from lmtrain.data import DataError, load_corpus, make_tokenizer, mqar
+
+CFG = DataConfig(source="mqar", seq_len=64, num_kv_pairs=4, mqar_vocab=64)
+
+
+def test_example_structure():
+    P, V = CFG.num_kv_pairs, CFG.mqar_vocab
+    for i in range(200):
+        tokens, answer = mqar.example(CFG, "train", i)
+        assert tokens.shape == answer.shape == (CFG.seq_len + 1,)
+        keys, values = tokens[0 : 2 * P : 2], tokens[1 : 2 * P : 2]
+        assert len(set(keys)) == P and all(1 <= k < V // 2 for k in keys)
+        assert all(V // 2 <= v < V for v in values)
+        at = np.flatnonzero(answer)
+        assert len(at) == P and at.min() > 2 * P and np.all((at - 2 * P) % 2 == 1)
+        pairs = dict(zip(keys, values, strict=True))
+        # Every key is asked once, and the token after it is its value.
+        assert sorted(tokens[at - 1]) == sorted(keys)
+        assert all(pairs[k] == v for k, v in zip(tokens[at - 1], tokens[at], strict=True))
+    a, _ = mqar.example(CFG, "train", 7)
+    np.testing.assert_array_equal(a, mqar.example(CFG, "train", 7)[0])  # pure function
+    assert not np.array_equal(a, mqar.example(CFG, "val", 7)[0])  # splits differ
+    other = dataclasses.replace(CFG, mqar_seed=1)
+    assert not np.array_equal(a, mqar.example(other, "train", 7)[0])
+
+
+def test_query_gaps_follow_the_power_law():
+    """Slot frequencies over 4,000 examples match the sequential draw without replacement
+    from odds a (g + 1)^(a - 1), simulated independently (tolerance: 4 binomial sigmas)."""
+    cfg = dataclasses.replace(CFG, seq_len=32, num_kv_pairs=2, mqar_power_a=0.3)
+    slots = (cfg.seq_len - 2 * cfg.num_kv_pairs) // 2
+    counts = np.zeros(slots)
+    n = 4000
+    for i in range(n):
+        _, answer = mqar.example(cfg, "train", i)
+        counts[(np.flatnonzero(answer) - 1 - 2 * cfg.num_kv_pairs) // 2] += 1
+    odds = 0.3 * np.arange(1, slots + 1) ** (0.3 - 1)
+    p1 = odds / odds.sum()
+    # P(slot chosen in 2 draws without replacement) = p1 + sum_j p1_j p1 / (1 - p1_j), j != slot
+    p2 = np.array([sum(p1[j] * p1[s] / (1 - p1[j]) for j in range(slots) if j != s)
+                   for s in range(slots)])  # fmt: skip
+    want = p1 + p2
+    sigma = np.sqrt(n * want * (1 - want))
+    assert np.all(np.abs(counts - n * want) < 4 * sigma + 1)
+    assert counts[0] > 3 * counts[-1]  # favours short gaps
+
+
+def test_batches_score_only_queries():
+    split = mqar.MQARSplit(CFG, "train")
+    b = split.load_rows([3, 5, CFG.mqar_train_examples], CFG.seq_len)  # last row is padding
+    assert b["target_index"].shape == b["targets"].shape == b["weights"].shape == (3, 4)
+    np.testing.assert_array_equal(b["weights"][:2], 1.0)
+    np.testing.assert_array_equal(b["weights"][2], 0.0)
+    tokens, answer = mqar.example(CFG, "train", 5)
+    np.testing.assert_array_equal(b["inputs"][1], tokens[:-1])
+    np.testing.assert_array_equal(b["targets"][1], tokens[1:][b["target_index"][1]])
+    np.testing.assert_array_equal(b["target_index"][1], np.flatnonzero(answer) - 1)
+
+
+def _dense(batch: dict, seq_len: int) -> dict:
+    """The same batch with every position's target and weights 1 only at the queries."""
+    B = batch["inputs"].shape[0]
+    targets = np.zeros((B, seq_len), np.int32)
+    weights = np.zeros((B, seq_len), np.float32)
+    np.put_along_axis(targets, batch["target_index"], batch["targets"], axis=1)
+    np.put_along_axis(weights, batch["target_index"], batch["weights"], axis=1)
+    rest = {k: v for k, v in batch.items() if k not in ("target_index", "targets", "weights")}
+    return {**rest, "targets": targets, "weights": weights, "target_bytes": 0 * weights}
+
+
+@pytest.mark.parametrize("name", ["transformer", "gla"])
+def test_scored_positions_step_equals_dense_step(name):
+    """Running the head on the Q query positions gives the dense step's loss, accuracy and
+    gradients (the dense batch weights the same positions)."""
+    model_cfg = models.family(name).Config(
+        name=name, vocab_size=CFG.mqar_vocab, d_model=32, n_layers=2, n_heads=2
+    )
+    graphdef, params = nnx.split(models.build(model_cfg, nnx.Rngs(0)))
+    params = nnx.to_pure_dict(params)
+    sparse = mqar.MQARSplit(CFG, "val").load_eval_rows(list(range(4)), CFG.seq_len)
+    dense = _dense(sparse, CFG.seq_len)
+    ev = jax.jit(step.make_eval_step(graphdef))
+    got, want = ev(params, sparse), ev(params, dense)
+    for k in ("nll_sum", "correct", "tokens"):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
+
+    def loss(p, batch):
+        nll, _ = step.token_nll(graphdef, p, batch)
+        return (nll * batch["weights"]).sum()
+
+    g_sparse = jax.grad(loss)(params, {k: jnp.asarray(v) for k, v in sparse.items()})
+    g_dense = jax.grad(loss)(params, {k: jnp.asarray(v) for k, v in dense.items()})
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 g_sparse, g_dense)  # fmt: skip
+
+
+def test_tokenizer_and_corpus():
+    tok = make_tokenizer(CFG)
+    assert tok.vocab_size == 64 and tok.decode(tok.encode("3 40 3")) == "3 40 3"
+    with pytest.raises(DataError, match="token ids"):
+        tok.encode("hello")
+    corpus = load_corpus(CFG, tok)
+    assert corpus.train.targets_per_row == 4 and corpus.val.num_eval_rows(64) == 3000
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        (dict(seq_len=15), "data.seq_len 15 is too short"),
+        (dict(num_kv_pairs=0), "num_kv_pairs"),
+        (dict(mqar_vocab=8), "fewer than num_kv_pairs"),
+        (dict(mqar_val_examples=0), "mqar_val_examples"),
+    ],
+)
+def test_bad_mqar_config(fields, match):
+    with pytest.raises(DataError, match=match):
+        load_corpus(dataclasses.replace(CFG, **fields), make_tokenizer(CFG))
+
+
+def _exp(tmp_path, sets: dict) -> str:
+    path = tmp_path / "exp.py"
+    path.write_text(
+        "from lmtrain.config import Config, override\n"
+        f"def get_config(arg=''):\n    return override(Config(), {sets!r})\n"
+    )
+    return str(path)
+
+
+BASE = {
+    "model.name": "transformer", "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
+    "data.source": "mqar", "data.seq_len": 32, "data.num_kv_pairs": 4, "data.mqar_vocab": 128,
+    "data.mqar_val_examples": 64, "train.steps": 4, "train.batch_size": 8, "train.log_every": 2,
+    "train.progress": False, "eval.batch_size": 8, "eval.max_batches": 0,
+}  # fmt: skip
+
+
+def test_train_on_mqar_reports_accuracy(tmp_path, capsys):
+    wd = tmp_path / "w"
+    assert main(["train", _exp(tmp_path, BASE), "--workdir", str(wd)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= out["val_acc"] <= 1.0 and out["val_tokens"] == 64 * 4
+    assert "val_bpb" not in out  # no text, no bits per byte
+    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_acc" in r for r in rows)
+
+
+def test_train_on_mqar_bad_length_exits_2(tmp_path, capsys):
+    exp = _exp(tmp_path, {**BASE, "data.seq_len": 8})
+    assert main(["train", exp, "--workdir", str(tmp_path / "w")]) == 2
+    assert "data.seq_len 8 is too short" in capsys.readouterr().err
