@@ -4,8 +4,10 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from flax import nnx
 
 from lmtrain import config as config_lib
+from lmtrain import models
 from lmtrain.cli import main
 from lmtrain.config import Config, ConfigError
 
@@ -84,6 +86,13 @@ def test_every_experiment_loads_and_validates(path):
     for arg in args:
         cfg = config_lib.load_experiment(f"{path}:{arg}" if arg else str(path))
         assert cfg.validate() is cfg
+    # Sweeps: every run's config validates and its model builds (abstractly).
+    sweep_args = list(getattr(module, "SWEEPS", {"": None})) if hasattr(module, "get_sweep") else []
+    for arg in sweep_args:
+        for cfg in module.get_sweep(arg):
+            cfg = config_lib.with_family_config(cfg).validate()
+            model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or 258)
+            nnx.eval_shape(lambda m=model: models.build(m, nnx.Rngs(0)))
 
 
 def test_cli_config_errors_exit_2(capsys):

@@ -164,3 +164,25 @@ def test_train_on_mqar_bad_length_exits_2(tmp_path, capsys):
     exp = _exp(tmp_path, {**BASE, "data.seq_len": 8})
     assert main(["train", exp, "--workdir", str(tmp_path / "w")]) == 2
     assert "data.seq_len 8 is too short" in capsys.readouterr().err
+
+
+def test_frontier_report_keeps_the_best_lr_per_cell(tmp_path, capsys):
+    """experiments/mqar.py's report over two runs of one cell: the better lr is kept."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "mqar.py"
+    spec = importlib.util.spec_from_file_location("mqar_experiment", path)
+    exp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exp)
+    sweep = tmp_path / "sweep"
+    for lr in (1e-3, 3e-2):
+        sets = {**BASE, "optim.lr": lr, "model.tie_embeddings": True}
+        assert main(["train", _exp(tmp_path, sets), "--workdir", str(sweep / f"lr{lr}")]) == 0
+    rows = exp.collect(sweep)
+    assert len(rows) == 2 and {r["model"] for r in rows} == {"attention"}
+    best = exp.best_per_cell(rows)
+    assert len(best) == 1 and best[0]["val_acc"] == max(r["val_acc"] for r in rows)
+    text = exp.report(str(sweep))
+    assert "| attention | 32 |" in text and (sweep / "mqar_frontier.md").is_file()
+    assert f"{2 * 32 * 32 * 2:,}" in text  # KV cache floats: 2 layers x K, V x 32 x 32
