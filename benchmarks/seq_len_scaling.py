@@ -86,13 +86,10 @@ def measure(label: str, seq_len: int, tokens: int, steps: int, max_gib: float) -
     }
     if peak / 2**30 > max_gib:
         return {**row, "step_s": float("nan"), "tokens_per_sec": float("nan")}
+    from step_throughput import synthetic_batch  # benchmarks/ is the script's directory
+
     state = run.init_state()
-    rng = np.random.default_rng(0)
-    local = {k: rng.integers(0, 256, (batch, seq_len), np.int32) for k in ("inputs", "targets")}
-    local["segment_ids"] = np.ones((batch, seq_len), np.int32)
-    local["positions"] = np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1))
-    local["weights"] = np.ones((batch, seq_len), np.float32)
-    b = sharding.global_batch(local, run.mesh)
+    b = sharding.global_batch(synthetic_batch(batch, seq_len, 256), run.mesh)
     times = []
     for i in range(steps + 1):
         t = time.perf_counter()

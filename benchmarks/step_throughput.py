@@ -24,6 +24,18 @@ DTYPES = ["float32", "bfloat16"]
 DEVICE_COUNTS = [1, 2, 8]
 
 
+def synthetic_batch(batch: int, seq_len: int, vocab: int) -> dict:
+    """A host batch of random tokens, one document per row, every target weighted."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    local = {k: rng.integers(0, vocab, (batch, seq_len), np.int32) for k in ("inputs", "targets")}
+    local["segment_ids"] = np.ones((batch, seq_len), np.int32)
+    local["positions"] = np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1))
+    local["weights"] = np.ones((batch, seq_len), np.float32)
+    return local
+
+
 def child(n_devices: int, steps: int, batch: int, seq_len: int, vocab: int) -> list[dict]:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
     import jax
@@ -62,14 +74,7 @@ def child(n_devices: int, steps: int, batch: int, seq_len: int, vocab: int) -> l
                 shape,
             )
             compile_s = time.perf_counter() - t0
-            rng = np.random.default_rng(0)
-            local = {
-                k: rng.integers(0, vocab, (batch, seq_len), np.int32) for k in ("inputs", "targets")
-            }
-            local["segment_ids"] = np.ones((batch, seq_len), np.int32)
-            local["positions"] = np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1))
-            local["weights"] = np.ones((batch, seq_len), np.float32)
-            b = sharding.global_batch(local, run.mesh)
+            b = sharding.global_batch(synthetic_batch(batch, seq_len, vocab), run.mesh)
             times = []
             for i in range(steps + 2):
                 t = time.perf_counter()

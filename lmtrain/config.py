@@ -252,8 +252,8 @@ def parse_sets(sets: list[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- files
 
 
-def load_experiment(spec: str) -> Config:
-    """Loads `path/to/exp.py[:arg]` by calling its `get_config(arg)`."""
+def load_module(spec: str, function: str) -> tuple[Any, str]:
+    """(module, arg) for `path/to/exp.py[:arg]`, checking the file defines `function`."""
     path, _, arg = spec.partition(":")
     p = Path(path)
     if not p.is_file():
@@ -261,8 +261,15 @@ def load_experiment(spec: str) -> Config:
     mod_spec = importlib.util.spec_from_file_location(f"lmtrain_experiment_{p.stem}", p)
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path} has no get_config(arg) function")
+    if not hasattr(module, function):
+        raise ConfigError(f"{path} has no {function}(arg) function")
+    return module, arg
+
+
+def load_experiment(spec: str) -> Config:
+    """Loads `path/to/exp.py[:arg]` by calling its `get_config(arg)`."""
+    module, arg = load_module(spec, "get_config")
+    path = spec.partition(":")[0]
     cfg = module.get_config(arg)
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}:get_config returned {type(cfg).__name__}, not lmtrain Config")

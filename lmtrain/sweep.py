@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import json
 import logging
 import subprocess
@@ -259,15 +258,8 @@ def plan(configs: Sequence[Config]) -> list[Run]:
 
 def load_sweep(spec: str, sweep_dir: Path) -> list[Run]:
     """The plan of `path/to/exp.py[:arg]`'s `get_sweep(arg)`."""
-    path, _, arg = spec.partition(":")
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"experiment file not found: {path}")
-    mod_spec = importlib.util.spec_from_file_location(f"lmtrain_sweep_{p.stem}", p)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    if not hasattr(module, "get_sweep"):
-        raise ConfigError(f"{path} has no get_sweep(arg) function")
+    module, arg = config_lib.load_module(spec, "get_sweep")
+    path = spec.partition(":")[0]
     _CACHE_DIR.append(Path(sweep_dir))
     try:
         cfgs = module.get_sweep(arg)
