@@ -1,6 +1,7 @@
 """Model families at equal parameters and tokens on the embedded stdlib corpus.
 
-lmtrain sweep experiments/families.py --dir runs/families --parallel 2   # ~15 min, 2 cores
+lmtrain sweep experiments/families.py:core --dir runs/families --parallel 2  # 3 of them
+lmtrain sweep experiments/families.py --dir runs/families --parallel 2       # all six
 lmtrain train experiments/families.py:mamba2                            # one of them alone
 
 Width 128, bpe:4096, seq 256, 200 steps of 16 x 256 tokens (819k tokens), AdamW lr 3e-3,
@@ -58,8 +59,14 @@ def get_config(arg: str = "") -> Config:
     return base if smoke else override(base, FAMILIES[arg])
 
 
+SWEEPS = {"": tuple(FAMILIES), "core": ("transformer", "mamba2", "hybrid"), "smoke": ()}
+
+
 def get_sweep(arg: str = "") -> list[Config]:
-    """Every family of FAMILIES (or the smoke run twice: transformer and Mamba-2)."""
+    """The families of SWEEPS[arg] ("core": transformer, Mamba-2 and the hybrid); "smoke":
+    a seconds-long transformer and Mamba-2."""
     if arg == "smoke":
         return [get_config("smoke"), override(get_config("smoke"), {"model.name": "mamba2"})]
-    return [get_config(name) for name in FAMILIES]
+    if arg not in SWEEPS:
+        raise ValueError(f"unknown families sweep {arg!r}; choose from {sorted(SWEEPS)}")
+    return [get_config(name) for name in SWEEPS[arg]]
