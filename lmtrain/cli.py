@@ -1,4 +1,4 @@
-"""The `lmtrain` command: train / eval / generate / sweep / fit."""
+"""The `lmtrain` command: train / eval / generate / prepare / sweep / fit."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+from lmtrain import cli_sweep
 
 USAGE_ERROR, RUNTIME_ERROR = 2, 1
 
@@ -91,129 +93,49 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (0.8)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     g.add_argument("--set", dest="sets", **sets)
-    _add_sweep_parsers(sub)
+    _add_prepare_parser(sub)
+    cli_sweep.add_parsers(sub)
     return p
 
 
-def _add_sweep_parsers(sub) -> None:
-    s = sub.add_parser(
-        "sweep",
-        help="run a scaling-law sweep (one workdir per run; skips finished runs)",
-        description="Run the configs of the experiment file's get_sweep(ARG), each in its own "
-        "workdir under --dir, K at a time. Finished runs are skipped and interrupted ones "
-        "resume from their checkpoints; SWEEP_DIR/results.jsonl and results.csv collect them.",
-    )
-    s.add_argument(
-        "experiment",
-        help="experiment file with get_sweep(arg), e.g. "
-        "experiments/scaling.py or experiments/scaling.py:smoke",
-    )
-    s.add_argument("--dir", required=True, help="sweep directory (one subdirectory per run)")
-    s.add_argument("--parallel", type=int, default=1, metavar="K", help="runs at a time (1)")
-    s.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="list the runs with N, D, C and an estimated time; run nothing",
-    )
-    s.add_argument(
-        "--flops-per-sec",
-        type=float,
-        default=None,
-        help="achieved model FLOP/s per run for --dry-run estimates (default: the median "
-        "of finished runs, else 20%% of the peak shared by K runs)",
-    )
-    s.add_argument(
-        "--measure",
-        action="store_true",
-        help="with --dry-run: measure each model's tokens/s in a short run first (cached in "
-        "SWEEP_DIR/throughput.json) instead of assuming 20%% MFU",
-    )
-    s.add_argument(
-        "--index",
-        type=int,
-        default=None,
-        help="run only the run with this index (as --dry-run lists; SLURM arrays)",
-    )
-    s.add_argument(
-        "--collect",
-        action="store_true",
-        help="only rewrite results.jsonl/results.csv from the run directories",
-    )
-    s.add_argument(
-        "--slurm",
-        action="store_true",
-        help="write SWEEP_DIR/sweep_array.sbatch, a SLURM job array (K = --parallel "
-        "tasks at a time), and print the sbatch command; run nothing",
-    )
-    s.add_argument(
-        "--slurm-template",
-        default=None,
-        help="job-array template (default: launch/sweep_array.sbatch of this lmtrain)",
-    )
-    s.add_argument(
-        "--devices-per-run",
-        type=int,
-        default=None,
-        help="CPU host devices per run (default: cores / K, a power of two)",
-    )
-    s.add_argument(
-        "--gpus-per-run",
-        type=int,
-        default=0,
-        help="give each concurrent run its own G GPUs via CUDA_VISIBLE_DEVICES",
-    )
-    s.add_argument(
-        "--report-every",
-        type=float,
-        default=60.0,
-        help="seconds between progress tables while runs are going (60)",
-    )
+def _add_prepare_parser(sub) -> None:
+    from lmtrain.config import DataConfig
 
-    f = sub.add_parser(
-        "fit",
-        help="fit scaling laws to a sweep's results",
-        description="Chinchilla fit L(N, D) = E + A/N^alpha + B/D^beta, IsoFLOP minima, "
-        "compute-optimal N*(C), D*(C), bootstrap intervals, one fit per model family, "
-        "Step Law lr/batch suggestions. Writes fit.json, fit.md and PNG plots.",
+    d = DataConfig()
+    p = sub.add_parser(
+        "prepare",
+        help="tokenise a corpus once into a directory to train on",
+        description="Tokenise SOURCE into DIR: train/val token files (.bin), document-end "
+        "indexes (.idx), meta.json and the tokenizer. Re-running on unchanged input does "
+        "nothing. Train on it with --set data.source=DIR --set data.tokenizer=SPEC.",
     )
-    f.add_argument("sweep_dir", help="a sweep directory with results.jsonl")
-    f.add_argument(
-        "--metric",
-        default="final_val_loss",
-        help="the loss column to fit: final_val_loss (default), best_val_loss, "
-        "final_val_bpb, best_val_bpb",
+    p.add_argument(
+        "source", metavar="SOURCE", help="'stdlib', or a .txt/.jsonl file, a directory or a glob"
     )
-    f.add_argument(
-        "--params",
-        choices=["nonembed", "total"],
-        default="nonembed",
-        help="N: non-embedding (default) or total parameters",
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument(
+        "--tokenizer",
+        default=d.tokenizer,
+        metavar="SPEC",
+        help=f"'bytes', 'bpe:N' (trained on SOURCE), or a tokenizer file ({d.tokenizer})",
     )
-    f.add_argument(
-        "--predict",
-        action="append",
-        default=[],
-        metavar="N=...,D=...",
-        help="print the predicted loss with a 90%% interval, e.g. N=1.2M,D=50M "
-        "(or C=... instead of D; repeatable)",
-    )
-    f.add_argument(
-        "--target-flops",
+    p.add_argument(
+        "--val-fraction",
         type=float,
-        action="append",
-        default=[],
-        help="compute budgets to report N*, D*, loss and Step Law settings for "
-        "(default: 10x and 100x the largest budget)",
+        default=d.val_fraction,
+        metavar="F",
+        help=f"share of documents held out for validation ({d.val_fraction})",
     )
-    f.add_argument(
-        "--holdout",
-        default=None,
-        metavar="DIR",
-        help="another sweep directory whose finished runs are predicted and compared",
+    p.add_argument(
+        "--text-key", default=d.text_key, metavar="K", help=f"jsonl text field ({d.text_key})"
     )
-    f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (200)")
-    f.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
-    f.add_argument("--out", default=None, help="output directory (default: the sweep directory)")
+    p.add_argument(
+        "--cache-dir",
+        default=d.cache_dir,
+        metavar="D",
+        help="where a trained BPE is cached (default: $LMTRAIN_CACHE or ~/.cache/lmtrain)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def _default_workdir(spec: str) -> Path:
@@ -308,44 +230,14 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-def _cmd_sweep(args) -> int:
-    from lmtrain import sweep, sweep_runner
-    from lmtrain.config import ConfigError
+def _cmd_prepare(args) -> int:
+    from lmtrain.config import DataConfig
+    from lmtrain.data import prepare
 
-    if args.parallel < 1:
-        raise ConfigError("--parallel must be at least 1")
-    sweep_dir = Path(args.dir)
-    runs = sweep.load_sweep(args.experiment, sweep_dir)
-    if args.dry_run:
-        rates = dict(flops_per_sec=args.flops_per_sec, gpus_per_run=args.gpus_per_run)
-        print(sweep.dry_run(runs, sweep_dir, args.parallel, measure=args.measure, **rates))
-        return 0
-    if args.collect:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        sweep_runner.write_results(sweep_dir, runs)
-        print(f"wrote {sweep_dir / 'results.jsonl'} and results.csv ({len(runs)} runs)")
-        return 0
-    if args.slurm:
-        template = Path(args.slurm_template) if args.slurm_template else None
-        out = sweep_runner.write_slurm(runs, args.experiment, sweep_dir, args.parallel, template)
-        print(f"wrote {out} ({len(runs)} array tasks); submit with: sbatch {out}")
-        return 0
-    return sweep_runner.run_sweep(
-        runs,
-        sweep_dir,
-        parallel=args.parallel,
-        only=args.index,
-        devices_per_run=args.devices_per_run,
-        gpus_per_run=args.gpus_per_run,
-        report_every=args.report_every,
-        echo=lambda text: print(text, flush=True),
-    )
-
-
-def _cmd_fit(args) -> int:
-    from lmtrain import scaling_report
-
-    return scaling_report.main(args)
+    fields = ("source", "tokenizer", "val_fraction", "text_key", "cache_dir")
+    cfg = DataConfig(**{k: getattr(args, k) for k in fields})
+    print(prepare.prepare(cfg, Path(args.out), progress=not args.no_progress))
+    return 0
 
 
 def _quiet_libraries() -> None:
@@ -392,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         "train": _cmd_train,
         "eval": _cmd_eval,
         "generate": _cmd_generate,
-        "sweep": _cmd_sweep,
-        "fit": _cmd_fit,
+        "prepare": _cmd_prepare,
+        "sweep": cli_sweep.cmd_sweep,
+        "fit": cli_sweep.cmd_fit,
     }
     try:
         return commands[args.command](args)

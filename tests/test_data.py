@@ -15,7 +15,7 @@ import pytest
 
 from lmtrain import data
 from lmtrain.config import ConfigError, DataConfig
-from lmtrain.data import pipeline, sources, tokenizers
+from lmtrain.data import pipeline, prepare, sources, tokenizers
 
 DataError = data.DataError
 E = 99  # eod id in hand-made streams
@@ -337,8 +337,8 @@ def test_cache_dir_setting_and_env(tmp_path, monkeypatch):
 
 
 def test_long_document_encoded_in_pieces_keeps_one_eod(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "_PIECE_CHARS", 10)
-    monkeypatch.setattr(pipeline, "_FLUSH_CHARS", 25)  # several flushes, too
+    monkeypatch.setattr(prepare, "_PIECE_CHARS", 10)
+    monkeypatch.setattr(prepare, "_FLUSH_CHARS", 25)  # several flushes, too
     text = "".join(f"line {i} ü\n" for i in range(50))
     for name in _names(0.5, want_val=False, n=2):
         _write(tmp_path / "src" / name, text)
@@ -455,7 +455,7 @@ def test_corpus_stream_stats_and_cache_reuse(tmp_path, monkeypatch):
     def no_retokenising(*a):
         raise AssertionError("tokenised again despite a valid cache")
 
-    monkeypatch.setattr(pipeline, "_write_split", no_retokenising)
+    monkeypatch.setattr(prepare, "_write_split", no_retokenising)
     again = data.load_corpus(cfg, tok)
     np.testing.assert_array_equal(np.asarray(again.train), want)
     assert again.stats == c.stats

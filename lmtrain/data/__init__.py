@@ -1,4 +1,4 @@
-"""Data: sources, tokenizers, the tokenised corpus cache, and grain train / eval iterators."""
+"""Data: sources, tokenizers, tokenised corpora on disk (`lmtrain prepare`), grain iterators."""
 
 from lmtrain.data.pipeline import (
     Corpus,

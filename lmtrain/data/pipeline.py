@@ -1,43 +1,47 @@
-"""Tokenised corpus on disk, concat-and-chunk packing, and the grain train / eval iterators."""
+"""Token streams over corpora on disk (prepare.py), concat-and-chunk packing, grain iterators."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import sys
-import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
 
 from lmtrain.config import DataConfig
-from lmtrain.data import mqar
+from lmtrain.data import mqar, prepare
 from lmtrain.data.sources import (
     DataError,
     cache_dir,
     cache_lock,
-    iter_documents,
+    prepared_meta,
     source_fingerprint,
     val_fraction,
 )
 from lmtrain.data.tokenizers import Tokenizer
 
-_FORMAT = 1  # bump when the on-disk layout changes, so old caches are rebuilt
-_PIECE_CHARS = 1 << 20  # long documents are encoded in pieces so encode_batch stays parallel
-_FLUSH_CHARS = 8 << 20  # text per encode_batch call: bounds memory for any corpus size
-_SPLIT_NAMES = {"train": "training", "val": "validation"}
-
 
 class TokenStream:
     """A 1-D token array (a read-only memmap for corpora) that knows its eod and pad ids."""
 
-    def __init__(self, tokens: np.ndarray, eod_id: int, pad_id: int) -> None:
+    def __init__(
+        self, tokens: np.ndarray, eod_id: int, pad_id: int, doc_ends: np.ndarray | None = None
+    ) -> None:
         self.tokens, self.eod_id, self.pad_id = tokens, eod_id, pad_id
+        self._doc_ends = doc_ends
+
+    def document_ends(self) -> np.ndarray:
+        """int64 exclusive end of each document (after its eod): doc i = tokens[e[i-1]:e[i]]."""
+        if self._doc_ends is None:
+            # Without an index (hand-made streams), scan for eods once; a tail without one is
+            # a document too.
+            ends = np.flatnonzero(np.asarray(self.tokens) == self.eod_id) + 1
+            if len(self.tokens) and (len(ends) == 0 or ends[-1] != len(self.tokens)):
+                ends = np.append(ends, len(self.tokens))
+            self._doc_ends = ends.astype(np.int64)
+        return self._doc_ends
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -89,136 +93,29 @@ class Corpus:
     stats: dict[str, Any]
 
 
-# ---------------------------------------------------------------------------- corpus on disk
-
-
-def _log(msg: str) -> None:
-    # Shown without any logging setup: building a cache can take a while and should say so.
-    print(f"lmtrain.data: {msg}", file=sys.stderr, flush=True)
-
-
-def _pieces(text: str) -> list[str]:
-    """`text` cut after newlines into pieces of about _PIECE_CHARS (one piece if short)."""
-    out, start = [], 0
-    while len(text) - start > _PIECE_CHARS:
-        cut = text.find("\n", start + _PIECE_CHARS) + 1 or len(text)
-        out.append(text[start:cut])
-        start = cut
-    if start < len(text):
-        out.append(text[start:])
-    return out
-
-
-def _write_split(
-    cfg: DataConfig, tok: Tokenizer, split: str, path: Path, dtype: np.dtype
-) -> dict[str, int]:
-    """Tokenises `split` into `path` (each document followed by eod); returns its stats."""
-    stats = {"docs": 0, "tokens": 0, "bytes": 0}
-    texts: list[str] = []
-    ends: list[bool] = []  # whether texts[i] is the last piece of its document
-
-    def flush(f) -> None:
-        parts = []
-        for ids, end in zip(tok.encode_arrays(texts), ends, strict=True):
-            parts.append(ids)
-            if end:
-                parts.append(np.array([tok.eod_id]))
-        out = np.concatenate(parts).astype(dtype)
-        out.tofile(f)
-        stats["tokens"] += len(out)
-        texts.clear()
-        ends.clear()
-
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            pending = 0
-            for _, text in iter_documents(cfg, split):
-                if not text:
-                    continue  # an empty document would only add a lone eod
-                stats["docs"] += 1
-                stats["bytes"] += len(text.encode("utf-8"))
-                pieces = _pieces(text)
-                texts.extend(pieces)
-                ends.extend([False] * (len(pieces) - 1) + [True])
-                pending += len(text)
-                if pending >= _FLUSH_CHARS:
-                    flush(f)
-                    pending = 0
-            if texts:
-                flush(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left behind if tokenising failed
-    return stats
-
-
-def _has_text(cfg: DataConfig) -> bool:
-    return any(text for split in ("train", "val") for _, text in iter_documents(cfg, split))
-
-
-def _read_meta(meta_path: Path) -> dict[str, Any] | None:
-    """The cache's metadata if the cache is complete, else None."""
-    if not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if meta.get("format") != _FORMAT:
-        return None
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split, s in meta["splits"].items():
-        f = meta_path.parent / f"{split}.bin"
-        if not f.is_file() or f.stat().st_size != s["tokens"] * itemsize:
-            return None
-    return meta
-
-
-def _build(cfg: DataConfig, tok: Tokenizer, where: Path, dtype: np.dtype) -> dict[str, Any]:
-    splits: dict[str, dict[str, int]] = {}
-    # Validation first: it is small, and an empty one should fail before hours of tokenising.
-    for split in ("val", "train") if val_fraction(cfg.val_fraction) > 0 else ("train",):
-        t0 = time.perf_counter()
-        s = _write_split(cfg, tok, split, where / f"{split}.bin", dtype)
-        if s["docs"] == 0 and not _has_text(cfg):
-            raise DataError(f"data source {cfg.source!r} is an empty corpus (no text in it)")
-        if s["docs"] == 0:
-            fix = "raise data.val_fraction" if split == "val" else "lower data.val_fraction"
-            raise DataError(
-                f"the {_SPLIT_NAMES[split]} split of {cfg.source!r} is empty with "
-                f"data.val_fraction={cfg.val_fraction}; {fix} or add documents"
-            )
-        secs = time.perf_counter() - t0
-        _log(
-            f"tokenised {split} split of {cfg.source} with {tok.name}: {s['docs']} docs, "
-            f"{s['bytes'] / 1e6:.1f} MB -> {s['tokens']} tokens in {secs:.1f} s"
-        )
-        splits[split] = s
-    meta = {"format": _FORMAT, "dtype": np.dtype(dtype).name, "splits": splits}
-    tmp = where / f"meta.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, where / "meta.json")
-    return meta
+# ---------------------------------------------------------------------------- corpus
 
 
 def load_corpus(cfg: DataConfig, tok: Tokenizer) -> Corpus:
-    """The corpus as token streams, tokenised once and cached on disk; later calls only map it."""
+    """The corpus as token streams, tokenised once and cached on disk; later calls only map it.
+
+    A directory written by `lmtrain prepare` is mapped where it is, never tokenised again.
+    """
     if cfg.source == mqar.SOURCE:
         train, val, stats = mqar.corpus_splits(cfg)
         return Corpus(train=train, val=val, stats=stats)
-    frac = val_fraction(cfg.val_fraction)
-    key = f"{source_fingerprint(cfg)}-{tok.name}-val{frac.numerator}_{frac.denominator}"
-    where = cache_dir(cfg) / "corpora" / key
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 65535 else np.uint32)
-    with cache_lock(where / "meta.json"):
-        meta = _read_meta(where / "meta.json") or _build(cfg, tok, where, dtype)
-    streams = {
-        split: TokenStream(
-            np.memmap(where / f"{split}.bin", dtype=meta["dtype"], mode="r"), tok.eod_id, tok.pad_id
-        )
-        for split in meta["splits"]
-    }
+    if prepared_meta(cfg.source) is not None:
+        where, meta = prepare.open_prepared(cfg, tok)
+    else:
+        frac = val_fraction(cfg.val_fraction)
+        key = f"{source_fingerprint(cfg)}-{tok.name}-val{frac.numerator}_{frac.denominator}"
+        where = cache_dir(cfg) / "corpora" / key
+        with cache_lock(where / "meta.json"):
+            meta = prepare.read_meta(where) or prepare.build(cfg, tok, where)
+    streams = {}
+    for split in meta["splits"]:
+        tokens, ends = prepare.open_split(where, meta, split)
+        streams[split] = TokenStream(tokens, tok.eod_id, tok.pad_id, doc_ends=ends)
     stats: dict[str, Any] = {
         split: {**s, "bytes_per_token": s["bytes"] / s["tokens"]}
         for split, s in meta["splits"].items()
@@ -266,8 +163,10 @@ def _source(stream: Any, eod_id: int | None, pad_id: int | None) -> Any:
     pad = getattr(stream, "pad_id", eod) if pad_id is None else pad_id
     if eod is None:
         raise ValueError("pass eod_id= when the stream is a plain array")
-    tokens = stream.tokens if isinstance(stream, TokenStream) else np.asarray(stream)
-    return TokenStream(tokens, int(eod), int(pad))
+    if isinstance(stream, TokenStream):
+        ends = stream._doc_ends if eod == stream.eod_id else None  # the index holds for this eod
+        return TokenStream(stream.tokens, int(eod), int(pad), doc_ends=ends)
+    return TokenStream(np.asarray(stream), int(eod), int(pad))
 
 
 def _local_batch(global_batch: int, process_index: int, process_count: int) -> int:

@@ -1,4 +1,8 @@
-"""Document sources (embedded stdlib corpus, .txt/.jsonl files), the train/val split, cache keys."""
+"""Document sources (embedded stdlib corpus, .txt/.jsonl files), the train/val split, cache keys.
+
+A directory written by `lmtrain prepare` is a source too, but it holds tokens, not documents:
+lmtrain.data.prepare reads it, and the functions here that read text refuse it.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import platform
 import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from lmtrain.config import ConfigError, DataConfig
 
@@ -40,9 +45,26 @@ def stdlib_files() -> tuple[Path, list[str]]:
     return root, sorted(rels)
 
 
+def prepared_meta(source: str) -> dict[str, Any] | None:
+    """meta.json of `source` if it is a directory written by `lmtrain prepare`, else None."""
+    meta_path = Path(os.path.expanduser(source)) / "meta.json"
+    if source in (STDLIB, "mqar") or not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("prepared") is True else None
+
+
 def resolve_files(source: str) -> list[tuple[Path, str]]:
     """(path, key) of each file a path/directory/glob source names, sorted by key."""
     expanded = os.path.expanduser(source)
+    if prepared_meta(source) is not None:
+        raise DataError(
+            f"data source {source!r} is a prepared corpus of tokens (lmtrain prepare), not text "
+            "files; it is read by load_corpus only"
+        )
     if glob.has_magic(expanded):
         base = Path(_glob_base(expanded))
         found = [Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file()]
@@ -53,7 +75,10 @@ def resolve_files(source: str) -> list[tuple[Path, str]]:
         base = Path(expanded)
         found = [p for p in base.rglob("*") if p.suffix in _DIR_SUFFIXES and p.is_file()]
         if not found:
-            raise DataError(f"data source directory {source!r} holds no .txt or .jsonl files")
+            # prepare's lock or token files but no meta.json: it stopped before the end
+            unfinished = (base / ".meta.json.lock").exists() or any(base.glob("*.bin*"))
+            hint = " (an unfinished lmtrain prepare? run it again)" if unfinished else ""
+            raise DataError(f"data source directory {source!r} holds no .txt or .jsonl files{hint}")
         pairs = [(p, p.relative_to(base).as_posix()) for p in found]
     elif Path(expanded).is_file():
         pairs = [(Path(expanded), Path(expanded).name)]
@@ -184,6 +209,10 @@ def iter_documents(cfg: DataConfig, split: str) -> Iterator[tuple[str, str]]:
 
 def source_fingerprint(cfg: DataConfig) -> str:
     """A short string that changes when the source's files change (for cache keys)."""
+    if prepared_meta(cfg.source) is not None:
+        # meta.json is rewritten whenever the directory is prepared again.
+        meta_bytes = (Path(cfg.source).expanduser() / "meta.json").read_bytes()
+        return f"prepared-{hashlib.sha1(meta_bytes).hexdigest()[:12]}"
     if cfg.source == STDLIB:
         root, rels = stdlib_files()
         version = platform.python_version()
@@ -194,6 +223,14 @@ def source_fingerprint(cfg: DataConfig) -> str:
         st = path.stat()
         h.update(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return f"files-{h.hexdigest()[:12]}"
+
+
+def source_bytes(cfg: DataConfig) -> int:
+    """Total size of the source's files (what a progress bar over the input counts up to)."""
+    if cfg.source == STDLIB:
+        root, rels = stdlib_files()
+        return sum((root / rel).stat().st_size for rel in rels)
+    return sum(path.stat().st_size for path, _ in resolve_files(cfg.source))
 
 
 def cache_dir(cfg: DataConfig) -> Path:

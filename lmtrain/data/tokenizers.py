@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from lmtrain.data.sources import (
     cache_dir,
     cache_lock,
     iter_documents,
+    prepared_meta,
     source_fingerprint,
     val_fraction,
 )
@@ -37,6 +39,7 @@ class Tokenizer:
     pad_id: int
     token_bytes: np.ndarray  # int32[vocab_size]: UTF-8 bytes each id decodes to; 0 for specials
     name: str  # fingerprint used in cache keys
+    file: Path | None = None  # the file it was loaded from (lmtrain prepare copies it)
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text`, without special tokens."""
@@ -89,7 +92,7 @@ class HFTokenizer(Tokenizer):
             raise DataError(f"tokenizer {where} has no end-of-document token ({_EOD_CANDIDATES})")
         pad_id = _first_id(vocab, _PAD_CANDIDATES)
         self.pad_id = self.eod_id if pad_id is None else pad_id
-        self.name = name
+        self.name, self.file = name, Path(where)
         self.token_bytes = _hf_token_bytes(tk, self.vocab_size)
 
     def encode(self, text: str) -> list[int]:
@@ -116,6 +119,7 @@ class SentencePieceTokenizer(Tokenizer):
                 f"tokenizer {path} needs the sentencepiece package: pip install sentencepiece"
             ) from None
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.file = path
         sp = self.sp
         self.vocab_size = sp.get_piece_size()
         eod = sp.eos_id() if sp.eos_id() >= 0 else sp.piece_to_id("</s>")
@@ -232,13 +236,61 @@ def _bpe(cfg: DataConfig, vocab_size: int) -> HFTokenizer:
     return HFTokenizer(tk, name=name, where=str(path))
 
 
+def normal_tokenizer_spec(spec: str) -> str:
+    """`spec` with a tokenizer file path made absolute, so it compares equal from any directory."""
+    if spec == "bytes" or spec.startswith("bpe:"):
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def check_prepared_tokenizer(source: str, meta: dict[str, Any], spec: str) -> None:
+    """Raises DataError unless the prepared directory `source` was tokenised with `spec`."""
+    if meta.get("tokenizer") != normal_tokenizer_spec(spec):
+        raise DataError(
+            f"{source} was prepared with tokenizer {meta.get('tokenizer')}; "
+            f"set data.tokenizer={meta.get('tokenizer')}"
+        )
+
+
+def _prepared_tokenizer(cfg: DataConfig, meta: dict[str, Any]) -> Tokenizer:
+    """The tokenizer a prepared directory was written with, from its own copy of it."""
+    check_prepared_tokenizer(cfg.source, meta, cfg.tokenizer)
+    if meta["tokenizer"] == "bytes":
+        return ByteTokenizer()
+    path = Path(cfg.source).expanduser() / str(meta.get("tokenizer_file"))
+    if not path.is_file():
+        raise DataError(f"{cfg.source} has no {path.name}; re-run lmtrain prepare")
+    # Every file tokenizer's name ends in its content hash, so a swapped copy shows here.
+    if not str(meta.get("tokenizer_name")).endswith(f"-{_file_hash(path)}"):
+        raise DataError(f"{path} is not the tokenizer {cfg.source} was prepared with; re-run it")
+    tok = _load_file(path)
+    tok.name = meta["tokenizer_name"]  # "bpeN-..." if it was a BPE: the same cache keys as then
+    return tok
+
+
+def _load_file(path: Path) -> Tokenizer:
+    """A tokenizer.json or sentencepiece .model file."""
+    if path.suffix == ".model":
+        return SentencePieceTokenizer(path)
+    from tokenizers import Tokenizer as HFModel
+
+    try:
+        tk = HFModel.from_file(str(path))
+    except Exception as e:  # the Rust side raises a bare Exception for malformed files
+        raise DataError(f"tokenizer file {path} could not be loaded: {e}") from None
+    return HFTokenizer(tk, name=f"hf{tk.get_vocab_size()}-{_file_hash(path)}", where=str(path))
+
+
 def make_tokenizer(cfg: DataConfig) -> Tokenizer:
-    """The tokenizer `cfg.tokenizer` names: "bytes", "bpe:N", or a tokenizer.json / .model path."""
+    """The tokenizer `cfg.tokenizer` names ("bytes", "bpe:N", a file), or a prepared dir's own."""
     spec = cfg.tokenizer
     if cfg.source == "mqar":  # the task's own symbols; data.tokenizer does not apply
         from lmtrain.data.mqar import MQARTokenizer
 
         return MQARTokenizer(cfg.mqar_vocab)
+    meta = prepared_meta(cfg.source)
+    if meta is not None:
+        return _prepared_tokenizer(cfg, meta)
     if spec == "bytes":
         return ByteTokenizer()
     if spec.startswith("bpe:"):
@@ -251,12 +303,4 @@ def make_tokenizer(cfg: DataConfig) -> Tokenizer:
         raise DataError(
             f"data.tokenizer {spec!r} is not 'bytes', 'bpe:N', or an existing tokenizer file"
         )
-    if path.suffix == ".model":
-        return SentencePieceTokenizer(path)
-    from tokenizers import Tokenizer as HFModel
-
-    try:
-        tk = HFModel.from_file(str(path))
-    except Exception as e:  # the Rust side raises a bare Exception for malformed files
-        raise DataError(f"tokenizer file {path} could not be loaded: {e}") from None
-    return HFTokenizer(tk, name=f"hf{tk.get_vocab_size()}-{_file_hash(path)}", where=str(path))
+    return _load_file(path)
