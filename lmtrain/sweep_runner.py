@@ -152,7 +152,9 @@ def prepare(runs: Sequence[Run], sweep_dir: Path) -> None:
         planned = json.loads(json.dumps(config_lib.to_dict(run.cfg)))  # tuples as JSON lists
         path = d / "sweep_config.json"
         if path.is_file():
-            saved = json.loads(path.read_text())
+            # Through from_dict, so fields added to Config since (at their defaults) match.
+            saved_cfg = config_lib.from_dict(json.loads(path.read_text()))
+            saved = json.loads(json.dumps(config_lib.to_dict(saved_cfg)))
             diff = [
                 f"{s}.{k}" for s in planned for k in planned[s] if planned[s][k] != saved[s].get(k)
             ]

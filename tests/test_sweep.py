@@ -212,6 +212,11 @@ def test_sweep_usage_errors(tmp_path, corpus, capsys):
 
     sweep_runner.prepare(runs, tmp_path / "sw")
     saved = tmp_path / "sw" / runs[0].name / "sweep_config.json"
+    # A plan written before a config field existed still matches (the field at its default).
+    older = json.loads(saved.read_text())
+    del older["data"]["packing"], older["eval"]["lengths"]
+    saved.write_text(json.dumps(older))
+    sweep_runner.prepare(runs, tmp_path / "sw")
     changed = json.loads(saved.read_text())
     changed["optim"]["lr"] = 0.5
     saved.write_text(json.dumps(changed))
