@@ -16,6 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from lmtrain.config import ConfigError
+
 log = logging.getLogger("lmtrain")
 
 
@@ -101,6 +103,8 @@ class Checkpointer:
                 state = self.restore(step, abstract_state, data_iter)
                 self._confirmed = step
                 return step, state
+            except ConfigError:
+                raise  # readable, but not for this config (e.g. another data order): keep it
             except Exception as e:  # noqa: BLE001 - any read failure means "unusable"
                 log.warning(
                     "checkpoint at step %d is unreadable (%s); trying an older one",

@@ -48,6 +48,15 @@ class DataConfig:
     text_key: str = "text"  # field holding the text in .jsonl records
     cache_dir: str = ""  # tokenizers and tokenised corpora; "" means ~/.cache/lmtrain
     prefetch: int = 2  # batches prepared ahead by grain's reader threads
+    # "concat": concat-and-chunk rows of seq_len with document masking. "decompose": dataset
+    # decomposition (lmtrain/data/decompose.py): documents cut into 2^k-token chunks,
+    # min_log2_len <= k <= max_log2_len; each step takes train.tokens_per_step tokens from one
+    # bucket; data.seq_len is then only the context of the main evaluation.
+    packing: str = "concat"
+    min_log2_len: int = 8
+    max_log2_len: int = 13
+    curriculum: str = "grow_p2"  # uniform | grow_p2 | shrink (odds per bucket, decompose only)
+    cycles: int = 1  # curriculum restarts per pass over the decomposed data
     # source "mqar" (synthetic recall task, lmtrain/data/mqar.py; data.tokenizer is ignored)
     num_kv_pairs: int = 16  # key-value pairs per example, each queried once
     mqar_vocab: int = 8192  # keys from [1, V/2), values from [V/2, V)
@@ -82,6 +91,9 @@ class MeshConfig:
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 32  # global sequences per optimizer step
+    # Tokens per optimizer step; 0: batch_size x data.seq_len (concat) or batch_size x
+    # 2^max_log2_len (decompose). Set, it fixes the batch size: tokens_per_step / seq_len.
+    tokens_per_step: int = 0
     grad_accum: int = 1  # micro-batches per step (batch_size must divide evenly)
     seed: int = 0
     log_every: int = 10
@@ -98,6 +110,9 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 32  # global sequences per eval batch
     max_batches: int = 20  # 0: the whole validation split
+    # Extra contexts to evaluate at (val_loss@L, same tokens per eval batch); () with
+    # data.packing="decompose" means every bucket length 2^min .. 2^max.
+    lengths: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,16 +124,42 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
+    def tokens_per_step(self) -> int:
+        """Training tokens per optimizer step (the same for every step, in both packings)."""
+        if self.train.tokens_per_step:
+            return self.train.tokens_per_step
+        longest = self.data.seq_len
+        if self.data.packing == "decompose":
+            longest = 1 << self.data.max_log2_len
+        return self.train.batch_size * longest
+
+    def train_shapes(self) -> list[tuple[int, int]]:
+        """(global batch, seq_len) of every training step shape, shortest first."""
+        d = self.data
+        lens = [d.seq_len]
+        if d.packing == "decompose":
+            lens = [1 << k for k in range(d.min_log2_len, d.max_log2_len + 1)]
+        return [(self.tokens_per_step() // n, n) for n in lens]
+
+    def eval_lengths(self) -> tuple[int, ...]:
+        """Contexts for the per-length evaluation (see EvalConfig.lengths)."""
+        d = self.data
+        if self.eval.lengths or d.packing != "decompose":
+            return self.eval.lengths
+        return tuple(1 << k for k in range(d.min_log2_len, d.max_log2_len + 1))
+
     def validate(self) -> Config:
         """Checks relations between fields; returns self so calls chain."""
         t, m = self.train, self.model
+        self._validate_packing()
         _check(t.steps > 0, "train.steps", "must be positive")
         _check(t.batch_size > 0, "train.batch_size", "must be positive")
         _check(t.grad_accum > 0, "train.grad_accum", "must be positive")
+        smallest = min(b for b, _ in self.train_shapes())
         _check(
-            t.batch_size % t.grad_accum == 0,
+            smallest % t.grad_accum == 0,
             "train.grad_accum",
-            f"must divide train.batch_size ({t.batch_size})",
+            f"must divide the batch size ({smallest} sequences per step)",
         )
         _check(self.data.seq_len > 0, "data.seq_len", "must be positive")
         _check(0.0 <= self.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
@@ -129,6 +170,41 @@ class Config:
         _check(m.d_model > 0 and m.n_layers > 0, "model.d_model", "and n_layers must be positive")
         _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32|bfloat16")
         return self
+
+    def _validate_packing(self) -> None:
+        d, t = self.data, self.train
+        _check(d.packing in ("concat", "decompose"), "data.packing", "must be concat|decompose")
+        _check(t.tokens_per_step >= 0, "train.tokens_per_step", "must be >= 0")
+        _check(all(n > 0 for n in self.eval.lengths), "eval.lengths", "must be positive")
+        _check(
+            not (self.eval.lengths and d.source == "mqar"), "eval.lengths", "do not apply to mqar"
+        )
+        if d.packing == "concat":
+            _check(
+                self.tokens_per_step() % d.seq_len == 0,
+                "train.tokens_per_step",
+                f"must be a multiple of data.seq_len ({d.seq_len})",
+            )
+            return
+        _check(d.source != "mqar", "data.packing", "decompose needs a text corpus, not mqar")
+        _check(
+            0 <= d.min_log2_len <= d.max_log2_len <= 24,
+            "data.min_log2_len",
+            f"must satisfy 0 <= min_log2_len <= max_log2_len <= 24 (got {d.min_log2_len}, "
+            f"{d.max_log2_len})",
+        )
+        _check(
+            d.curriculum in ("uniform", "grow_p2", "shrink"),
+            "data.curriculum",
+            "must be uniform|grow_p2|shrink",
+        )
+        _check(d.cycles >= 1, "data.cycles", "must be >= 1")
+        longest = 1 << d.max_log2_len
+        _check(
+            self.tokens_per_step() % longest == 0,
+            "train.tokens_per_step",
+            f"must be a multiple of 2^data.max_log2_len = {longest} (got {self.tokens_per_step()})",
+        )
 
 
 def _check(ok: bool, key: str, msg: str) -> None:

@@ -18,7 +18,9 @@ class Evaluator:
     """evaluator(params, max_batches) -> {val_loss, val_acc, val_tokens, val_ppl[, val_bpb]}.
 
     val_acc: fraction of weighted targets that are the argmax prediction (for MQAR, the
-    recall accuracy over queries).
+    recall accuracy over queries). With per-length evaluation (`cfg.eval_lengths()`), also
+    val_loss@L and val_bpb@L: the same split cut into rows of L tokens (documents masked as in
+    training), with the same tokens per eval batch, so contexts compare at equal cost.
     """
 
     def __init__(self, run: Run, val_stream: Any):
@@ -27,38 +29,51 @@ class Evaluator:
         self.run = run
         self.val = val_stream
         cfg = run.cfg
-        shape = step.batch_spec(
-            cfg.eval.batch_size,
-            cfg.data.seq_len,
-            step.EVAL_KEYS,
-            getattr(val_stream, "targets_per_row", 0),
-        )
-        self._step = step.compile_eval_step(
-            step.make_eval_step(run.graphdef),
-            run.state_shardings["params"],
-            run.mesh,
-            run.abstract_state["params"],
-            shape,
-        )
+        dp = sharding.data_parallel_size(run.mesh)
+        tokens = cfg.eval.batch_size * cfg.data.seq_len
+        # seq_len -> global batch; the main context first
+        self.shapes = {cfg.data.seq_len: cfg.eval.batch_size}
+        for n in cfg.eval_lengths():
+            self.shapes.setdefault(n, max(dp, tokens // n // dp * dp))
+        fn = step.make_eval_step(run.graphdef)
+        self._steps = {
+            n: step.compile_eval_step(
+                fn,
+                run.state_shardings["params"],
+                run.mesh,
+                run.abstract_state["params"],
+                step.batch_spec(b, n, step.EVAL_KEYS, getattr(val_stream, "targets_per_row", 0)),
+            )
+            for n, b in self.shapes.items()
+        }
 
     def __call__(
         self, params: Any, max_batches: int = 0, on_batch: Callable[[str], None] | None = None
     ) -> dict[str, float]:
         cfg = self.run.cfg
+        out = self._evaluate(params, cfg.data.seq_len, max_batches, on_batch)
+        for n in cfg.eval_lengths():
+            at = out if n == cfg.data.seq_len else self._evaluate(params, n, max_batches, on_batch)
+            out[f"val_loss@{n}"] = at["val_loss"]
+            if "val_bpb" in at:
+                out[f"val_bpb@{n}"] = at["val_bpb"]
+        return out
+
+    def _evaluate(self, params, seq_len: int, max_batches: int, on_batch) -> dict[str, float]:
         batches = data.eval_batches(
             self.val,
             self.run.tokenizer.token_bytes,
-            seq_len=cfg.data.seq_len,
-            global_batch=cfg.eval.batch_size,
+            seq_len=seq_len,
+            global_batch=self.shapes[seq_len],
             max_batches=max_batches,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
         totals = None
         for local in batches:
-            out = self._step(params, sharding.global_batch(local, self.run.mesh))
+            res = self._steps[seq_len](params, sharding.global_batch(local, self.run.mesh))
             # Sum on device; one fetch at the end keeps the host out of the way.
-            totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+            totals = res if totals is None else jax.tree.map(lambda a, b: a + b, totals, res)
             if on_batch is not None:
                 on_batch("an eval batch")
         if totals is None:

@@ -21,6 +21,7 @@ from lmtrain import config as config_lib
 from lmtrain import data, flops, models, optim, sharding, step
 from lmtrain.checkpoint import Checkpointer
 from lmtrain.config import Config, ConfigError
+from lmtrain.data.decompose import make_train_data
 from lmtrain.evaluate import Evaluator
 from lmtrain.tracking import Tracker
 
@@ -74,12 +75,13 @@ def setup(cfg: Config) -> Run:
     cfg = dataclasses.replace(cfg, model=m).validate()
     mesh = sharding.make_mesh(cfg.mesh)
     dp = sharding.data_parallel_size(mesh)
-    micro = cfg.train.batch_size // cfg.train.grad_accum
-    if micro % dp:
-        raise ConfigError(
-            f"train.batch_size / train.grad_accum = {micro} must be divisible by the "
-            f"data-parallel size {dp} (mesh.shape data x fsdp)"
-        )
+    for batch, seq_len in cfg.train_shapes():
+        if (batch // cfg.train.grad_accum) % dp:
+            raise ConfigError(
+                f"the batch of {batch} x {seq_len} tokens / train.grad_accum "
+                f"{cfg.train.grad_accum} must be divisible by the data-parallel size {dp} "
+                "(mesh.shape data x fsdp)"
+            )
     if cfg.eval.batch_size % dp:
         raise ConfigError(f"eval.batch_size {cfg.eval.batch_size} must be divisible by {dp}")
 
@@ -102,15 +104,21 @@ def setup(cfg: Config) -> Run:
     return Run(cfg, mesh, tokenizer, graphdef, tx, schedule, abstract_state, shardings, n_params)
 
 
+_FATAL_DATA_CHANGES = (
+    "data.tokenizer",
+    "data.seq_len",
+    "data.source",
+    "data.packing",
+    "data.min_log2_len",
+    "data.max_log2_len",
+)
+
+
 def check_resume_config(saved: Config, new: Config) -> list[str]:
     """Keys that may differ on resume (listed); model/data shape changes raise ConfigError."""
     a, b = config_lib.to_dict(saved), config_lib.to_dict(new)
     diffs = [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b.get(s, {}).get(k)]
-    fatal = [
-        d
-        for d in diffs
-        if d.startswith("model.") or d in ("data.tokenizer", "data.seq_len", "data.source")
-    ]
+    fatal = [d for d in diffs if d.startswith("model.") or d in _FATAL_DATA_CHANGES]
     if fatal:
         detail = ", ".join(f"{d}: {_get(a, d)!r} -> {_get(b, d)!r}" for d in fatal)
         raise ConfigError(
@@ -208,52 +216,52 @@ def train(cfg: Config, workdir: Path) -> dict:
         config_lib.save_json(cfg, cfg_path)
 
     corpus = data.load_corpus(cfg.data, run.tokenizer)
-    it = data.train_iterator(
-        corpus.train,
-        seq_len=cfg.data.seq_len,
-        global_batch=cfg.train.batch_size,
-        seed=cfg.train.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        prefetch=cfg.data.prefetch,
+    it, shapes, data_report = make_train_data(
+        cfg, corpus.train, jax.process_index(), jax.process_count()
     )
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
     restored = ckpt.restore_latest(run.abstract_state, it)
     state = restored[1] if restored else run.init_state()
     start = int(state["step"])
 
-    t0 = time.time()
-    batch_shape = step.batch_spec(
-        cfg.train.batch_size,
-        cfg.data.seq_len,
-        (*step.TRAIN_KEYS, "stop"),
-        getattr(corpus.train, "targets_per_row", 0),
+    targets_per_row = getattr(corpus.train, "targets_per_row", 0)
+    train_fn = step.make_train_step(
+        run.graphdef, run.tx, run.schedule, cfg.optim.z_loss, cfg.train.grad_accum
     )
-    train_step = step.compile_train_step(
-        step.make_train_step(
-            run.graphdef, run.tx, run.schedule, cfg.optim.z_loss, cfg.train.grad_accum
-        ),
-        run.state_shardings,
-        mesh,
-        run.abstract_state,
-        batch_shape,
-    )
-    compile_s = time.time() - t0
+    # Every shape is compiled now, so a shape that does not fit fails at start-up, and every
+    # one shares the state shardings and donation (step.compile_train_step).
+    train_steps, compile_s = {}, {}
+    for batch, seq_len in shapes:
+        t0 = time.time()
+        spec = step.batch_spec(batch, seq_len, (*step.TRAIN_KEYS, "stop"), targets_per_row)
+        train_steps[seq_len] = step.compile_train_step(
+            train_fn, run.state_shardings, mesh, run.abstract_state, spec
+        )
+        compile_s[seq_len] = time.time() - t0
     evaluator = Evaluator(run, corpus.val) if corpus.val is not None else None
-    flops_per_token = flops.train_flops_per_token(
-        cfg.model, cfg.data.seq_len, getattr(corpus.train, "targets_per_row", 0)
-    )
+    fpt = {n: flops.train_flops_per_token(cfg.model, n, targets_per_row) for n in train_steps}
+    flops_per_token = fpt[max(fpt)]
     peak, peak_src = flops.peak_flops(mesh.devices.flatten().tolist(), cfg.model.dtype)
-    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    tokens_per_step = cfg.tokens_per_step()
 
     tracker = Tracker(workdir, cfg.train.steps, start, cfg.train.progress)
+    if data_report:
+        tracker.print("data | " + ", ".join(f"{k} {v:,}" for k, v in data_report.items()))
+        if start == 0:
+            tracker.write(0, {"data": data_report}, prefix="data")
+    if len(compile_s) > 1:
+        tracker.print(
+            "compiled train step per (batch x seq_len): "
+            + ", ".join(f"{tokens_per_step // n}x{n} {t:.1f}s" for n, t in compile_s.items())
+        )
     tracker.print(
         f"lmtrain | {cfg.model.name} {run.n_params / 1e6:.2f}M params, "
-        f"{flops_per_token / 1e6:.1f} MFLOP/token | mesh {dict(mesh.shape)} on "
+        f"{flops_per_token / 1e6:.1f} MFLOP/token at {max(fpt)} | mesh {dict(mesh.shape)} on "
         f"{jax.device_count()} {jax.devices()[0].platform} devices, {jax.process_count()} "
         f"process(es) | data {cfg.data.source}: {corpus.stats['train']['tokens']:,} train tokens, "
         f"{tokens_per_step:,} tokens/step | peak {peak / 1e9:.0f} GFLOP/s ({peak_src}) | "
-        f"compile {compile_s:.1f}s | " + (f"resumed at step {start}" if restored else "fresh start")
+        f"compile {sum(compile_s.values()):.1f}s | "
+        + (f"resumed at step {start}" if restored else "fresh start")
     )
     if start == 0 and jax.process_index() == 0:
         tracker.text("config", "```\n" + cfg_path.read_text() + "\n```")
@@ -264,12 +272,14 @@ def train(cfg: Config, workdir: Path) -> dict:
     s = start
     agreed_stop = False  # set from a step's metrics, so every process sees it at the same step
 
+    window_flops = 0.0  # model FLOPs since the last log row (steps differ by bucket)
+
     def flush() -> None:
         """Fetches the pending step's metrics (one step late), stops on NaN, logs."""
-        nonlocal pending, last_log, agreed_stop
+        nonlocal pending, last_log, agreed_stop, window_flops
         if pending is None:
             return
-        n, m = pending
+        n, m, seq_len = pending
         pending = None
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         if m.pop("finite") < 1:
@@ -281,34 +291,42 @@ def train(cfg: Config, workdir: Path) -> dict:
             )
         agreed_stop = agreed_stop or m.pop("stop", 0.0) > 0
         summary.update(step=n, loss=m["loss"])
+        window_flops += tokens_per_step * fpt[seq_len]
         if n % cfg.train.log_every == 0 or n == cfg.train.steps:
             now = time.time()
-            tok_s = tokens_per_step * (n - last_log[0]) / max(now - last_log[1], 1e-9)
-            last_log = (n, now)
+            secs = max(now - last_log[1], 1e-9)
+            tok_s = tokens_per_step * (n - last_log[0]) / secs
             row = {
                 "loss": m["loss"],
                 "lr": m["lr"],
                 "grad_norm": m["grad_norm"],
                 "tokens_per_sec": tok_s,
-                "mfu": flops.mfu(tok_s, flops_per_token, peak),
+                "mfu": window_flops / secs / peak,
+                "seq_len": seq_len,
+                "batch_size": tokens_per_step // seq_len,
+                "tokens": n * tokens_per_step,
             }
+            if len(fpt) > 1:
+                row["bucket"] = seq_len.bit_length() - 1  # k of the 2^k bucket
+            last_log, window_flops = (n, now), 0.0
             tracker.write(n, row)
             summary.update(tokens_per_sec=tok_s, mfu=row["mfu"])
         tracker.progress(n, {"loss": m["loss"]})
 
-    local_rows = cfg.train.batch_size // jax.process_count()
     watchdog = _Watchdog(cfg.train.hang_timeout_s)
     try:
         with _StopFlag() as stop:
             while s < cfg.train.steps and not agreed_stop:
                 local = next(it)
+                rows, seq_len = local["inputs"].shape
                 asked = float(stop.signal is not None)
-                local["stop"] = np.full((local_rows,), asked, np.float32)
+                local["stop"] = np.full((rows,), asked, np.float32)
+                train_step = train_steps[seq_len]
                 state, metrics = train_step(state, sharding.global_batch(local, mesh))
                 s += 1
                 flush()  # step s-1's metrics, while step s runs
                 watchdog.pet(f"step {s - 1}")
-                pending = (s, metrics)
+                pending = (s, metrics, seq_len)
                 last = s == cfg.train.steps
                 if evaluator and (last or (cfg.train.eval_every and s % cfg.train.eval_every == 0)):
                     flush()

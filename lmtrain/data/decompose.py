@@ -1,0 +1,325 @@
+"""Dataset decomposition (Pouransari et al. 2024): power-of-two buckets, one bucket per step.
+
+Each document (its tokens, trailing eod included) has n - 1 targets. They are cut greedily by
+the binary representation of that count: as many 2^max chunks as fit, then one chunk per set bit
+of the rest, largest first, down to 2^min; a remainder under 2^min is dropped. A chunk of 2^k
+targets is the 2^k + 1 tokens tokens[s : s + 2^k + 1]; the next chunk starts at s + 2^k, so
+every kept target is predicted exactly once and no sequence crosses a document boundary.
+
+Bucket k holds the chunks of 2^k targets. Every step takes the whole global batch from one
+bucket with batch size tokens_per_step / 2^k, so every step trains on the same number of tokens.
+
+The order of buckets is a pure function of (seed, step), the same on every process and after a
+resume. One pass over the data (an epoch) is split into `cycles` cycles; cycle c of epoch e gets
+a c-th share of every bucket's batches, and inside a cycle the next batch comes from bucket k
+with odds proportional to (batches of k left in the cycle) x w_k, the curriculum weight:
+
+    uniform  w_k = 1            (a uniformly shuffled order of batches)
+    grow_p2  w_k = 2^(max - k)  (short sequences first; the paper's best)
+    shrink   w_k = 2^(k - min)  (long sequences first)
+
+Drawing one batch at a time with those odds is weighted sampling without replacement of the
+cycle's batches (each batch of bucket k weighing w_k), which is exactly the order of the
+exponential clocks E_i / w_k(i), E_i ~ Exp(1) (Efraimidis & Spirakis 2006): one argsort per cycle.
+Sequences of a bucket are shuffled lazily per epoch by grain's index shuffle (no permutation is
+held in memory), and a bucket's sequences left over after its whole batches wait for a later
+epoch's shuffle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import grain
+import numpy as np
+
+from lmtrain.data.sources import DataError
+
+CURRICULA = ("uniform", "grow_p2", "shrink")
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """Where every kept chunk starts: starts[k] are token offsets of bucket k's sequences."""
+
+    min_log2: int
+    max_log2: int
+    starts: dict[int, np.ndarray]
+    stats: dict[str, int]  # docs, docs_too_short, targets, kept, dropped
+
+    def counts(self) -> dict[int, int]:
+        return {k: len(v) for k, v in self.starts.items()}
+
+
+def decompose(doc_ends: np.ndarray, min_log2: int, max_log2: int) -> Buckets:
+    """Cuts the documents ending at `doc_ends` (exclusive, ascending) into buckets (vectorised)."""
+    ends = np.asarray(doc_ends, dtype=np.int64)
+    begins = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    m = np.maximum(ends - begins - 1, 0)  # targets per document
+    top = np.int64(1) << max_log2
+    full, rest = m >> max_log2, m & (top - 1)
+    starts: dict[int, np.ndarray] = {}
+    doc = np.repeat(np.arange(len(m)), full)
+    nth = np.arange(len(doc)) - np.repeat(np.cumsum(full) - full, full)  # j-th 2^max piece
+    starts[max_log2] = begins[doc] + nth * top
+    for k in range(max_log2 - 1, min_log2 - 1, -1):
+        d = np.flatnonzero((rest >> k) & 1)
+        above = (rest[d] >> (k + 1)) << (k + 1)  # the larger chunks of the rest come first
+        starts[k] = begins[d] + full[d] * top + above
+    dropped = int((rest & ((np.int64(1) << min_log2) - 1)).sum())
+    targets = int(m.sum())
+    stats = {
+        "docs": len(m),
+        "docs_too_short": int((m < (1 << min_log2)).sum()),
+        "targets": targets,
+        "kept": targets - dropped,
+        "dropped": dropped,
+    }
+    return Buckets(min_log2, max_log2, dict(sorted(starts.items())), stats)
+
+
+def curriculum_weight(name: str, k: int, min_log2: int, max_log2: int) -> float:
+    """w_k of the named curriculum (see the module docstring)."""
+    if name == "uniform":
+        return 1.0
+    if name == "grow_p2":
+        return float(2 ** (max_log2 - k))
+    if name == "shrink":
+        return float(2 ** (k - min_log2))
+    raise ValueError(f"unknown curriculum {name!r}; choose from {CURRICULA}")
+
+
+class Schedule:
+    """Which bucket, and which of its batches, every global step takes."""
+
+    def __init__(
+        self,
+        counts: dict[int, int],
+        tokens_per_step: int,
+        *,
+        curriculum: str,
+        cycles: int,
+        seed: int,
+        min_log2: int,
+        max_log2: int,
+    ):
+        self.ks = sorted(counts)
+        self.tokens_per_step, self.cycles, self.seed = tokens_per_step, cycles, seed
+        self.batch = {k: tokens_per_step >> k for k in self.ks}
+        if any(tokens_per_step % (1 << k) for k in self.ks):
+            raise ValueError(f"tokens_per_step {tokens_per_step} is not a multiple of 2^max")
+        self.batches = {k: counts[k] // self.batch[k] for k in self.ks}  # per epoch
+        self.weight = {k: curriculum_weight(curriculum, k, min_log2, max_log2) for k in self.ks}
+        # share[k][c]: bucket k's first batch index in cycle c (c = cycles: the epoch's total)
+        self.share = {
+            k: [n * c // cycles for c in range(cycles + 1)] for k, n in self.batches.items()
+        }
+        self.cycle_steps = [
+            sum(self.share[k][c + 1] - self.share[k][c] for k in self.ks) for c in range(cycles)
+        ]
+        self.cycle_first = np.concatenate([[0], np.cumsum(self.cycle_steps)]).tolist()
+        self.steps_per_epoch = self.cycle_first[-1]
+        if self.steps_per_epoch == 0:
+            need = ", ".join(f"2^{k}: {counts[k]}/{self.batch[k]}" for k in self.ks)
+            raise DataError(
+                f"no bucket holds a whole batch of train.tokens_per_step={tokens_per_step} "
+                f"tokens (sequences/needed per bucket: {need}); lower train.tokens_per_step or "
+                "data.max_log2_len, or add data"
+            )
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - a few cycles, freed with the schedule
+    def cycle(self, epoch: int, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket k, batch index within the epoch) of every step of cycle c of `epoch`."""
+        ks = np.concatenate(
+            [np.full(self.share[k][c + 1] - self.share[k][c], k) for k in self.ks]
+        ).astype(np.int64)
+        rng = np.random.default_rng([self.seed, epoch, c, 0x5EED])
+        clocks = rng.exponential(size=len(ks)) / np.array([self.weight[k] for k in ks])
+        order = ks[np.argsort(clocks, kind="stable")]
+        index = np.empty(len(order), np.int64)
+        for k in self.ks:
+            at = np.flatnonzero(order == k)
+            index[at] = self.share[k][c] + np.arange(len(at))
+        return order, index
+
+    def locate(self, step: int) -> tuple[int, int, int, int]:
+        """(epoch, cycle, bucket k, batch index of k in that epoch) of global step `step`."""
+        epoch, t = divmod(step, self.steps_per_epoch)
+        c = int(np.searchsorted(self.cycle_first, t, side="right")) - 1
+        order, index = self.cycle(epoch, c)
+        i = t - self.cycle_first[c]
+        return epoch, c, int(order[i]), int(index[i])
+
+    def position(self, step: int) -> dict[str, Any]:
+        """The iterator state at `step` in readable form: epoch, cycle, per-bucket cursors."""
+        epoch, t = divmod(step, self.steps_per_epoch)
+        c = int(np.searchsorted(self.cycle_first, t, side="right")) - 1
+        order, _ = self.cycle(epoch, c)
+        done = order[: t - self.cycle_first[c]]
+        cursors = {str(k): self.share[k][c] + int((done == k).sum()) for k in self.ks}
+        return {"epoch": epoch, "cycle": c, "cursors": cursors}
+
+
+class DecomposedData:
+    """A decomposed training split: buckets, the schedule, and grain batches per step."""
+
+    def __init__(self, stream: Any, cfg: Any, *, seed: int, process_index=0, process_count=1):
+        d = cfg.data
+        self.stream, self.eod_id = stream, stream.eod_id
+        self.buckets = decompose(stream.document_ends(), d.min_log2_len, d.max_log2_len)
+        st = self.buckets.stats
+        if st["kept"] == 0:
+            raise DataError(
+                f"every document of the training split is shorter than 2^data.min_log2_len = "
+                f"{1 << d.min_log2_len} tokens ({st['docs']} documents, {st['targets']} "
+                "targets): lower data.min_log2_len or use data.packing='concat'"
+            )
+        self.schedule = Schedule(
+            self.buckets.counts(),
+            cfg.tokens_per_step(),
+            curriculum=d.curriculum,
+            cycles=d.cycles,
+            seed=seed,
+            min_log2=d.min_log2_len,
+            max_log2=d.max_log2_len,
+        )
+        for k, b in self.schedule.batch.items():
+            if b % process_count:
+                raise DataError(
+                    f"bucket 2^{k} has batch {b}, not divisible by {process_count} processes"
+                )
+        self.process_index, self.process_count = process_index, process_count
+        self.seed = seed
+        self._orders = {
+            k: grain.MapDataset.range(n).shuffle(seed=(seed * 1_000_003 + k) % 2**31).repeat(None)
+            for k, n in self.buckets.counts().items()
+            if n > 0
+        }
+
+    def report(self) -> dict[str, Any]:
+        """Decomposition figures for the log and metrics.jsonl."""
+        s = self.schedule
+        out: dict[str, Any] = dict(self.buckets.stats)
+        for k in s.ks:
+            out[f"seqs_{1 << k}"] = self.buckets.counts()[k]
+            out[f"batches_{1 << k}"] = s.batches[k]
+        # Sequences beyond a bucket's whole batches wait for another epoch's shuffle.
+        out["unbatched_per_epoch"] = sum(
+            (self.buckets.counts()[k] - s.batches[k] * s.batch[k]) << k for k in s.ks
+        )
+        out["steps_per_epoch"] = s.steps_per_epoch
+        return out
+
+    def load(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of global step `step`'s batch (packed like concat rows)."""
+        epoch, _, k, b = self.schedule.locate(step)
+        batch, n = self.schedule.batch[k], self.buckets.counts()[k]
+        local = batch // self.process_count
+        first = epoch * n + b * batch + self.process_index * local
+        order = self._orders[k]
+        starts = self.buckets.starts[k][[order[i] for i in range(first, first + local)]]
+        length = 1 << k
+        tokens = self.stream.tokens
+        rows = np.stack([tokens[s : s + length + 1] for s in starts]).astype(np.int32)
+        return _pack_one_document(rows)
+
+    def iterator(self, prefetch: int = 2) -> DecomposedIterator:
+        """Endless batches, one per step, prepared ahead by `prefetch` reader threads."""
+        steps = grain.MapDataset.range(1 << 62).map(self.load)
+        threads = min(max(prefetch, 0), 8)
+        read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
+        return DecomposedIterator(iter(steps.to_iter_dataset(read)), self.schedule)
+
+
+def _pack_one_document(rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Model inputs for rows that each lie inside one document: no masks are needed."""
+    b, n = rows.shape[0], rows.shape[1] - 1
+    return {
+        "inputs": rows[:, :-1],
+        "targets": rows[:, 1:],
+        "segment_ids": np.ones((b, n), np.int32),
+        "positions": np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy(),
+        "weights": np.ones((b, n), np.float32),
+    }
+
+
+class DecomposedIterator:
+    """grain's iterator over steps plus a checkpointable, human-readable state.
+
+    The state is the next global step (grain's `next_index`), from which the epoch, cycle,
+    per-bucket cursors and RNG position all follow; they are stored beside it so a checkpoint
+    can be read, and checked on restore so a changed corpus or decomposition is caught.
+    """
+
+    def __init__(self, it: Any, schedule: Schedule):
+        self._it, self.schedule = it, schedule
+
+    def __iter__(self) -> DecomposedIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict[str, Any]:
+        g = self._it.get_state()
+        step = int(g["next_index"])
+        return {"grain": g, "next_step": step, **self.get_state_at(step)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if "next_step" not in state:
+            raise DataError(
+                "the checkpoint's data state is not a decomposition state (was it written "
+                "with data.packing='concat'?); use a new --workdir to change data.packing"
+            )
+        mine = self.get_state_at(int(state["next_step"]))
+        keys = ("epoch", "cycle", "cursors", "rng", "steps_per_epoch")
+        if any(state.get(k) != mine[k] for k in keys):
+            raise DataError(
+                "the checkpoint's data position does not match this corpus's decomposition "
+                f"(saved {[state.get(k) for k in keys]}, now {[mine[k] for k in keys]}): the "
+                "corpus, data.*_log2_len, curriculum, cycles or tokens per step changed; use a "
+                "new --workdir"
+            )
+        self._it.set_state(state["grain"])
+
+    def get_state_at(self, step: int) -> dict[str, Any]:
+        """The readable part of the state at `step` (everything but grain's own index)."""
+        s = self.schedule
+        return {
+            **s.position(step),
+            "rng": {"seed": s.seed, "tokens_per_step": s.tokens_per_step, "cycles": s.cycles},
+            "steps_per_epoch": s.steps_per_epoch,
+        }
+
+
+def make_train_data(
+    cfg: Any, stream: Any, process_index: int = 0, process_count: int = 1
+) -> tuple[Any, list[tuple[int, int]], dict[str, Any]]:
+    """(iterator, [(global batch, seq_len) of every step shape], decomposition report) for the
+    training split in `cfg.data.packing` mode; the report is {} for concat-and-chunk."""
+    if cfg.data.packing != "decompose":
+        from lmtrain.data.pipeline import train_iterator
+
+        shapes = cfg.train_shapes()
+        it = train_iterator(
+            stream,
+            seq_len=cfg.data.seq_len,
+            global_batch=shapes[0][0],
+            seed=cfg.train.seed,
+            process_index=process_index,
+            process_count=process_count,
+            prefetch=cfg.data.prefetch,
+        )
+        return it, shapes, {}
+    dd = DecomposedData(
+        stream,
+        cfg,
+        seed=cfg.train.seed,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    s = dd.schedule
+    shapes = [(s.batch[k], 1 << k) for k in s.ks if s.batches[k] > 0]
+    return dd.iterator(cfg.data.prefetch), shapes, dd.report()
