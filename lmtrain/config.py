@@ -64,6 +64,11 @@ class DataConfig:
     mqar_train_examples: int = 100_000
     mqar_val_examples: int = 3_000
     mqar_seed: int = 0
+    # Training mixture (Zoology's BASED-paper recipe): example lengths packed into training rows,
+    # e.g. (64, 128, 256) at seq_len 256 / 16 pairs: rows of 4 examples of 64 tokens / 4 pairs,
+    # 2 of 128 / 8 and 1 of 256 / 16, in turn (documents masked). () = seq_len only.
+    # Validation is always seq_len / num_kv_pairs.
+    mqar_train_lengths: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,30 @@ def test_example_structure():
     assert not np.array_equal(a, mqar.example(other, "train", 7)[0])
 
 
+def test_training_mixture_packs_whole_examples_into_segments():
+    cfg = dataclasses.replace(CFG, mqar_train_lengths=(16, 32, 64))
+    split = mqar.MQARSplit(cfg, "train")
+    b = split.load_rows(list(range(6)), 64)
+    assert b["target_index"].shape == (6, 4)  # every row scores P = 4 queries
+    for j in range(6):
+        n = (16, 32, 64)[j % 3]
+        seg = b["segment_ids"][j]
+        np.testing.assert_array_equal(seg, 1 + np.arange(64) // n)
+        np.testing.assert_array_equal(b["positions"][j], np.arange(64) % n)
+        for q, t in zip(b["target_index"][j], b["targets"][j], strict=True):
+            # The query key is the input at q; the same key earlier in q's segment, followed
+            # by the target value: each query is answerable inside its own example.
+            key, lo = b["inputs"][j, q], (q // n) * n
+            before = np.flatnonzero(b["inputs"][j, lo:q] == key) + lo
+            assert len(before) and b["inputs"][j, before[0] + 1] == t
+        assert len(np.unique(seg[b["target_index"][j]])) == 64 // n  # P n / L per example
+    # Validation stays the task itself: one example of 64 tokens and 4 pairs per row.
+    v = mqar.MQARSplit(cfg, "val").load_rows([0, 1], 64)
+    assert (v["segment_ids"] == 1).all()
+    with pytest.raises(DataError, match="mqar_train_lengths"):
+        mqar.check(dataclasses.replace(CFG, mqar_train_lengths=(24,)))
+
+
 def test_query_gaps_follow_the_power_law():
     """Slot frequencies over 4,000 examples match the sequential draw without replacement
     from odds a (g + 1)^(a - 1), simulated independently (tolerance: 4 binomial sigmas)."""

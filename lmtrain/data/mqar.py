@@ -10,6 +10,10 @@ sees the key as input and its value is the target; only those P targets have wei
 other query-region tokens are random ids from the whole vocabulary (Zoology's
 `random_non_queries`). data.mqar_seed picks the dataset.
 
+data.mqar_train_lengths trains on Zoology's mixture instead: training row i packs
+seq_len / n examples of n tokens and P n / seq_len pairs each (n taking turns over the list),
+with segment ids so no example sees another; every row still has P queries.
+
 Examples are a pure function of (split, index): example i of the training split is the same
 for any process count and after a resume. The training split has data.mqar_train_examples
 examples (repeated, reshuffled each epoch, like Zoology's fixed training set), the validation
@@ -18,6 +22,7 @@ split data.mqar_val_examples. Accuracy at eval is argmax accuracy on the query t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -67,13 +72,23 @@ def check(cfg: DataConfig) -> None:
         raise DataError("data.mqar_train_examples and mqar_val_examples must be >= 1")
     if not cfg.mqar_power_a > 0:
         raise DataError("data.mqar_power_a must be > 0")
+    for n in cfg.mqar_train_lengths:
+        if n < 1 or L % n or (P * n) % L:
+            raise DataError(
+                f"data.mqar_train_lengths: {n} must divide data.seq_len {L} and leave a whole "
+                f"number of pairs ({P} x {n} / {L})"
+            )
+        check(dataclasses.replace(cfg, seq_len=n, num_kv_pairs=P * n // L, mqar_train_lengths=()))
 
 
-def example(cfg: DataConfig, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+def example(
+    cfg: DataConfig, split: str, index: int, part: tuple[int, ...] = ()
+) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int32[L + 1], answer mask bool[L + 1]): mask marks the P value tokens that
-    answer a query (as targets they are predicted from the query key before them)."""
+    answer a query (as targets they are predicted from the query key before them). `part`
+    tells apart the examples packed into one mixture row (their cfg has their own L and P)."""
     P, L, V = cfg.num_kv_pairs, cfg.seq_len + 1, cfg.mqar_vocab
-    rng = np.random.default_rng([cfg.mqar_seed, _SPLIT_SEEDS[split], index])
+    rng = np.random.default_rng([cfg.mqar_seed, _SPLIT_SEEDS[split], index, *part])
     keys = 1 + rng.choice(V // 2 - 1, P, replace=False)
     values = V // 2 + rng.choice(V - V // 2, P, replace=False)
     slots = (L - 1 - 2 * P) // 2
@@ -115,23 +130,45 @@ class MQARSplit:
         segment_ids, positions [B, L]; target_index (the query keys' positions), targets (their
         values) and weights, [B, P]."""
         B, P = len(rows), self.cfg.num_kv_pairs
-        tokens = np.zeros((B, seq_len + 1), np.int32)
+        inputs = np.zeros((B, seq_len), np.int32)
+        targets = np.zeros((B, seq_len), np.int32)
+        segments = np.ones((B, seq_len), np.int32)
+        positions = np.tile(np.arange(seq_len, dtype=np.int32), (B, 1))
         index = np.tile(np.arange(P, dtype=np.int32), (B, 1))
         weights = np.zeros((B, P), np.float32)
         for j, r in enumerate(rows):
-            if r < self.n:
-                tokens[j], answer = example(self.cfg, self.split, int(r))
-                index[j] = np.flatnonzero(answer[1:])
-                weights[j] = 1.0
-        t = np.arange(seq_len, dtype=np.int32)
+            if r >= self.n:
+                continue  # a padding row
+            n = self._length(int(r))
+            parts = []
+            for s in range(seq_len // n):  # one example per segment of n tokens
+                if n == seq_len:
+                    tokens, answer = example(self.cfg, self.split, int(r))
+                else:
+                    sub = dataclasses.replace(
+                        self.cfg, seq_len=n, num_kv_pairs=P * n // seq_len, mqar_train_lengths=()
+                    )
+                    tokens, answer = example(sub, self.split, int(r), (n, s))
+                at = slice(s * n, (s + 1) * n)
+                inputs[j, at], targets[j, at] = tokens[:-1], tokens[1:]
+                segments[j, at] = s + 1
+                positions[j, at] -= s * n
+                parts.append(s * n + np.flatnonzero(answer[1:]))
+            index[j] = np.concatenate(parts)
+            weights[j] = 1.0
         return {
-            "inputs": tokens[:, :-1],
-            "targets": np.take_along_axis(tokens[:, 1:], index, axis=1),
+            "inputs": inputs,
+            "targets": np.take_along_axis(targets, index, axis=1),
             "target_index": index,
-            "segment_ids": np.ones((B, seq_len), np.int32),
-            "positions": np.broadcast_to(t, (B, seq_len)).copy(),
+            "segment_ids": segments,
+            "positions": positions,
             "weights": weights,
         }
+
+    def _length(self, row: int) -> int:
+        """The example length packed into training row `row` (the mixture takes turns)."""
+        mix = self.cfg.mqar_train_lengths
+        return mix[row % len(mix)] if mix and self.split == "train" else self.cfg.seq_len
 
     def load_eval_rows(
         self, rows: Sequence[int], seq_len: int, token_bytes: np.ndarray | None = None
