@@ -51,15 +51,18 @@ class Evaluator:
         self, params: Any, max_batches: int = 0, on_batch: Callable[[str], None] | None = None
     ) -> dict[str, float]:
         cfg = self.run.cfg
-        out = self._evaluate(params, cfg.data.seq_len, max_batches, on_batch)
+        out = self.at(params, cfg.data.seq_len, max_batches, on_batch)
         for n in cfg.eval_lengths():
-            at = out if n == cfg.data.seq_len else self._evaluate(params, n, max_batches, on_batch)
+            at = out if n == cfg.data.seq_len else self.at(params, n, max_batches, on_batch)
             out[f"val_loss@{n}"] = at["val_loss"]
             if "val_bpb" in at:
                 out[f"val_bpb@{n}"] = at["val_bpb"]
         return out
 
-    def _evaluate(self, params, seq_len: int, max_batches: int, on_batch) -> dict[str, float]:
+    def at(
+        self, params: Any, seq_len: int, max_batches: int = 0, on_batch=None
+    ) -> dict[str, float]:
+        """The validation metrics at one context (data.seq_len or one of the eval lengths)."""
         batches = data.eval_batches(
             self.val,
             self.run.tokenizer.token_bytes,

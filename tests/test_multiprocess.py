@@ -31,7 +31,9 @@ def exp(tmp_path_factory) -> Path:
     p.write_text(f"""
 from lmtrain import config
 def get_config(arg):
-    return config.override(config.Config(), {{
+    dd = arg.startswith("dd")  # "dd8": dataset decomposition, 8 steps
+    arg = arg[2:] if dd else arg
+    cfg = config.override(config.Config(), {{
         "model.name": "transformer", "model.d_model": 32, "model.n_layers": 2,
         "model.n_heads": 2, "data.source": {str(corpus)!r}, "data.tokenizer": "bytes",
         "data.seq_len": 32, "train.batch_size": 8, "train.steps": int(arg or 12),
@@ -39,6 +41,12 @@ def get_config(arg):
         "train.progress": False, "train.hang_timeout_s": 20, "optim.schedule": "constant",
         "optim.warmup_steps": 2, "eval.max_batches": 1, "eval.batch_size": 8,
     }})
+    if dd:
+        cfg = config.override(cfg, {{
+            "data.packing": "decompose", "data.min_log2_len": 3, "data.max_log2_len": 5,
+            "train.tokens_per_step": 256,
+        }})
+    return cfg
 """)
     return p
 
@@ -112,6 +120,21 @@ def test_two_processes_match_one_and_resume_across_topologies(exp, tmp_path):
     got = losses(wd)
     assert sorted(got) == sorted(ref) == list(range(1, 13))
     np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=1e-5)
+
+
+def test_decomposition_two_processes_match_one(exp, tmp_path):
+    """Every process picks the same bucket each step and reads its own rows of it."""
+    rc, err = finish(launch(1, 4, exp, "dd8", tmp_path / "one"))
+    assert rc == 0, err
+    rc, err = finish(launch(2, 2, exp, "dd8", tmp_path / "two"))
+    assert rc == 0, err
+    rows = {}
+    for name in ("one", "two"):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        rows[name] = [(r["seq_len"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+    assert [n for n, _ in rows["one"]] == [n for n, _ in rows["two"]]
+    assert len({n for n, _ in rows["one"]}) > 1  # the buckets really vary
+    np.testing.assert_allclose([x for _, x in rows["two"]], [x for _, x in rows["one"]], rtol=1e-5)
 
 
 def test_sigterm_to_both_saves_the_same_step_and_resumes(exp, tmp_path):
