@@ -5,7 +5,8 @@ lmtrain sweep experiments/mqar.py:frontier --dir runs/mqar --parallel 2
 lmtrain sweep experiments/mqar.py:frontier-ssm --dir runs/mqar-ssm --parallel 2
 python experiments/mqar.py report runs/mqar runs/mqar-ssm   # table + plot: accuracy vs state
 
-The frontier (BASED paper, Fig. 2 style): 2-layer models of each family x widths x learning
+The frontier (BASED paper, Fig. 2 style): 2-layer models (as Zoology's: a short convolution
+then the mixer in each layer) of each family x widths x learning
 rates at seq 256 / 16 pairs; for each (model, width) the best learning rate's final validation
 accuracy is kept and plotted against the decode state that model carries (floats per sequence:
 attention's KV cache at seq 256, the recurrent state otherwise). `frontier` (and
@@ -35,9 +36,11 @@ MODELS = {
     # Zoology's attention baseline puts a short convolution before attention; Primer's
     # width-3 depthwise q/k/v convolution is ours.
     "attention": {"model.name": "transformer", "model.qkv_conv": 3},
-    "based": {"model.name": "based"},  # gated conv then BASED linear attention ("CB")
-    "retnet": {"model.name": "retnet"},  # scalar decay
-    "gla": {"model.name": "gla"},
+    # Zoology's sub-quadratic models put a short convolution before the mixer in each of their
+    # 2 layers (Hybrid(BaseConv, mixer)): here 4 blocks, gated conv / mixer alternating.
+    "based": {"model.name": "based", "model.pattern": "CBCB", "model.n_layers": 4},
+    "retnet": {"model.name": "retnet", "model.pattern": "CRCR", "model.n_layers": 4},
+    "gla": {"model.name": "gla", "model.pattern": "CGCG", "model.n_layers": 4},
     "mamba2": {"model.name": "mamba2"},
     "hybrid-MA": {"model.name": "hybrid", "model.pattern": "MA"},  # Mamba-2 then attention
 }
