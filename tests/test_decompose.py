@@ -320,3 +320,23 @@ def test_resume_with_another_curriculum_is_refused_and_the_checkpoint_kept(
         train.train(tiny(corpus, tmp_path, **{"data.curriculum": "shrink"}), work)
     assert (work / "checkpoints" / "4").is_dir()
     assert not list((work / "checkpoints").glob("corrupt-*"))
+
+
+def test_loss_at_each_length_is_the_loss_of_evaluating_at_that_length(corpus, tmp_path):
+    from lmtrain import data
+    from lmtrain.evaluate import Evaluator
+
+    cfg = tiny(corpus, tmp_path, **{"eval.max_batches": 0})
+    run = train.setup(cfg)
+    params = run.init_state()["params"]
+    val = data.load_corpus(cfg.data, run.tokenizer).val
+    ev = Evaluator(run, val)(params)
+    # The same split evaluated as its own run at seq_len 8 (same tokens per eval batch).
+    short = train.setup(
+        config_lib.override(cfg, {"data.seq_len": 8, "eval.batch_size": 32, "eval.lengths": ()})
+    )
+    alone = Evaluator(short, val)(params)
+    np.testing.assert_allclose(ev["val_loss@8"], alone["val_loss"], rtol=1e-6)
+    np.testing.assert_allclose(ev["val_bpb@8"], alone["val_bpb"], rtol=1e-6)
+    assert ev["val_loss@32"] == ev["val_loss"]  # the main context is not evaluated twice
+    assert abs(ev["val_loss@8"] - ev["val_loss@32"]) > 1e-4  # the contexts really differ
