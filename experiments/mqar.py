@@ -159,13 +159,13 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 
 def best_per_cell(rows: list[dict]) -> list[dict]:
-    """The finished run with the highest accuracy for every (model, width)."""
+    """The run with the highest accuracy for every (model, width): finished runs first; a cell
+    with none shows its best unfinished run (the report prints its step)."""
     best: dict[tuple, dict] = {}
     for r in rows:
-        if r["step"] < r["steps"]:
-            continue
         key = (r["model"], r["width"])
-        if key not in best or r["val_acc"] > best[key]["val_acc"]:
+        rank = lambda x: (x["step"] >= x["steps"], x["val_acc"])  # noqa: E731
+        if key not in best or rank(r) > rank(best[key]):
             best[key] = r
     return sorted(best.values(), key=lambda r: (r["model"], r["width"]))
 
@@ -179,8 +179,8 @@ def report(sweep_dir: str, *more: str) -> str:
         raise SystemExit(f"no evaluated MQAR runs under {sweep}")
     best = best_per_cell(rows)
     lines = [
-        "| model | width | state floats / seq | best lr | val accuracy | lrs tried |",
-        "|---|---|---|---|---|---|",
+        "| model | width | state floats / seq | best lr | val accuracy | at step | lrs tried |",
+        "|---|---|---|---|---|---|---|",
     ]
     for b in best:
         tried = sorted(
@@ -188,7 +188,8 @@ def report(sweep_dir: str, *more: str) -> str:
         )
         lines.append(
             f"| {b['model']} | {b['width']} | {b['state_floats']:,} | {b['lr']:g} | "
-            f"{100 * b['val_acc']:.1f}% | {', '.join(f'{x:g}' for x in tried)} |"
+            f"{100 * b['val_acc']:.2f}% | {b['step']}/{b['steps']} | "
+            f"{', '.join(f'{x:g}' for x in tried)} |"
         )
     text = "\n".join(lines) + "\n"
     (sweep / "mqar_frontier.md").write_text(text)

@@ -201,7 +201,7 @@ def test_frontier_report_keeps_the_best_lr_per_cell(tmp_path, capsys):
     spec.loader.exec_module(exp)
     sweep = tmp_path / "sweep"
     for lr in (1e-3, 3e-2):
-        sets = {**BASE, "optim.lr": lr, "model.tie_embeddings": True}
+        sets = {**BASE, "optim.lr": lr, "model.tie_embeddings": True, "model.qkv_conv": 3}
         assert main(["train", _exp(tmp_path, sets), "--workdir", str(sweep / f"lr{lr}")]) == 0
     rows = exp.collect(sweep)
     assert len(rows) == 2 and {r["model"] for r in rows} == {"attention"}
@@ -209,4 +209,5 @@ def test_frontier_report_keeps_the_best_lr_per_cell(tmp_path, capsys):
     assert len(best) == 1 and best[0]["val_acc"] == max(r["val_acc"] for r in rows)
     text = exp.report(str(sweep))
     assert "| attention | 32 |" in text and (sweep / "mqar_frontier.md").is_file()
-    assert f"{2 * 32 * 32 * 2:,}" in text  # KV cache floats: 2 layers x K, V x 32 x 32
+    # KV cache floats (2 layers x K, V x 32 x 32) + q/k/v conv windows (2 layers x 2 taps x 3 x 32)
+    assert f"{2 * 2 * 32 * 32 + 2 * 2 * 3 * 32:,}" in text
