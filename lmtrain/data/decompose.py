@@ -144,20 +144,23 @@ class Schedule:
             index[at] = self.share[k][c] + np.arange(len(at))
         return order, index
 
-    def locate(self, step: int) -> tuple[int, int, int, int]:
-        """(epoch, cycle, bucket k, batch index of k in that epoch) of global step `step`."""
+    def _where(self, step: int) -> tuple[int, int, int]:
+        """(epoch, cycle, position inside the cycle) of global step `step`."""
         epoch, t = divmod(step, self.steps_per_epoch)
         c = int(np.searchsorted(self.cycle_first, t, side="right")) - 1
+        return epoch, c, t - self.cycle_first[c]
+
+    def locate(self, step: int) -> tuple[int, int, int, int]:
+        """(epoch, cycle, bucket k, batch index of k in that epoch) of global step `step`."""
+        epoch, c, i = self._where(step)
         order, index = self.cycle(epoch, c)
-        i = t - self.cycle_first[c]
         return epoch, c, int(order[i]), int(index[i])
 
     def position(self, step: int) -> dict[str, Any]:
         """The iterator state at `step` in readable form: epoch, cycle, per-bucket cursors."""
-        epoch, t = divmod(step, self.steps_per_epoch)
-        c = int(np.searchsorted(self.cycle_first, t, side="right")) - 1
+        epoch, c, i = self._where(step)
         order, _ = self.cycle(epoch, c)
-        done = order[: t - self.cycle_first[c]]
+        done = order[:i]
         cursors = {str(k): self.share[k][c] + int((done == k).sum()) for k in self.ks}
         return {"epoch": epoch, "cycle": c, "cursors": cursors}
 
@@ -169,6 +172,7 @@ class DecomposedData:
         d = cfg.data
         self.stream, self.eod_id = stream, stream.eod_id
         self.buckets = decompose(stream.document_ends(), d.min_log2_len, d.max_log2_len)
+        self.counts = self.buckets.counts()  # sequences per bucket, read every step
         st = self.buckets.stats
         if st["kept"] == 0:
             raise DataError(
@@ -177,7 +181,7 @@ class DecomposedData:
                 "targets): lower data.min_log2_len or use data.packing='concat'"
             )
         self.schedule = Schedule(
-            self.buckets.counts(),
+            self.counts,
             cfg.tokens_per_step(),
             curriculum=d.curriculum,
             cycles=d.cycles,
@@ -194,7 +198,7 @@ class DecomposedData:
         self.seed = seed
         self._orders = {
             k: grain.MapDataset.range(n).shuffle(seed=(seed * 1_000_003 + k) % 2**31).repeat(None)
-            for k, n in self.buckets.counts().items()
+            for k, n in self.counts.items()
             if n > 0
         }
 
@@ -203,11 +207,11 @@ class DecomposedData:
         s = self.schedule
         out: dict[str, Any] = dict(self.buckets.stats)
         for k in s.ks:
-            out[f"seqs_{1 << k}"] = self.buckets.counts()[k]
+            out[f"seqs_{1 << k}"] = self.counts[k]
             out[f"batches_{1 << k}"] = s.batches[k]
         # Sequences beyond a bucket's whole batches wait for another epoch's shuffle.
         out["unbatched_per_epoch"] = sum(
-            (self.buckets.counts()[k] - s.batches[k] * s.batch[k]) << k for k in s.ks
+            (self.counts[k] - s.batches[k] * s.batch[k]) << k for k in s.ks
         )
         out["steps_per_epoch"] = s.steps_per_epoch
         return out
@@ -215,7 +219,7 @@ class DecomposedData:
     def load(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of global step `step`'s batch (packed like concat rows)."""
         epoch, _, k, b = self.schedule.locate(step)
-        batch, n = self.schedule.batch[k], self.buckets.counts()[k]
+        batch, n = self.schedule.batch[k], self.counts[k]
         local = batch // self.process_count
         first = epoch * n + b * batch + self.process_index * local
         order = self._orders[k]
