@@ -41,10 +41,10 @@ def make_config(packing: str, args) -> object:
     cfg = config_lib.load_experiment(spec)
     hi = args.max_log2
     sets = {
-        "data.min_log2_len": args.min_log2,
-        "data.max_log2_len": hi,
+        "data.decompose.min_log2_len": args.min_log2,
+        "data.decompose.max_log2_len": hi,
         "data.seq_len": 1 << hi,
-        "data.curriculum": args.curriculum,
+        "data.decompose.curriculum": args.curriculum,
         "train.tokens_per_step": args.tokens_per_step,
         "optim.schedule": "constant",
         "optim.warmup_steps": args.warmup,
@@ -60,22 +60,16 @@ class Trainer:
     def __init__(self, packing: str, args):
         import jax
 
-        from lmtrain import data, sharding, step, train
-        from lmtrain.data.decompose import make_train_data
+        from lmtrain import data, run, sharding
         from lmtrain.evaluate import Evaluator
 
         self.packing = packing
-        self.run = train.setup(make_config(packing, args))
+        self.run = run.setup(make_config(packing, args))
         cfg = self.run.cfg
         corpus = data.load_corpus(cfg.data, self.run.tokenizer)
-        self.it, shapes, self.report = make_train_data(cfg, corpus.train)
-        fn = step.make_train_step(self.run.graphdef, self.run.tx, self.run.schedule)
-        self.steps = {}
-        for batch, n in shapes:
-            spec = step.batch_spec(batch, n, (*step.TRAIN_KEYS,))
-            self.steps[n] = step.compile_train_step(
-                fn, self.run.state_shardings, self.run.mesh, self.run.abstract_state, spec
-            )
+        train_data = data.make_train_data(cfg, corpus.train)
+        self.it, self.report = train_data.iterator, train_data.report
+        self.steps, _ = run.compile_train_steps(self.run, train_data.shapes, stop_flag=False)
         self.evaluator = Evaluator(self.run, corpus.val)
         self.state = self.run.init_state()
         self.clock, self.n_steps, self.tokens = 0.0, 0, 0

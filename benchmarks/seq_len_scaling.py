@@ -41,7 +41,8 @@ def measure(label: str, seq_len: int, tokens: int, steps: int, max_gib: float) -
     import jax
     import numpy as np
 
-    from lmtrain import config, sharding, step, train
+    from lmtrain import config, sharding
+    from lmtrain import run as run_lib
 
     batch = max(1, tokens // seq_len)
     cfg = config.override(
@@ -58,17 +59,9 @@ def measure(label: str, seq_len: int, tokens: int, steps: int, max_gib: float) -
             "mesh.shape": (1, 1, 1),
         },
     )
-    run = train.setup(cfg)
-    shape = step.batch_spec(batch, seq_len, step.TRAIN_KEYS)
-    t0 = time.perf_counter()
-    fn = step.compile_train_step(
-        step.make_train_step(run.graphdef, run.tx, run.schedule),
-        run.state_shardings,
-        run.mesh,
-        run.abstract_state,
-        shape,
-    )
-    compile_s = time.perf_counter() - t0
+    run = run_lib.setup(cfg)
+    steps, compile_s = run_lib.compile_train_steps(run, [(batch, seq_len)], stop_flag=False)
+    fn, compile_s = steps[seq_len], compile_s[seq_len]
     mem = fn.memory_analysis()
     peak = (
         mem.argument_size_in_bytes

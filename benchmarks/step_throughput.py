@@ -41,7 +41,8 @@ def child(n_devices: int, steps: int, batch: int, seq_len: int, vocab: int) -> l
     import jax
     import numpy as np
 
-    from lmtrain import config, flops, sharding, step, train
+    from lmtrain import config, flops, sharding
+    from lmtrain import run as run_lib
 
     peak, _ = flops.peak_flops(jax.devices()[:1], "float32")
     rows = []
@@ -62,18 +63,10 @@ def child(n_devices: int, steps: int, batch: int, seq_len: int, vocab: int) -> l
                     "eval.batch_size": batch,
                 },
             )
-            run = train.setup(cfg)
+            run = run_lib.setup(cfg)
             state = run.init_state()
-            shape = step.batch_spec(batch, seq_len, step.TRAIN_KEYS)
-            t0 = time.perf_counter()
-            fn = step.compile_train_step(
-                step.make_train_step(run.graphdef, run.tx, run.schedule),
-                run.state_shardings,
-                run.mesh,
-                run.abstract_state,
-                shape,
-            )
-            compile_s = time.perf_counter() - t0
+            steps_, secs = run_lib.compile_train_steps(run, [(batch, seq_len)], stop_flag=False)
+            fn, compile_s = steps_[seq_len], secs[seq_len]
             b = sharding.global_batch(synthetic_batch(batch, seq_len, vocab), run.mesh)
             times = []
             for i in range(steps + 2):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from lmtrain.config import (
     Config,
     DataConfig,
+    DecomposeConfig,
     EvalConfig,
     ModelConfig,
     OptimConfig,
@@ -43,10 +44,9 @@ def get_config(arg: str = "") -> Config:
             tokenizer="bytes" if smoke else "bpe:4096",
             seq_len=1 << hi,  # the concat rows, and the main evaluation's context
             packing=packing,
-            min_log2_len=lo,
-            max_log2_len=hi,
-            curriculum=curriculum,
-            cycles=1,
+            decompose=DecomposeConfig(
+                min_log2_len=lo, max_log2_len=hi, curriculum=curriculum, cycles=1
+            ),
         ),
         optim=OptimConfig(lr=3e-3, warmup_steps=2 if smoke else 30),
         train=TrainConfig(

@@ -34,6 +34,9 @@ FAMILIES = {
 }
 
 
+VARIANTS = ("", *FAMILIES, "smoke")
+
+
 def get_config(arg: str = "") -> Config:
     """One family's run (`arg` names it, "" = transformer; "smoke": a seconds-long one)."""
     arg = arg or "transformer"

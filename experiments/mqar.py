@@ -26,8 +26,10 @@ from lmtrain.config import (
     DataConfig,
     EvalConfig,
     ModelConfig,
+    MQARConfig,
     OptimConfig,
     TrainConfig,
+    flat,
     override,
 )
 
@@ -64,10 +66,13 @@ SWEEPS = {
 }  # fmt: skip
 
 
+VARIANTS = ("", "seq256", "smoke")
+
+
 def get_config(arg: str = "") -> Config:
     """ "": the sanity point (attention, width 64, seq 64, 4 pairs); "seq256": the frontier's
     task and schedule around which the sweep varies model, width and lr."""
-    if arg not in ("", "seq256", "smoke"):
+    if arg not in VARIANTS:
         raise ValueError(f"unknown mqar variant {arg!r}; choose '', 'seq256' or 'smoke'")
     seq_len, pairs, batch, steps = {
         "": (64, 4, 64, 1500),
@@ -84,12 +89,14 @@ def get_config(arg: str = "") -> Config:
         data=DataConfig(
             source="mqar",
             seq_len=seq_len,
-            num_kv_pairs=pairs,
-            mqar_val_examples=1000 if arg == "seq256" else 3000,
-            # Zoology's training mixture at seq 256 (validation stays 256 / 16 pairs): rows of
-            # 4 x (64, 4 pairs), 2 x (128, 8) or 1 x (256, 16) examples in turn. Without it,
-            # attention was at 1.8% after 48k examples of 256 / 16 alone.
-            mqar_train_lengths=(64, 128, 256) if arg == "seq256" else (),
+            mqar=MQARConfig(
+                num_kv_pairs=pairs,
+                val_examples=1000 if arg == "seq256" else 3000,
+                # Zoology's training mixture at seq 256 (validation stays 256 / 16 pairs): rows
+                # of 4 x (64, 4 pairs), 2 x (128, 8) or 1 x (256, 16) examples in turn. Without
+                # it, attention was at 1.8% after 48k examples of 256 / 16 alone.
+                train_lengths=(64, 128, 256) if arg == "seq256" else (),
+            ),
         ),
         optim=OptimConfig(lr=3e-3, warmup_steps=min(50, steps // 10), weight_decay=0.1),
         train=TrainConfig(
@@ -133,8 +140,7 @@ def _label(cfg: Config) -> str:
 
 
 def config_value(cfg: Config, key: str):
-    section, field = key.split(".")
-    return getattr(getattr(cfg, section), field, None)
+    return flat(cfg).get(key)
 
 
 def collect(sweep_dir: Path) -> list[dict]:

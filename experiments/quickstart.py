@@ -11,6 +11,7 @@ SIZES = {
     "": (256, 3, 4, 256, 16, 200),
     "smoke": (32, 2, 2, 32, 8, 20),
 }
+VARIANTS = tuple(SIZES)
 
 
 def get_config(arg: str = "") -> Config:

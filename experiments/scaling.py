@@ -12,7 +12,7 @@ lmtrain train experiments/scaling.py                       # the base config alo
 """
 
 from lmtrain.config import Config, DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
-from lmtrain.sweep import isoflop_grid, size_token_grid
+from lmtrain.sweeps import isoflop_grid, size_token_grid
 
 # name -> (d_model, n_layers, n_heads); non-embedding parameters in the comment
 MODELS = {
@@ -24,6 +24,8 @@ MODELS = {
     "d16": (16, 1, 2),  # smoke
     "d32": (32, 2, 2),  # smoke
 }
+VARIANTS = ("", "smoke", "heldout")  # get_config
+SWEEPS = ("", "smoke", "heldout")  # get_sweep
 BUDGETS = (6e11, 1.8e12, 5.4e12)  # C = 6 N D; each 3x the last
 SWEEP_SIZES = ("d48", "d64", "d96", "d128")
 # Larger than every sweep run in N (2x) and in C (2.2x): a test of extrapolation.
@@ -37,7 +39,7 @@ def _size(name: str) -> dict:
 
 def get_config(arg: str = "") -> Config:
     """The base config every run starts from (`arg` "smoke" shrinks it)."""
-    if arg not in ("", "smoke", "heldout"):
+    if arg not in VARIANTS:
         raise ValueError(f"unknown scaling variant {arg!r}; choose '', 'smoke' or 'heldout'")
     smoke = arg == "smoke"
     seq_len, batch = (32, 8) if smoke else (128, 16)

@@ -81,9 +81,24 @@ class Checkpointer:
             "(space, permissions, mount) and rerun to resume"
         )
 
-    def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
-        """Restores `step` onto the shardings in `abstract_state`; resumes `data_iter` in place."""
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
+    def restore(
+        self, step: int, abstract_state: Any, data_iter: Any = None, partial: bool = False
+    ) -> Any:
+        """Restores `step` onto the shardings in `abstract_state`; resumes `data_iter` in place.
+
+        `partial`: `abstract_state` names a part of the saved state (e.g. only "params"), and
+        only that part is read from disk.
+        """
+        if partial:
+            restore_args = jax.tree.map(
+                lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_state
+            )
+            state = ocp.args.PyTreeRestore(
+                item=abstract_state, restore_args=restore_args, partial_restore=True
+            )
+        else:
+            state = ocp.args.StandardRestore(abstract_state)
+        args = {"state": state}
         if data_iter is not None:
             args["data"] = ocp.args.JsonRestore()
         restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
@@ -91,16 +106,24 @@ class Checkpointer:
             data_iter.set_state(restored["data"])
         return restored["state"]
 
-    def restore_latest(self, abstract_state: Any, data_iter: Any = None) -> tuple[int, Any] | None:
-        """(step, state) from the newest readable checkpoint, or None if there is none.
+    def restore_latest(
+        self,
+        abstract_state: Any,
+        data_iter: Any = None,
+        partial: bool = False,
+        step: int | None = None,
+    ) -> tuple[int, Any] | None:
+        """(step, state) from the newest readable checkpoint (or from `step` only), or None if
+        there is none; `partial` as in `restore`.
 
         A checkpoint that fails to restore is moved aside to `corrupt-STEP-TIME/` (kept for
         inspection, never deleted) and the previous one is tried, so a damaged latest
         checkpoint costs the steps since the one before, never the run.
         """
-        for step in reversed(self.steps()):
+        candidates = reversed(self.steps()) if step is None else [step]
+        for step in candidates:
             try:
-                state = self.restore(step, abstract_state, data_iter)
+                state = self.restore(step, abstract_state, data_iter, partial)
                 self._confirmed = step
                 return step, state
             except ConfigError:

@@ -208,10 +208,12 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from lmtrain import config as config_lib
-    from lmtrain import data, train
+    from lmtrain import data
+    from lmtrain import run as run_lib
     from lmtrain.evaluate import Evaluator
 
-    run, params, step = train.restore_params(Path(args.workdir), config_lib.parse_sets(args.sets))
+    sets = config_lib.parse_sets(args.sets)
+    run, params, step = run_lib.restore_params(Path(args.workdir), sets)
     corpus = data.load_corpus(run.cfg.data, run.tokenizer)
     result = Evaluator(run, corpus.val)(params, run.cfg.eval.max_batches)
     print(json.dumps({"step": step, **result}))
@@ -220,10 +222,10 @@ def _cmd_eval(args) -> int:
 
 def _cmd_generate(args) -> int:
     from lmtrain import config as config_lib
-    from lmtrain import train
+    from lmtrain import run as run_lib
     from lmtrain.generate import sample_tokens
 
-    run, params, _ = train.restore_params(Path(args.workdir), config_lib.parse_sets(args.sets))
+    run, params, _ = run_lib.restore_params(Path(args.workdir), config_lib.parse_sets(args.sets))
     ids = run.tokenizer.encode(args.prompt)
     out = sample_tokens(run, params, ids, args.max_new_tokens, args.temperature, args.seed)
     print(args.prompt + run.tokenizer.decode(out))

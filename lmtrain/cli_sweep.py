@@ -129,28 +129,28 @@ def add_parsers(sub) -> None:
 
 def cmd_sweep(args) -> int:
     """Runs, lists, collects or writes a SLURM array for a sweep."""
-    from lmtrain import sweep, sweep_runner
     from lmtrain.config import ConfigError
+    from lmtrain.sweeps import planning, runner, throughput
 
     if args.parallel < 1:
         raise ConfigError("--parallel must be at least 1")
     sweep_dir = Path(args.dir)
-    runs = sweep.load_sweep(args.experiment, sweep_dir)
+    runs = planning.load_sweep(args.experiment, sweep_dir)
     if args.dry_run:
         rates = dict(flops_per_sec=args.flops_per_sec, gpus_per_run=args.gpus_per_run)
-        print(sweep.dry_run(runs, sweep_dir, args.parallel, measure=args.measure, **rates))
+        print(throughput.dry_run(runs, sweep_dir, args.parallel, measure=args.measure, **rates))
         return 0
     if args.collect:
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        sweep_runner.write_results(sweep_dir, runs)
+        runner.write_results(sweep_dir, runs)
         print(f"wrote {sweep_dir / 'results.jsonl'} and results.csv ({len(runs)} runs)")
         return 0
     if args.slurm:
         template = Path(args.slurm_template) if args.slurm_template else None
-        out = sweep_runner.write_slurm(runs, args.experiment, sweep_dir, args.parallel, template)
+        out = runner.write_slurm(runs, args.experiment, sweep_dir, args.parallel, template)
         print(f"wrote {out} ({len(runs)} array tasks); submit with: sbatch {out}")
         return 0
-    return sweep_runner.run_sweep(
+    return runner.run_sweep(
         runs,
         sweep_dir,
         parallel=args.parallel,
@@ -164,6 +164,17 @@ def cmd_sweep(args) -> int:
 
 def cmd_fit(args) -> int:
     """Fits scaling laws to a sweep's results."""
-    from lmtrain import scaling_report
+    from lmtrain.sweeps import report
 
-    return scaling_report.main(args)
+    report.fit_sweep(
+        Path(args.sweep_dir),
+        metric=args.metric,
+        params=args.params,
+        predict=args.predict,
+        target_flops=args.target_flops,
+        holdout=Path(args.holdout) if args.holdout else None,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        out=Path(args.out) if args.out else None,
+    )
+    return 0

@@ -12,36 +12,62 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from lmtrain import models
+from lmtrain.errors import ConfigError
+from lmtrain.models.base import ModelConfig
 
-class ConfigError(ValueError):
-    """A user-caused configuration problem (the CLI exits with status 2)."""
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DecomposeConfig",
+    "EvalConfig",
+    "MQARConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+]
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Fields shared by every model family; a family's `Config` subclasses this."""
+class DecomposeConfig:
+    """data.decompose.*: dataset decomposition (lmtrain/data/decompose.py), used when
+    data.packing = "decompose": documents cut into 2^k-token chunks, min_log2_len <= k <=
+    max_log2_len; each step takes train.tokens_per_step tokens from one bucket."""
 
-    name: str = "transformer"
-    vocab_size: int = 0  # 0: taken from the tokenizer when the run starts
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 0  # 0: same as n_heads (no grouping)
-    ffn_mult: float = 4.0  # hidden width = ffn_mult * d_model (SwiGLU uses 2/3 of it, rounded)
-    dtype: str = "float32"  # compute dtype; parameters stay float32
-    remat: bool = False  # rematerialise each block in the backward pass
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-    norm_eps: float = 1e-6
+    min_log2_len: int = 8
+    max_log2_len: int = 13
+    curriculum: str = "grow_p2"  # uniform | grow_p2 | shrink (odds per bucket)
+    cycles: int = 1  # curriculum restarts per pass over the decomposed data
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward); each family overrides this."""
-        raise NotImplementedError(f"model family {self.name!r} does not count its FLOPs")
+
+@dataclasses.dataclass(frozen=True)
+class MQARConfig:
+    """data.mqar.*: the synthetic recall task, used when data.source = "mqar" (everything about
+    it lives in lmtrain/data/mqar.py; data.tokenizer does not apply)."""
+
+    num_kv_pairs: int = 16  # key-value pairs per example, each queried once
+    vocab: int = 8192  # keys from [1, V/2), values from [V/2, V)
+    power_a: float = 0.01  # query gap g drawn with odds a (g + 1)^(a - 1)
+    train_examples: int = 100_000
+    val_examples: int = 3_000
+    seed: int = 0
+    # Training mixture (Zoology's BASED-paper recipe): example lengths packed into training rows,
+    # e.g. (64, 128, 256) at seq_len 256 / 16 pairs: rows of 4 examples of 64 tokens / 4 pairs,
+    # 2 of 128 / 8 and 1 of 256 / 16, in turn (documents masked). () = seq_len only.
+    # Validation is always seq_len / num_kv_pairs.
+    train_lengths: tuple[int, ...] = ()
+
+
+PACKINGS = ("concat", "decompose")
+CURRICULA = ("uniform", "grow_p2", "shrink")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "stdlib"  # "stdlib" (embedded corpus), or a .txt/.jsonl path, directory or glob
+    source: str = "stdlib"  # "stdlib" (embedded corpus), a .txt/.jsonl path, directory or glob,
+    #                         a directory written by `lmtrain prepare`, or a synthetic task ("mqar")
     seq_len: int = 256
     tokenizer: str = "bpe:4096"  # "bytes" | "bpe:N" | path to tokenizer.json or a .model file
     val_fraction: float = 0.05
@@ -49,26 +75,10 @@ class DataConfig:
     cache_dir: str = ""  # tokenizers and tokenised corpora; "" means ~/.cache/lmtrain
     prefetch: int = 2  # batches prepared ahead by grain's reader threads
     # "concat": concat-and-chunk rows of seq_len with document masking. "decompose": dataset
-    # decomposition (lmtrain/data/decompose.py): documents cut into 2^k-token chunks,
-    # min_log2_len <= k <= max_log2_len; each step takes train.tokens_per_step tokens from one
-    # bucket; data.seq_len is then only the context of the main evaluation.
+    # decomposition (data.decompose.*); data.seq_len is then only the main evaluation's context.
     packing: str = "concat"
-    min_log2_len: int = 8
-    max_log2_len: int = 13
-    curriculum: str = "grow_p2"  # uniform | grow_p2 | shrink (odds per bucket, decompose only)
-    cycles: int = 1  # curriculum restarts per pass over the decomposed data
-    # source "mqar" (synthetic recall task, lmtrain/data/mqar.py; data.tokenizer is ignored)
-    num_kv_pairs: int = 16  # key-value pairs per example, each queried once
-    mqar_vocab: int = 8192  # keys from [1, V/2), values from [V/2, V)
-    mqar_power_a: float = 0.01  # query gap g drawn with odds a (g + 1)^(a - 1)
-    mqar_train_examples: int = 100_000
-    mqar_val_examples: int = 3_000
-    mqar_seed: int = 0
-    # Training mixture (Zoology's BASED-paper recipe): example lengths packed into training rows,
-    # e.g. (64, 128, 256) at seq_len 256 / 16 pairs: rows of 4 examples of 64 tokens / 4 pairs,
-    # 2 of 128 / 8 and 1 of 256 / 16, in turn (documents masked). () = seq_len only.
-    # Validation is always seq_len / num_kv_pairs.
-    mqar_train_lengths: tuple[int, ...] = ()
+    decompose: DecomposeConfig = dataclasses.field(default_factory=DecomposeConfig)
+    mqar: MQARConfig = dataclasses.field(default_factory=MQARConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,28 +145,50 @@ class Config:
             return self.train.tokens_per_step
         longest = self.data.seq_len
         if self.data.packing == "decompose":
-            longest = 1 << self.data.max_log2_len
+            longest = 1 << self.data.decompose.max_log2_len
         return self.train.batch_size * longest
+
+    def train_tokens(self) -> int:
+        """Training tokens of the whole run, D = train.steps x tokens_per_step()."""
+        return self.train.steps * self.tokens_per_step()
+
+    def train_lengths(self) -> list[int]:
+        """Sequence length of every training step shape, shortest first."""
+        d = self.data
+        if d.packing == "decompose":
+            return [1 << k for k in range(d.decompose.min_log2_len, d.decompose.max_log2_len + 1)]
+        return [d.seq_len]
 
     def train_shapes(self) -> list[tuple[int, int]]:
         """(global batch, seq_len) of every training step shape, shortest first."""
-        d = self.data
-        lens = [d.seq_len]
-        if d.packing == "decompose":
-            lens = [1 << k for k in range(d.min_log2_len, d.max_log2_len + 1)]
-        return [(self.tokens_per_step() // n, n) for n in lens]
+        return [(self.tokens_per_step() // n, n) for n in self.train_lengths()]
 
     def eval_lengths(self) -> tuple[int, ...]:
         """Contexts for the per-length evaluation (see EvalConfig.lengths)."""
-        d = self.data
-        if self.eval.lengths or d.packing != "decompose":
+        if self.eval.lengths or self.data.packing != "decompose":
             return self.eval.lengths
-        return tuple(1 << k for k in range(d.min_log2_len, d.max_log2_len + 1))
+        return tuple(self.train_lengths())
 
     def validate(self) -> Config:
-        """Checks relations between fields; returns self so calls chain."""
-        t, m = self.train, self.model
-        self._validate_packing()
+        """Checks fields and relations between them; returns self so calls chain.
+
+        Source-specific checks (a synthetic task's own fields) are the data layer's:
+        `lmtrain.data.check_config`.
+        """
+        t, d, o = self.train, self.data, self.optim
+        self.model.validate()
+        _check(d.packing in PACKINGS, "data.packing", f"must be one of {', '.join(PACKINGS)}")
+        _check(t.tokens_per_step >= 0, "train.tokens_per_step", "must be >= 0")
+        _check(all(n > 0 for n in self.eval.lengths), "eval.lengths", "must be positive")
+        _check(d.seq_len > 0, "data.seq_len", "must be positive")
+        if d.packing == "decompose":
+            self._validate_decompose()
+        else:
+            _check(
+                self.tokens_per_step() % d.seq_len == 0,
+                "train.tokens_per_step",
+                f"must be a multiple of data.seq_len ({d.seq_len})",
+            )
         _check(t.steps > 0, "train.steps", "must be positive")
         _check(t.batch_size > 0, "train.batch_size", "must be positive")
         _check(t.grad_accum > 0, "train.grad_accum", "must be positive")
@@ -166,49 +198,33 @@ class Config:
             "train.grad_accum",
             f"must divide the batch size ({smallest} sequences per step)",
         )
-        _check(self.data.seq_len > 0, "data.seq_len", "must be positive")
-        _check(0.0 <= self.data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
-        _check(self.optim.lr > 0, "optim.lr", "must be positive")
-        _check(self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+        _check(o.lr > 0, "optim.lr", "must be positive")
+        _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _check(list(self.mesh.shape).count(-1) <= 1, "mesh.shape", "allows at most one -1")
         _check(len(self.mesh.shape) == 3, "mesh.shape", "needs 3 entries (data, fsdp, tensor)")
-        _check(m.d_model > 0 and m.n_layers > 0, "model.d_model", "and n_layers must be positive")
-        _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32|bfloat16")
         return self
 
-    def _validate_packing(self) -> None:
-        d, t = self.data, self.train
-        _check(d.packing in ("concat", "decompose"), "data.packing", "must be concat|decompose")
-        _check(t.tokens_per_step >= 0, "train.tokens_per_step", "must be >= 0")
-        _check(all(n > 0 for n in self.eval.lengths), "eval.lengths", "must be positive")
+    def _validate_decompose(self) -> None:
+        dc = self.data.decompose
         _check(
-            not (self.eval.lengths and d.source == "mqar"), "eval.lengths", "do not apply to mqar"
-        )
-        if d.packing == "concat":
-            _check(
-                self.tokens_per_step() % d.seq_len == 0,
-                "train.tokens_per_step",
-                f"must be a multiple of data.seq_len ({d.seq_len})",
-            )
-            return
-        _check(d.source != "mqar", "data.packing", "decompose needs a text corpus, not mqar")
-        _check(
-            0 <= d.min_log2_len <= d.max_log2_len <= 24,
-            "data.min_log2_len",
-            f"must satisfy 0 <= min_log2_len <= max_log2_len <= 24 (got {d.min_log2_len}, "
-            f"{d.max_log2_len})",
+            0 <= dc.min_log2_len <= dc.max_log2_len <= 24,
+            "data.decompose.min_log2_len",
+            f"must satisfy 0 <= min_log2_len <= max_log2_len <= 24 (got {dc.min_log2_len}, "
+            f"{dc.max_log2_len})",
         )
         _check(
-            d.curriculum in ("uniform", "grow_p2", "shrink"),
-            "data.curriculum",
-            "must be uniform|grow_p2|shrink",
+            dc.curriculum in CURRICULA,
+            "data.decompose.curriculum",
+            f"must be one of {', '.join(CURRICULA)}",
         )
-        _check(d.cycles >= 1, "data.cycles", "must be >= 1")
-        longest = 1 << d.max_log2_len
+        _check(dc.cycles >= 1, "data.decompose.cycles", "must be >= 1")
+        longest = 1 << dc.max_log2_len
         _check(
             self.tokens_per_step() % longest == 0,
             "train.tokens_per_step",
-            f"must be a multiple of 2^data.max_log2_len = {longest} (got {self.tokens_per_step()})",
+            f"must be a multiple of 2^data.decompose.max_log2_len = {longest} "
+            f"(got {self.tokens_per_step()})",
         )
 
 
@@ -220,16 +236,9 @@ def _check(ok: bool, key: str, msg: str) -> None:
 # ---------------------------------------------------------------------------- model families
 
 
-def model_config_class(name: str) -> type[ModelConfig]:
-    """The `Config` class of the model family called `name`."""
-    from lmtrain import models  # late import: models import this module
-
-    return models.family(name).Config
-
-
 def _retype_model(model: ModelConfig, name: str) -> ModelConfig:
     """Rebuilds `model` as family `name`'s Config, keeping the fields both have."""
-    cls = model_config_class(name)
+    cls = models.family(name).Config
     names = {f.name for f in dataclasses.fields(cls)}
     kept = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name in names}
     kept["name"] = name
@@ -238,9 +247,17 @@ def _retype_model(model: ModelConfig, name: str) -> ModelConfig:
 
 # ---------------------------------------------------------------------------- overrides
 
-
-def _field_types(obj: Any) -> dict[str, Any]:
-    return typing.get_type_hints(type(obj))
+# Keys that moved into a section: config files written before still load (from_dict maps
+# them); `--set` with an old key names the new one.
+MOVED = {
+    **{f"data.{k}": f"data.decompose.{k}" for k in ("min_log2_len", "max_log2_len", "curriculum")},
+    "data.cycles": "data.decompose.cycles",
+    "data.num_kv_pairs": "data.mqar.num_kv_pairs",
+    **{
+        f"data.mqar_{k}": f"data.mqar.{k}"
+        for k in ("vocab", "power_a", "train_examples", "val_examples", "seed", "train_lengths")
+    },
+}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -288,34 +305,64 @@ def _closest(key: str, valid: list[str]) -> str:
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
+def _leaves(obj: Any, prefix: str) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (value, annotation)} of every non-section field under dataclass `obj`."""
+    out = {}
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(_leaves(value, key + "."))
+        else:
+            out[key] = (value, hints[f.name])
+    return out
+
+
 def all_keys(cfg: Config) -> list[str]:
-    """Every dotted key `--set` accepts for this config."""
-    return [
-        f"{sec.name}.{f.name}"
-        for sec in dataclasses.fields(cfg)
-        for f in dataclasses.fields(getattr(cfg, sec.name))
-    ]
+    """Every dotted key `--set` accepts for this config (sections: data.decompose.cycles)."""
+    return list(_leaves(cfg, ""))
+
+
+def flat(cfg: Config) -> dict[str, Any]:
+    """{dotted key: value} of every field (what resume and sweep checks compare)."""
+    return {k: v for k, (v, _) in _leaves(cfg, "").items()}
+
+
+def _replace(obj: Any, path: list[str], value: Any) -> Any:
+    """`obj` with the field at `path` (a list of names through nested sections) set."""
+    head, *rest = path
+    new = _replace(getattr(obj, head), rest, value) if rest else value
+    return dataclasses.replace(obj, **{head: new})
+
+
+def _unknown_key(cfg: Config, key: str) -> ConfigError:
+    if key in MOVED:
+        return ConfigError(f"config key {key!r} is now {MOVED[key]!r}")
+    section, _, field = key.partition(".")
+    if section == "model" and "." not in field:
+        owners = models.families_with_field(field)
+        if owners:
+            return ConfigError(
+                f"model.{field} belongs to {'/'.join(owners)}, not model.name="
+                f"{cfg.model.name!r}: set model.name first (--set model.name={owners[0]})"
+            )
+    return ConfigError(f"unknown config key {key!r}{_closest(key, all_keys(cfg))}")
 
 
 def override(cfg: Config, assignments: dict[str, Any]) -> Config:
     """Applies {"section.field": value} (values already parsed); `model.name` goes first."""
     items = sorted(assignments.items(), key=lambda kv: kv[0] != "model.name")
     for key, value in items:
-        section, _, field = key.partition(".")
-        valid = all_keys(cfg)
         if key == "model.name":
             if not isinstance(value, str):
                 raise ConfigError(f"model.name must be str, got {value!r}")
-            try:
-                cfg = dataclasses.replace(cfg, model=_retype_model(cfg.model, value))
-            except KeyError as e:
-                raise ConfigError(str(e.args[0])) from None
+            cfg = dataclasses.replace(cfg, model=_retype_model(cfg.model, value))
             continue
-        if key not in valid:
-            raise ConfigError(f"unknown config key {key!r}{_closest(key, valid)}")
-        sub = getattr(cfg, section)
-        value = _coerce(value, _field_types(sub)[field], key)
-        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{field: value})})
+        leaves = _leaves(cfg, "")
+        if key not in leaves:
+            raise _unknown_key(cfg, key)
+        value = _coerce(value, leaves[key][1], key)
+        cfg = _replace(cfg, key.split("."), value)
     return cfg
 
 
@@ -351,7 +398,12 @@ def load_experiment(spec: str) -> Config:
     """Loads `path/to/exp.py[:arg]` by calling its `get_config(arg)`."""
     module, arg = load_module(spec, "get_config")
     path = spec.partition(":")[0]
-    cfg = module.get_config(arg)
+    try:
+        cfg = module.get_config(arg)
+    except ConfigError:
+        raise
+    except ValueError as e:  # e.g. an unknown variant argument
+        raise ConfigError(f"{path}:get_config({arg!r}): {e}") from None
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}:get_config returned {type(cfg).__name__}, not lmtrain Config")
     return with_family_config(cfg)
@@ -359,10 +411,7 @@ def load_experiment(spec: str) -> Config:
 
 def with_family_config(cfg: Config) -> Config:
     """Makes `cfg.model` an instance of its family's Config (so family fields exist)."""
-    try:
-        cls = model_config_class(cfg.model.name)
-    except KeyError as e:
-        raise ConfigError(str(e.args[0])) from None
+    cls = models.family(cfg.model.name).Config
     if type(cfg.model) is cls:
         return cfg
     return dataclasses.replace(cfg, model=_retype_model(cfg.model, cfg.model.name))
@@ -372,11 +421,20 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[MOVED.get(f"{prefix}{k}", f"{prefix}{k}")] = v
+    return out
+
+
 def from_dict(d: dict[str, Any]) -> Config:
-    """Rebuilds a Config from `to_dict` output (e.g. a run's config.json)."""
-    cfg = Config()
-    flat = {f"{s}.{k}": v for s, sec in d.items() for k, v in sec.items()}
-    return override(cfg, flat)
+    """Rebuilds a Config from `to_dict` output (e.g. a run's config.json); keys that have
+    moved into a section since the file was written (MOVED) are read at their new place."""
+    return override(Config(), _flatten(d))
 
 
 def save_json(cfg: Config, path: Path) -> None:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 
 from lmtrain import data, sharding, step
-
-if TYPE_CHECKING:
-    from lmtrain.train import Run
+from lmtrain.run import Run, compile_eval_steps
 
 
 class Evaluator:
@@ -23,7 +21,7 @@ class Evaluator:
     training), with the same tokens per eval batch, so contexts compare at equal cost.
     """
 
-    def __init__(self, run: Run, val_stream: Any):
+    def __init__(self, run: Run, val_stream: data.RowSource | None):
         if val_stream is None:
             raise ValueError("no validation split (data.val_fraction is 0)")
         self.run = run
@@ -35,17 +33,7 @@ class Evaluator:
         self.shapes = {cfg.data.seq_len: cfg.eval.batch_size}
         for n in cfg.eval_lengths():
             self.shapes.setdefault(n, max(dp, tokens // n // dp * dp))
-        fn = step.make_eval_step(run.graphdef)
-        self._steps = {
-            n: step.compile_eval_step(
-                fn,
-                run.state_shardings["params"],
-                run.mesh,
-                run.abstract_state["params"],
-                step.batch_spec(b, n, step.EVAL_KEYS, getattr(val_stream, "targets_per_row", 0)),
-            )
-            for n, b in self.shapes.items()
-        }
+        self._steps = compile_eval_steps(run, self.shapes, val_stream.targets_per_row)
 
     def __call__(
         self, params: Any, max_batches: int = 0, on_batch: Callable[[str], None] | None = None

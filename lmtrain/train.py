@@ -1,4 +1,5 @@
-"""The training loop: mesh -> data -> abstract init -> sharded init -> restore -> steps."""
+"""The training loop only: resolve the run -> data -> restore or init -> steps -> eval /
+checkpoint / log. Everything it shares with eval, generate and benchmarks is in lmtrain.run."""
 
 from __future__ import annotations
 
@@ -13,15 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lmtrain import config as config_lib
-from lmtrain import data, flops, models, optim, sharding, step
+from lmtrain import data, flops, sharding
+from lmtrain import run as run_lib
 from lmtrain.checkpoint import Checkpointer
-from lmtrain.config import Config, ConfigError
-from lmtrain.data.decompose import make_train_data
+from lmtrain.config import Config
+from lmtrain.data.sources import cache_dir
 from lmtrain.evaluate import Evaluator
 from lmtrain.tracking import Tracker
 
@@ -32,105 +32,28 @@ class NonFiniteLoss(RuntimeError):
     """The loss or gradient norm became NaN/Inf; the run stops without saving that state."""
 
 
-@dataclasses.dataclass
-class Run:
-    """Everything derived from a config that train, eval and generate share."""
+class MetricsWindow:
+    """Throughput and MFU over the steps since the last log row (steps may differ in length,
+    so FLOPs are summed per step; MFU is `flops.mfu`, the one formula)."""
 
-    cfg: Config
-    mesh: jax.sharding.Mesh
-    tokenizer: Any
-    graphdef: nnx.GraphDef
-    tx: Any
-    schedule: Any
-    abstract_state: dict  # ShapeDtypeStructs carrying their target shardings
-    state_shardings: dict
-    n_params: int
+    def __init__(self, step: int, tokens_per_step: int, flops_per_token: dict[int, float], peak):
+        self.tokens_per_step, self.fpt, self.peak = tokens_per_step, flops_per_token, peak
+        self._start = (step, time.time())
+        self._flops = 0.0
 
-    def init_state(self) -> dict:
-        """Materialises a fresh state directly in its shardings (never on one device first)."""
-        cfg = self.cfg
+    def add(self, seq_len: int) -> None:
+        """Counts one finished step of sequences of `seq_len`."""
+        self._flops += self.tokens_per_step * self.fpt[seq_len]
 
-        def init() -> dict:
-            model = models.build(cfg.model, nnx.Rngs(params=cfg.train.seed))
-            params = nnx.to_pure_dict(nnx.state(model))
-            return {
-                "step": jnp.zeros((), jnp.int32),
-                "params": params,
-                "opt_state": self.tx.init(params),
-            }
-
-        return jax.jit(init, out_shardings=self.state_shardings)()
-
-
-def setup(cfg: Config) -> Run:
-    """Tokenizer, mesh, abstract model and shardings for `cfg` (vocab size filled in)."""
-    tokenizer = data.make_tokenizer(cfg.data)
-    m = cfg.model
-    if m.vocab_size == 0:
-        m = dataclasses.replace(m, vocab_size=tokenizer.vocab_size)
-    elif m.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size {m.vocab_size} < the tokenizer's {tokenizer.vocab_size}"
-        )
-    cfg = dataclasses.replace(cfg, model=m).validate()
-    mesh = sharding.make_mesh(cfg.mesh)
-    dp = sharding.data_parallel_size(mesh)
-    for batch, seq_len in cfg.train_shapes():
-        if (batch // cfg.train.grad_accum) % dp:
-            raise ConfigError(
-                f"the batch of {batch} x {seq_len} tokens / train.grad_accum "
-                f"{cfg.train.grad_accum} must be divisible by the data-parallel size {dp} "
-                "(mesh.shape data x fsdp)"
-            )
-    if cfg.eval.batch_size % dp:
-        raise ConfigError(f"eval.batch_size {cfg.eval.batch_size} must be divisible by {dp}")
-
-    abstract_model = nnx.eval_shape(lambda: models.build(cfg.model, nnx.Rngs(params=0)))
-    graphdef, abstract_vars = nnx.split(abstract_model)
-    abstract_params = nnx.to_pure_dict(abstract_vars)
-    tx = optim.make_optimizer(cfg.optim, cfg.train.steps, optim.decay_mask(abstract_vars))
-    schedule = optim.make_schedule(cfg.optim, cfg.train.steps)
-    specs = sharding.state_specs(sharding.param_specs(abstract_vars, mesh), tx, abstract_params)
-    shardings = sharding.named(mesh, specs)
-    shapes = {
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "params": abstract_params,
-        "opt_state": jax.eval_shape(tx.init, abstract_params),
-    }
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
-    )
-    n_params = flops.count_params(abstract_params)
-    return Run(cfg, mesh, tokenizer, graphdef, tx, schedule, abstract_state, shardings, n_params)
-
-
-_FATAL_DATA_CHANGES = (
-    "data.tokenizer",
-    "data.seq_len",
-    "data.source",
-    "data.packing",
-    "data.min_log2_len",
-    "data.max_log2_len",
-)
-
-
-def check_resume_config(saved: Config, new: Config) -> list[str]:
-    """Keys that may differ on resume (listed); model/data shape changes raise ConfigError."""
-    a, b = config_lib.to_dict(saved), config_lib.to_dict(new)
-    diffs = [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b.get(s, {}).get(k)]
-    fatal = [d for d in diffs if d.startswith("model.") or d in _FATAL_DATA_CHANGES]
-    if fatal:
-        detail = ", ".join(f"{d}: {_get(a, d)!r} -> {_get(b, d)!r}" for d in fatal)
-        raise ConfigError(
-            f"the workdir holds a run with a different model or data ({detail}); "
-            "use a new --workdir"
-        )
-    return diffs
-
-
-def _get(d: dict, key: str) -> Any:
-    s, k = key.split(".")
-    return d[s].get(k)
+    def close(self, step: int) -> dict[str, float]:
+        """{tokens_per_sec, mfu} since the last close (or the start), and starts a new window."""
+        (s0, t0), now = self._start, time.time()
+        secs = max(now - t0, 1e-9)
+        tokens = self.tokens_per_step * (step - s0)
+        tok_s = tokens / secs
+        mean_fpt = self._flops / max(tokens, 1)
+        self._start, self._flops = (step, now), 0.0
+        return {"tokens_per_sec": tok_s, "mfu": flops.mfu(tok_s, mean_fpt, self.peak)}
 
 
 class _StopFlag:
@@ -200,55 +123,38 @@ def train(cfg: Config, workdir: Path) -> dict:
     cfg_path = workdir / "config.json"
     if cfg_path.exists():
         saved = config_lib.load_json(cfg_path)
-        new = dataclasses.replace(
-            cfg,
-            model=dataclasses.replace(
-                cfg.model, vocab_size=cfg.model.vocab_size or saved.model.vocab_size
-            ),
-        )
-        changed = check_resume_config(saved, new)
+        vocab = cfg.model.vocab_size or saved.model.vocab_size
+        new = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+        changed = run_lib.check_resume_config(saved, new)
         if changed:
             log.warning("resuming with changed settings: %s", ", ".join(changed))
-    run = setup(cfg)
+    run = run_lib.setup(cfg)
     cfg, mesh = run.cfg, run.mesh
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         config_lib.save_json(cfg, cfg_path)
 
     corpus = data.load_corpus(cfg.data, run.tokenizer)
-    it, shapes, data_report = make_train_data(
-        cfg, corpus.train, jax.process_index(), jax.process_count()
-    )
+    train_data = data.make_train_data(cfg, corpus.train, jax.process_index(), jax.process_count())
+    it, scored = train_data.iterator, corpus.train.targets_per_row
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
     restored = ckpt.restore_latest(run.abstract_state, it)
     state = restored[1] if restored else run.init_state()
     start = int(state["step"])
 
-    targets_per_row = getattr(corpus.train, "targets_per_row", 0)
-    train_fn = step.make_train_step(
-        run.graphdef, run.tx, run.schedule, cfg.optim.z_loss, cfg.train.grad_accum
-    )
-    # Every shape is compiled now, so a shape that does not fit fails at start-up, and every
-    # one shares the state shardings and donation (step.compile_train_step).
-    train_steps, compile_s = {}, {}
-    for batch, seq_len in shapes:
-        t0 = time.time()
-        spec = step.batch_spec(batch, seq_len, (*step.TRAIN_KEYS, "stop"), targets_per_row)
-        train_steps[seq_len] = step.compile_train_step(
-            train_fn, run.state_shardings, mesh, run.abstract_state, spec
-        )
-        compile_s[seq_len] = time.time() - t0
+    train_steps, compile_s = run_lib.compile_train_steps(run, train_data.shapes, scored)
     evaluator = Evaluator(run, corpus.val) if corpus.val is not None else None
-    fpt = {n: flops.train_flops_per_token(cfg.model, n, targets_per_row) for n in train_steps}
-    flops_per_token = fpt[max(fpt)]
-    peak, peak_src = flops.peak_flops(mesh.devices.flatten().tolist(), cfg.model.dtype)
+    fpt = {n: flops.train_flops_per_token(cfg.model, n, scored) for n in train_steps}
+    peak, peak_src = flops.peak_flops(
+        mesh.devices.flatten().tolist(), cfg.model.dtype, cache_dir(cfg.data) / "cpu_peak.json"
+    )
     tokens_per_step = cfg.tokens_per_step()
 
     tracker = Tracker(workdir, cfg.train.steps, start, cfg.train.progress)
-    if data_report:
-        tracker.print("data | " + ", ".join(f"{k} {v:,}" for k, v in data_report.items()))
+    if train_data.report:
+        tracker.print("data | " + ", ".join(f"{k} {v:,}" for k, v in train_data.report.items()))
         if start == 0:
-            tracker.write(0, {"data": data_report}, prefix="data")
+            tracker.write(0, {"data": train_data.report}, prefix="data")
     if len(compile_s) > 1:
         tracker.print(
             "compiled train step per (batch x seq_len): "
@@ -256,7 +162,7 @@ def train(cfg: Config, workdir: Path) -> dict:
         )
     tracker.print(
         f"lmtrain | {cfg.model.name} {run.n_params / 1e6:.2f}M params, "
-        f"{flops_per_token / 1e6:.1f} MFLOP/token at {max(fpt)} | mesh {dict(mesh.shape)} on "
+        f"{fpt[max(fpt)] / 1e6:.1f} MFLOP/token at {max(fpt)} | mesh {dict(mesh.shape)} on "
         f"{jax.device_count()} {jax.devices()[0].platform} devices, {jax.process_count()} "
         f"process(es) | data {cfg.data.source}: {corpus.stats['train']['tokens']:,} train tokens, "
         f"{tokens_per_step:,} tokens/step | peak {peak / 1e9:.0f} GFLOP/s ({peak_src}) | "
@@ -267,16 +173,14 @@ def train(cfg: Config, workdir: Path) -> dict:
         tracker.text("config", "```\n" + cfg_path.read_text() + "\n```")
 
     summary: dict[str, Any] = {"step": start}
-    pending: tuple[int, dict] | None = None
-    last_log = (start, time.time())
+    pending: tuple[int, dict, int] | None = None
+    window = MetricsWindow(start, tokens_per_step, fpt, peak)
     s = start
     agreed_stop = False  # set from a step's metrics, so every process sees it at the same step
 
-    window_flops = 0.0  # model FLOPs since the last log row (steps differ by bucket)
-
     def flush() -> None:
         """Fetches the pending step's metrics (one step late), stops on NaN, logs."""
-        nonlocal pending, last_log, agreed_stop, window_flops
+        nonlocal pending, agreed_stop
         if pending is None:
             return
         n, m, seq_len = pending
@@ -291,26 +195,22 @@ def train(cfg: Config, workdir: Path) -> dict:
             )
         agreed_stop = agreed_stop or m.pop("stop", 0.0) > 0
         summary.update(step=n, loss=m["loss"])
-        window_flops += tokens_per_step * fpt[seq_len]
+        window.add(seq_len)
         if n % cfg.train.log_every == 0 or n == cfg.train.steps:
-            now = time.time()
-            secs = max(now - last_log[1], 1e-9)
-            tok_s = tokens_per_step * (n - last_log[0]) / secs
+            rate = window.close(n)
             row = {
                 "loss": m["loss"],
                 "lr": m["lr"],
                 "grad_norm": m["grad_norm"],
-                "tokens_per_sec": tok_s,
-                "mfu": window_flops / secs / peak,
+                **rate,
                 "seq_len": seq_len,
                 "batch_size": tokens_per_step // seq_len,
                 "tokens": n * tokens_per_step,
             }
             if len(fpt) > 1:
                 row["bucket"] = seq_len.bit_length() - 1  # k of the 2^k bucket
-            last_log, window_flops = (n, now), 0.0
             tracker.write(n, row)
-            summary.update(tokens_per_sec=tok_s, mfu=row["mfu"])
+            summary.update(rate)
         tracker.progress(n, {"loss": m["loss"]})
 
     watchdog = _Watchdog(cfg.train.hang_timeout_s)
@@ -319,10 +219,8 @@ def train(cfg: Config, workdir: Path) -> dict:
             while s < cfg.train.steps and not agreed_stop:
                 local = next(it)
                 rows, seq_len = local["inputs"].shape
-                asked = float(stop.signal is not None)
-                local["stop"] = np.full((rows,), asked, np.float32)
-                train_step = train_steps[seq_len]
-                state, metrics = train_step(state, sharding.global_batch(local, mesh))
+                local["stop"] = np.full((rows,), float(stop.signal is not None), np.float32)
+                state, metrics = train_steps[seq_len](state, sharding.global_batch(local, mesh))
                 s += 1
                 flush()  # step s-1's metrics, while step s runs
                 watchdog.pet(f"step {s - 1}")
@@ -355,21 +253,3 @@ def train(cfg: Config, workdir: Path) -> dict:
             tracker.close()
     summary["wall_s"] = time.time() - t_start
     return summary
-
-
-def restore_params(workdir: Path, overrides: dict | None = None) -> tuple[Run, Any, int]:
-    """(run, params, step) from the newest readable checkpoint of `workdir`, for eval/generate."""
-    workdir = Path(workdir).absolute()
-    cfg = config_lib.load_json(workdir / "config.json")
-    if overrides:
-        cfg = config_lib.override(cfg, overrides)
-    run = setup(cfg)
-    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
-    try:
-        restored = ckpt.restore_latest(run.abstract_state)
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise ConfigError(f"no checkpoint in {workdir / 'checkpoints'}; train first")
-    s, state = restored
-    return run, state["params"], s

@@ -1,13 +1,15 @@
 """Config loading, overrides and their error messages; every experiment file loads."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 from flax import nnx
 
 from lmtrain import config as config_lib
-from lmtrain import models
+from lmtrain import data, models
+from lmtrain import run as run_lib
 from lmtrain.cli import main
 from lmtrain.config import Config, ConfigError
 
@@ -82,12 +84,17 @@ def test_every_experiment_loads_and_validates(path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    args = list(getattr(module, "SIZES", {"": None}))
-    for arg in args:
+    # Every experiment file declares its variants; every one of them loads and validates.
+    assert module.VARIANTS, f"{path} declares no VARIANTS"
+    for arg in module.VARIANTS:
         cfg = config_lib.load_experiment(f"{path}:{arg}" if arg else str(path))
         assert cfg.validate() is cfg
+        run_lib.resolve(cfg) if cfg.data.tokenizer == "bytes" else data.check_config(cfg)
+    with pytest.raises(ConfigError):
+        config_lib.load_experiment(f"{path}:no-such-variant")
     # Sweeps: every run's config validates and its model builds (abstractly).
-    sweep_args = list(getattr(module, "SWEEPS", {"": None})) if hasattr(module, "get_sweep") else []
+    sweep_args = list(module.SWEEPS) if hasattr(module, "get_sweep") else []
+    assert sweep_args or not hasattr(module, "get_sweep"), f"{path} declares no SWEEPS"
     for arg in sweep_args:
         for cfg in module.get_sweep(arg):
             cfg = config_lib.with_family_config(cfg).validate()
@@ -104,3 +111,37 @@ def test_cli_config_errors_exit_2(capsys):
     assert main(["train", "experiments/missing.py"]) == 2
     assert main(["train", exp, "--print-config", "--set", "model.d_model=48"]) == 0
     assert '"d_model": 48' in capsys.readouterr().out
+
+
+def test_sections_nest_and_old_keys_point_to_the_new_ones(tmp_path):
+    cfg = config_lib.override(
+        Config(), {"data.decompose.cycles": 3, "data.mqar.train_lengths": [16, 32]}
+    )
+    assert cfg.data.decompose.cycles == 3 and cfg.data.mqar.train_lengths == (16, 32)
+    assert "data.decompose.max_log2_len" in config_lib.all_keys(cfg)
+    with pytest.raises(ConfigError, match="'data.cycles' is now 'data.decompose.cycles'"):
+        config_lib.override(Config(), {"data.cycles": 2})
+    with pytest.raises(ConfigError, match="did you mean 'data.mqar.vocab'"):
+        config_lib.override(Config(), {"data.mqar.vocabb": 2})
+    # A config.json written before the sections existed still loads, at the new places.
+    old = config_lib.to_dict(Config())
+    for sec in ("decompose", "mqar"):
+        del old["data"][sec]
+    old["data"].update(min_log2_len=5, curriculum="shrink", mqar_vocab=64, num_kv_pairs=3)
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    back = config_lib.load_json(tmp_path / "config.json")
+    assert (back.data.decompose.min_log2_len, back.data.decompose.curriculum) == (5, "shrink")
+    assert (back.data.mqar.vocab, back.data.mqar.num_kv_pairs) == (64, 3)
+
+
+def test_a_key_of_another_family_says_which_families_have_it(capsys):
+    with pytest.raises(ConfigError, match=r"model.state_size belongs to s4d/h3/mamba2/hybrid"):
+        config_lib.override(Config(), {"model.state_size": 8})
+    # The same key after choosing a family that has it is fine, in either order of --set.
+    both = {"model.state_size": 8, "model.name": "mamba2"}
+    assert config_lib.override(Config(), both).model.state_size == 8
+    exp = str(ROOT / "experiments/quickstart.py:smoke")
+    assert main(["train", exp, "--set", "model.feature_dim=8"]) == 2
+    err = capsys.readouterr().err
+    assert "model.feature_dim belongs to based/retnet/lightning/gla/hybrid" in err
+    assert "set model.name first" in err and "Traceback" not in err

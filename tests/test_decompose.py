@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny as tiny_text
 
 from lmtrain import config as config_lib
+from lmtrain import run as run_lib
 from lmtrain import sharding, train
 from lmtrain.cli import main
 from lmtrain.config import Config, ConfigError
-from lmtrain.data import TokenStream
-from lmtrain.data.decompose import DecomposedData, Schedule, decompose, make_train_data
+from lmtrain.data import TokenStream, make_train_data
+from lmtrain.data.decompose import DecomposedData, Schedule, decompose
 from lmtrain.data.sources import DataError
 
 EOD = 0
@@ -32,10 +34,10 @@ def cfg_for(lo=2, hi=5, tokens=128, curriculum="grow_p2", cycles=1, seed=0) -> C
         Config(),
         {
             "data.packing": "decompose",
-            "data.min_log2_len": lo,
-            "data.max_log2_len": hi,
-            "data.curriculum": curriculum,
-            "data.cycles": cycles,
+            "data.decompose.min_log2_len": lo,
+            "data.decompose.max_log2_len": hi,
+            "data.decompose.curriculum": curriculum,
+            "data.decompose.cycles": cycles,
             "train.tokens_per_step": tokens,
             "train.seed": seed,
         },
@@ -189,7 +191,8 @@ def test_short_documents_empty_buckets_and_a_bucket_smaller_than_a_batch():
     lengths = ([3] + [9] * 8 + [5] * 10) * 2 + [33]
     cfg = cfg_for(lo=2, hi=5, tokens=64)
     stream = doc_stream(lengths)
-    it, shapes, report = make_train_data(cfg, stream)
+    td = make_train_data(cfg, stream)
+    it, shapes, report = td.iterator, td.shapes, td.report
     assert shapes == [(16, 4), (8, 8)]
     assert [report[f"seqs_{n}"] for n in (4, 8, 16, 32)] == [20, 16, 0, 1]
     assert [report[f"batches_{n}"] for n in (4, 8, 16, 32)] == [1, 2, 0, 0]
@@ -211,11 +214,11 @@ def test_a_corpus_of_only_short_documents_is_a_clear_error(tmp_path, capsys):
     )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "shorter than 2^data.min_log2_len" in err[-1]
+    assert "shorter than 2^data.decompose.min_log2_len" in err[-1]
 
 
 def test_config_checks():
-    with pytest.raises(ConfigError, match="multiple of 2\\^data.max_log2_len"):
+    with pytest.raises(ConfigError, match="multiple of 2\\^data.decompose.max_log2_len"):
         cfg_for(hi=5, tokens=48)
     with pytest.raises(ConfigError, match="curriculum"):
         cfg_for(curriculum="linear")
@@ -243,35 +246,24 @@ def corpus(tmp_path_factory):
 
 
 def tiny(corpus, tmp, **sets) -> Config:
-    base = {
-        "model.name": "transformer",
-        "model.d_model": 32,
+    """The shared tiny config, 1 layer, on buckets of 2^3..2^5 tokens, 256 tokens a step."""
+    dd = {
         "model.n_layers": 1,
         "model.n_heads": 2,
-        "data.source": str(corpus),
-        "data.tokenizer": "bytes",
         "data.cache_dir": str(tmp / "cache"),
-        "data.seq_len": 32,
         "data.packing": "decompose",
-        "data.min_log2_len": 3,
-        "data.max_log2_len": 5,
+        "data.decompose.min_log2_len": 3,
+        "data.decompose.max_log2_len": 5,
         "train.tokens_per_step": 256,
-        "train.steps": 8,
-        "train.log_every": 1,
-        "train.eval_every": 0,
-        "train.checkpoint_every": 4,
-        "train.progress": False,
-        "optim.warmup_steps": 2,
-        "eval.batch_size": 8,
-        "eval.max_batches": 2,
     }
-    return config_lib.override(Config(), {**base, **sets}).validate()
+    return tiny_text(corpus, **{**dd, **sets})
 
 
 def rows(workdir: Path) -> list[dict]:
     return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_training_logs_shapes_compiles_each_bucket_once_and_resumes_exactly(
     corpus, tmp_path, capsys, monkeypatch
 ):
@@ -311,13 +303,14 @@ def test_training_logs_shapes_compiles_each_bucket_once_and_resumes_exactly(
     np.testing.assert_allclose([b[s][1] for s in a], [a[s][1] for s in a], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_with_another_curriculum_is_refused_and_the_checkpoint_kept(
     corpus, tmp_path, capsys
 ):
     work = tmp_path / "w"
     train.train(tiny(corpus, tmp_path, **{"train.steps": 4}), work)
     with pytest.raises(DataError, match="does not match"):
-        train.train(tiny(corpus, tmp_path, **{"data.curriculum": "shrink"}), work)
+        train.train(tiny(corpus, tmp_path, **{"data.decompose.curriculum": "shrink"}), work)
     assert (work / "checkpoints" / "4").is_dir()
     assert not list((work / "checkpoints").glob("corrupt-*"))
 
@@ -327,12 +320,12 @@ def test_loss_at_each_length_is_the_loss_of_evaluating_at_that_length(corpus, tm
     from lmtrain.evaluate import Evaluator
 
     cfg = tiny(corpus, tmp_path, **{"eval.max_batches": 0})
-    run = train.setup(cfg)
+    run = run_lib.setup(cfg)
     params = run.init_state()["params"]
     val = data.load_corpus(cfg.data, run.tokenizer).val
     ev = Evaluator(run, val)(params)
     # The same split evaluated as its own run at seq_len 8 (same tokens per eval batch).
-    short = train.setup(
+    short = run_lib.setup(
         config_lib.override(cfg, {"data.seq_len": 8, "eval.batch_size": 32, "eval.lengths": ()})
     )
     alone = Evaluator(short, val)(params)

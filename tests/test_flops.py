@@ -60,7 +60,36 @@ def test_cpu_peak_is_not_multiplied_by_fake_devices(monkeypatch):
     monkeypatch.setattr(flops, "measure_cpu_peak", lambda n=2048, repeats=4: 1.5e11)
     peak, source = flops.peak_flops(jax.devices(), jnp.float32)
     assert peak == 1.5e11
-    assert source == "measured: cpu matmul 2048 f32"
+    assert source == "measured: cpu matmul 2048 f32, fastest of 10"
+
+
+def test_cpu_peak_keeps_the_best_measurement_of_this_cpu(monkeypatch, tmp_path):
+    """A loaded run measures low; with the per-machine cache the peak does not follow it."""
+    measured = iter([2.0e11, 4.0e11, 1.0e11, 3.0e11])
+    monkeypatch.setattr(flops, "measure_cpu_peak", lambda n=2048, repeats=10: next(measured))
+    cache = tmp_path / "cpu_peak.json"
+    peaks = [flops.cpu_peak(cache)[0] for _ in range(4)]
+    assert peaks == [2.0e11, 4.0e11, 4.0e11, 4.0e11]
+    # Without the cache each run would report its own measurement (the 2x swing of old).
+    monkeypatch.setattr(flops, "measure_cpu_peak", lambda n=2048, repeats=10: 1.0e11)
+    assert flops.cpu_peak(None)[0] == 1.0e11
+    peak, source = flops.cpu_peak(cache)
+    assert peak == 4.0e11 and "best of 5 runs on this CPU" in source and str(cache) in source
+    cache.write_text("not json")  # a damaged cache costs the history, never the run
+    assert flops.cpu_peak(cache)[0] == 1.0e11
+
+
+def test_metrics_window_reports_mfu_from_flops_mfu(monkeypatch):
+    from lmtrain.train import MetricsWindow
+
+    clock = iter([100.0, 102.0])
+    monkeypatch.setattr("lmtrain.train.time.time", lambda: next(clock))
+    w = MetricsWindow(0, 1000, {64: 5e6, 128: 7e6}, peak=1e10)
+    w.add(64)
+    w.add(128)
+    row = w.close(2)  # 2000 tokens in 2 s; mean 6e6 FLOP/token
+    assert row["tokens_per_sec"] == pytest.approx(1000.0)
+    assert row["mfu"] == pytest.approx(flops.mfu(1000.0, 6e6, 1e10)) == pytest.approx(0.6)
 
 
 def test_measure_cpu_peak_is_plausible():

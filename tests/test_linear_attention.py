@@ -280,6 +280,7 @@ def test_bad_config_is_a_config_error():
         models.build(mixer_config(name="gla", gla_expand_k=0.3), nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_remat_and_bfloat16():
     cfg = mixer_config(pattern="G", n_layers=1)  # GLA: the most involved backward pass
     tok = jax.random.randint(jax.random.key(1), (B, L + 1), 0, 61)
@@ -307,3 +308,39 @@ def test_remat_and_bfloat16():
     assert logits16.dtype == jnp.float32 and np.isfinite(np.asarray(logits16)).all()
     err = np.abs(np.asarray(logits16 - logits)).max()
     assert 0 < err < 0.05 * np.abs(np.asarray(logits)).max()
+
+
+def test_base_conv_is_zoologys_baseconv_and_starts_with_random_taps():
+    """conv_form="base": y = (conv(x) + b) * (x W + c) + x, a causal depthwise conv restarted at
+    documents (numpy reference); taps and conv bias U(+-1/sqrt(W)) as PyTorch's Conv1d, where
+    the "projected" form starts as the identity tap (so no shift of the previous token)."""
+    D, W, B, L = 8, 3, 2, 7
+    cfg = la.Config(name="based", d_model=D, n_layers=2, n_heads=1, vocab_size=11, conv_width=W)
+    base = la.GatedConv(dataclasses.replace(cfg, conv_form="base"), rngs=nnx.Rngs(0))
+    kernel = np.asarray(base.conv.kernel[...])
+    bound = 1 / math.sqrt(W)
+    assert np.abs(kernel).max() <= bound and np.abs(kernel[1:]).mean() > 0.25 * bound
+    proj = la.GatedConv(cfg, rngs=nnx.Rngs(0))
+    assert np.abs(np.asarray(proj.conv.kernel[...])[1:]).max() < 0.1  # near-zero shift taps
+    x = np.random.default_rng(0).normal(size=(B, L, D)).astype(np.float32)
+    seg = np.array([[1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 1]], np.int32)
+    pos = np.zeros((B, L), np.int32)
+    got = np.asarray(base(jnp.asarray(x), jnp.asarray(seg), jnp.asarray(pos)))
+    conv = np.zeros_like(x)
+    for b in range(B):
+        for t in range(L):
+            for j in range(W):
+                if t - j >= 0 and seg[b, t - j] == seg[b, t]:
+                    conv[b, t] += kernel[j] * x[b, t - j]
+    w = np.asarray(base.gate.kernel[...])
+    want = (conv + np.asarray(base.conv_bias[...])) * (x @ w + np.asarray(base.gate_bias[...]))
+    np.testing.assert_allclose(got, want + x, rtol=1e-5, atol=1e-5)
+    # One step at a time gives the training form (one document per row here).
+    state, steps = base.init_state(B, L), []
+    for t in range(L):
+        y, state = base.step(jnp.asarray(x[:, t : t + 1]), state, t)
+        steps.append(np.asarray(y))
+    one_doc = np.asarray(base(jnp.asarray(x), jnp.ones((B, L), jnp.int32), jnp.asarray(pos)))
+    np.testing.assert_allclose(np.concatenate(steps, 1), one_doc, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="model.conv_form"):
+        dataclasses.replace(cfg, conv_form="silu").validate()

@@ -45,6 +45,10 @@ CASES.update(
 )
 # Every other layer kind once, in a 4-layer hybrid: H3, GLA, sliding window, S4D.
 CASES["hybrid-HGWS"] = tiny_config("hybrid", pattern="HGWS", n_layers=4, window=4)
+# Zoology's MQAR layout: BaseConv block then BASED, no MLPs.
+CASES["based-zoology"] = tiny_config(
+    "based", pattern="CB", conv_form="base", block_mlp=False, n_heads=1
+)
 
 
 class Harness:

@@ -13,16 +13,25 @@ from flax import nnx
 
 from lmtrain import models, step
 from lmtrain.cli import main
-from lmtrain.config import DataConfig
+from lmtrain.config import DataConfig, MQARConfig
 from lmtrain.data import DataError, load_corpus, make_tokenizer, mqar
 
-CFG = DataConfig(source="mqar", seq_len=64, num_kv_pairs=4, mqar_vocab=64)
+CFG = DataConfig(source="mqar", seq_len=64, mqar=MQARConfig(num_kv_pairs=4, vocab=64))
+
+
+def with_task(cfg: DataConfig, **fields) -> DataConfig:
+    """`cfg` with data.mqar fields replaced."""
+    return dataclasses.replace(cfg, mqar=dataclasses.replace(cfg.mqar, **fields))
+
+
+def example(cfg: DataConfig, split: str, index: int):
+    return mqar.example(cfg.mqar, cfg.seq_len, split, index)
 
 
 def test_example_structure():
-    P, V = CFG.num_kv_pairs, CFG.mqar_vocab
+    P, V = CFG.mqar.num_kv_pairs, CFG.mqar.vocab
     for i in range(200):
-        tokens, answer = mqar.example(CFG, "train", i)
+        tokens, answer = example(CFG, "train", i)
         assert tokens.shape == answer.shape == (CFG.seq_len + 1,)
         keys, values = tokens[0 : 2 * P : 2], tokens[1 : 2 * P : 2]
         assert len(set(keys)) == P and all(1 <= k < V // 2 for k in keys)
@@ -33,15 +42,15 @@ def test_example_structure():
         # Every key is asked once, and the token after it is its value.
         assert sorted(tokens[at - 1]) == sorted(keys)
         assert all(pairs[k] == v for k, v in zip(tokens[at - 1], tokens[at], strict=True))
-    a, _ = mqar.example(CFG, "train", 7)
-    np.testing.assert_array_equal(a, mqar.example(CFG, "train", 7)[0])  # pure function
-    assert not np.array_equal(a, mqar.example(CFG, "val", 7)[0])  # splits differ
-    other = dataclasses.replace(CFG, mqar_seed=1)
-    assert not np.array_equal(a, mqar.example(other, "train", 7)[0])
+    a, _ = example(CFG, "train", 7)
+    np.testing.assert_array_equal(a, example(CFG, "train", 7)[0])  # pure function
+    assert not np.array_equal(a, example(CFG, "val", 7)[0])  # splits differ
+    other = with_task(CFG, seed=1)
+    assert not np.array_equal(a, example(other, "train", 7)[0])
 
 
 def test_training_mixture_packs_whole_examples_into_segments():
-    cfg = dataclasses.replace(CFG, mqar_train_lengths=(16, 32, 64))
+    cfg = with_task(CFG, train_lengths=(16, 32, 64))
     split = mqar.MQARSplit(cfg, "train")
     b = split.load_rows(list(range(6)), 64)
     assert b["target_index"].shape == (6, 4)  # every row scores P = 4 queries
@@ -60,20 +69,20 @@ def test_training_mixture_packs_whole_examples_into_segments():
     # Validation stays the task itself: one example of 64 tokens and 4 pairs per row.
     v = mqar.MQARSplit(cfg, "val").load_rows([0, 1], 64)
     assert (v["segment_ids"] == 1).all()
-    with pytest.raises(DataError, match="mqar_train_lengths"):
-        mqar.check(dataclasses.replace(CFG, mqar_train_lengths=(24,)))
+    with pytest.raises(DataError, match="data.mqar.train_lengths"):
+        mqar.check(with_task(CFG, train_lengths=(24,)).mqar, 64)
 
 
 def test_query_gaps_follow_the_power_law():
     """Slot frequencies over 4,000 examples match the sequential draw without replacement
     from odds a (g + 1)^(a - 1), simulated independently (tolerance: 4 binomial sigmas)."""
-    cfg = dataclasses.replace(CFG, seq_len=32, num_kv_pairs=2, mqar_power_a=0.3)
-    slots = (cfg.seq_len - 2 * cfg.num_kv_pairs) // 2
+    cfg = with_task(dataclasses.replace(CFG, seq_len=32), num_kv_pairs=2, power_a=0.3)
+    slots = (cfg.seq_len - 2 * cfg.mqar.num_kv_pairs) // 2
     counts = np.zeros(slots)
     n = 4000
     for i in range(n):
-        _, answer = mqar.example(cfg, "train", i)
-        counts[(np.flatnonzero(answer) - 1 - 2 * cfg.num_kv_pairs) // 2] += 1
+        _, answer = example(cfg, "train", i)
+        counts[(np.flatnonzero(answer) - 1 - 2 * cfg.mqar.num_kv_pairs) // 2] += 1
     odds = 0.3 * np.arange(1, slots + 1) ** (0.3 - 1)
     p1 = odds / odds.sum()
     # P(slot chosen in 2 draws without replacement) = p1 + sum_j p1_j p1 / (1 - p1_j), j != slot
@@ -87,11 +96,11 @@ def test_query_gaps_follow_the_power_law():
 
 def test_batches_score_only_queries():
     split = mqar.MQARSplit(CFG, "train")
-    b = split.load_rows([3, 5, CFG.mqar_train_examples], CFG.seq_len)  # last row is padding
+    b = split.load_rows([3, 5, CFG.mqar.train_examples], CFG.seq_len)  # last row is padding
     assert b["target_index"].shape == b["targets"].shape == b["weights"].shape == (3, 4)
     np.testing.assert_array_equal(b["weights"][:2], 1.0)
     np.testing.assert_array_equal(b["weights"][2], 0.0)
-    tokens, answer = mqar.example(CFG, "train", 5)
+    tokens, answer = example(CFG, "train", 5)
     np.testing.assert_array_equal(b["inputs"][1], tokens[:-1])
     np.testing.assert_array_equal(b["targets"][1], tokens[1:][b["target_index"][1]])
     np.testing.assert_array_equal(b["target_index"][1], np.flatnonzero(answer) - 1)
@@ -108,12 +117,12 @@ def _dense(batch: dict, seq_len: int) -> dict:
     return {**rest, "targets": targets, "weights": weights, "target_bytes": 0 * weights}
 
 
-@pytest.mark.parametrize("name", ["transformer", "gla"])
+@pytest.mark.parametrize("name", ["transformer", pytest.param("gla", marks=pytest.mark.slow)])
 def test_scored_positions_step_equals_dense_step(name):
     """Running the head on the Q query positions gives the dense step's loss, accuracy and
     gradients (the dense batch weights the same positions)."""
     model_cfg = models.family(name).Config(
-        name=name, vocab_size=CFG.mqar_vocab, d_model=32, n_layers=2, n_heads=2
+        name=name, vocab_size=CFG.mqar.vocab, d_model=32, n_layers=2, n_heads=2
     )
     graphdef, params = nnx.split(models.build(model_cfg, nnx.Rngs(0)))
     params = nnx.to_pure_dict(params)
@@ -147,14 +156,16 @@ def test_tokenizer_and_corpus():
     ("fields", "match"),
     [
         (dict(seq_len=15), "data.seq_len 15 is too short"),
-        (dict(num_kv_pairs=0), "num_kv_pairs"),
-        (dict(mqar_vocab=8), "fewer than num_kv_pairs"),
-        (dict(mqar_val_examples=0), "mqar_val_examples"),
+        (dict(num_kv_pairs=0), "data.mqar.num_kv_pairs"),
+        (dict(vocab=8), "fewer than num_kv_pairs"),
+        (dict(val_examples=0), "data.mqar.val_examples"),
     ],
 )
 def test_bad_mqar_config(fields, match):
+    seq_len = fields.pop("seq_len", CFG.seq_len)
+    cfg = with_task(dataclasses.replace(CFG, seq_len=seq_len), **fields)
     with pytest.raises(DataError, match=match):
-        load_corpus(dataclasses.replace(CFG, **fields), make_tokenizer(CFG))
+        load_corpus(cfg, make_tokenizer(CFG))
 
 
 def _exp(tmp_path, sets: dict) -> str:
@@ -168,8 +179,8 @@ def _exp(tmp_path, sets: dict) -> str:
 
 BASE = {
     "model.name": "transformer", "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
-    "data.source": "mqar", "data.seq_len": 32, "data.num_kv_pairs": 4, "data.mqar_vocab": 128,
-    "data.mqar_val_examples": 64, "train.steps": 4, "train.batch_size": 8, "train.log_every": 2,
+    "data.source": "mqar", "data.seq_len": 32, "data.mqar.num_kv_pairs": 4, "data.mqar.vocab": 128,
+    "data.mqar.val_examples": 64, "train.steps": 4, "train.batch_size": 8, "train.log_every": 2,
     "train.progress": False, "eval.batch_size": 8, "eval.max_batches": 0,
 }  # fmt: skip
 
@@ -190,6 +201,7 @@ def test_train_on_mqar_bad_length_exits_2(tmp_path, capsys):
     assert "data.seq_len 8 is too short" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_frontier_report_keeps_the_best_lr_per_cell(tmp_path, capsys):
     """experiments/mqar.py's report over two runs of one cell: the better lr is kept."""
     import importlib.util

@@ -43,7 +43,8 @@ def get_config(arg):
     }})
     if dd:
         cfg = config.override(cfg, {{
-            "data.packing": "decompose", "data.min_log2_len": 3, "data.max_log2_len": 5,
+            "data.packing": "decompose", "data.decompose.min_log2_len": 3,
+            "data.decompose.max_log2_len": 5,
             "train.tokens_per_step": 256,
         }})
     return cfg

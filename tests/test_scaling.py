@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from lmtrain import scaling
 from lmtrain.cli import main
+from lmtrain.sweeps import fit as scaling
 
 TRUE = scaling.CHINCHILLA
 N_BOOT = 64  # one bootstrap shape for every test: jax compiles the solver once per shape
@@ -33,6 +33,7 @@ def synthetic(noise: float = 0.005, seed: int = 0, law: dict = TRUE):
     return n, d, scaling.chinchilla_loss(law, n, d) * np.exp(rng.normal(0, noise, len(n)))
 
 
+@pytest.mark.slow
 def test_noise_free_fit_is_exact():
     n, d, loss = synthetic(noise=0.0)
     fit = scaling.fit_chinchilla(n, d, loss)
@@ -40,6 +41,7 @@ def test_noise_free_fit_is_exact():
         assert fit[k] == pytest.approx(TRUE[k], rel=1e-6), k
 
 
+@pytest.mark.slow
 def test_fit_recovers_chinchilla_constants_from_noisy_runs():
     n, d, loss = synthetic()
     fit = scaling.fit_chinchilla(n, d, loss)
@@ -147,6 +149,7 @@ def _write(path, rows):
     return str(path)
 
 
+@pytest.mark.slow
 def test_fit_cli_writes_fit_report_plots_and_predictions(tmp_path, capsys):
     worse = {**TRUE, "E": 2.0}  # a second family with a higher irreducible loss
     sweep = _write(tmp_path / "sweep", _rows("transformer", TRUE, 0) + _rows("gla", worse, 1))

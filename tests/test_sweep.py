@@ -8,13 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from lmtrain import config as config_lib
-from lmtrain import sweep
 from lmtrain.cli import main
 from lmtrain.config import Config, ConfigError
+from lmtrain.sweeps import planning as sweep_plan
+from lmtrain.sweeps import runner, throughput, workdirs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2}
@@ -37,20 +37,20 @@ def base(**sets) -> Config:
 
 
 def test_param_counts_exclude_embedding_and_head():
-    total, n = sweep.param_counts(base())
+    total, n = sweep_plan.param_counts(base())
     d, v = 32, 258  # the bytes tokenizer's vocabulary
     assert total - n == 2 * v * d  # untied: embedding table + output head
-    tied_total, tied_n = sweep.param_counts(base(**{"model.tie_embeddings": True}))
+    tied_total, tied_n = sweep_plan.param_counts(base(**{"model.tie_embeddings": True}))
     assert (tied_total, tied_n) == (total - v * d, n)
     # Per layer: q, k, v, o (4 d^2) + SwiGLU (3 d F, F = 128) + 2 norms; plus the final norm.
     assert n == 2 * (4 * d * d + 3 * d * 128 + 2 * d) + d
-    assert sweep.resolved_vocab(base(**{"data.tokenizer": "bpe:1000"})) == 1000
+    assert sweep_plan.resolved_vocab(base(**{"data.tokenizer": "bpe:1000"})) == 1000
 
 
 def test_isoflop_grid_gives_each_size_its_share_of_each_budget():
     sizes = [TINY, {"model.d_model": 64, "model.n_layers": 2, "model.n_heads": 2}]
     budgets = [1e10, 3e10]
-    runs = sweep.plan(sweep.isoflop_grid(base(), budgets, sizes, seeds=(0, 1)))
+    runs = sweep_plan.plan(sweep_plan.isoflop_grid(base(), budgets, sizes, seeds=(0, 1)))
     assert len(runs) == 8 and len({r.name for r in runs}) == 8
     for r in runs:
         c = budgets[r.index // 4]
@@ -59,46 +59,46 @@ def test_isoflop_grid_gives_each_size_its_share_of_each_budget():
         assert r.flops == 6 * r.params_nonembed * r.tokens
         assert r.model_flops > r.flops  # head and attention on top of 6N
         assert r.name == (
-            f"transformer-N{sweep.si(r.params_nonembed)}-D{sweep.si(r.tokens)}-s{r.cfg.train.seed}"
+            f"transformer-N{sweep_plan.si(r.params_nonembed)}-D{sweep_plan.si(r.tokens)}-s{r.cfg.train.seed}"
         )
         assert r.cfg.optim.warmup_steps == min(20, r.cfg.train.steps // 10)
         assert r.cfg.train.eval_every == -(-r.cfg.train.steps // 2)
         assert r.cfg.train.progress is False
     assert runs[0].name == "transformer-N32.9k-D50.7k-s0"
-    small = sweep.isoflop_grid(base(), [1e9], sizes, min_steps=10)  # d64 would get 6 steps
+    small = sweep_plan.isoflop_grid(base(), [1e9], sizes, min_steps=10)  # d64 would get 6 steps
     assert [c.model.d_model for c in small] == [32]
 
 
 def test_plan_disambiguates_same_named_runs_and_refuses_duplicates():
-    a = sweep.with_tokens(base(), 2560)
+    a = sweep_plan.with_tokens(base(), 2560)
     b = config_lib.override(a, {"optim.lr": 1e-3})  # same family, N, D, seed: same name
-    names = [r.name for r in sweep.plan([a, b])]
+    names = [r.name for r in sweep_plan.plan([a, b])]
     assert names[0] != names[1] and names[0].startswith("transformer-N32.9k-D2.56k-s0-")
     with pytest.raises(ConfigError, match="more than once"):
-        sweep.plan([a, a])
+        sweep_plan.plan([a, a])
 
 
 def test_size_token_and_equal_time_grids(tmp_path, monkeypatch):
-    grid = sweep.size_token_grid(base(), [TINY], [2560, 5120])
-    assert [sweep.tokens(c) for c in grid] == [2560, 5120]
+    grid = sweep_plan.size_token_grid(base(), [TINY], [2560, 5120])
+    assert [sweep_plan.tokens(c) for c in grid] == [2560, 5120]
     variants = [{"model.name": "transformer"}, {"model.name": "gla"}]
-    cfgs = sweep.equal_time_grid(base(), variants, seconds=10, throughputs=[1000.0, 2560.0])
-    assert [sweep.tokens(c) for c in cfgs] == [9984, 25600]  # 39 and 100 steps of 256 tokens
+    cfgs = throughput.equal_time_grid(base(), variants, seconds=10, throughputs=[1000.0, 2560.0])
+    assert [sweep_plan.tokens(c) for c in cfgs] == [9984, 25600]  # 39 and 100 steps of 256 tokens
     assert cfgs[1].model.name == "gla"
     # Measured throughputs are cached, so re-planning a sweep gives the same runs.
     calls = []
-    monkeypatch.setattr(sweep, "measure_throughput", lambda c: calls.append(c) or 512.0)
+    monkeypatch.setattr(throughput, "measure_throughput", lambda c: calls.append(c) or 512.0)
     cache = tmp_path / "throughput.json"
     for _ in range(2):
-        again = sweep.equal_time_grid(base(), variants, seconds=10, cache=cache)
-        assert [sweep.tokens(c) for c in again] == [5120, 5120]
+        again = throughput.equal_time_grid(base(), variants, seconds=10, cache=cache)
+        assert [sweep_plan.tokens(c) for c in again] == [5120, 5120]
     assert len(calls) == 2 and len(json.loads(cache.read_text())) == 2
 
 
 def _write_exp(tmp_path: Path, corpus: Path, body: str) -> str:
     p = tmp_path / "exp.py"
     p.write_text(f"""
-from lmtrain import config, sweep
+from lmtrain import config, sweeps
 
 def base(steps, ckpt):
     return config.override(config.Config(), {{
@@ -119,17 +119,6 @@ def get_sweep(arg):
     return str(p)
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    d = tmp_path / "corpus"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(30):
-        words = rng.choice(["ab", "cd", "ef", "gh"], size=int(rng.integers(20, 100)))
-        (d / f"{i}.txt").write_text(" ".join(words))
-    return d
-
-
 def test_dry_run_lists_runs_with_n_d_c_and_time(tmp_path, corpus, capsys):
     exp = _write_exp(tmp_path, corpus, "    return [base(6, 3), base(60, 30)]")
     args = ["sweep", exp, "--dir", str(tmp_path / "sw"), "--dry-run", "--flops-per-sec", "1e8"]
@@ -144,26 +133,26 @@ def test_dry_run_lists_runs_with_n_d_c_and_time(tmp_path, corpus, capsys):
 
 def test_dry_run_measure_uses_each_models_measured_throughput(tmp_path, corpus, monkeypatch):
     exp = _write_exp(tmp_path, corpus, "    return [base(6, 3), base(60, 30)]")
-    runs = sweep.load_sweep(exp, tmp_path / "sw")
-    monkeypatch.setattr(sweep, "measure_throughput", lambda cfg: 1536.0)  # tokens/s
-    table = sweep.dry_run(runs, tmp_path / "sw", parallel=2, measure=True).splitlines()
+    runs = sweep_plan.load_sweep(exp, tmp_path / "sw")
+    monkeypatch.setattr(throughput, "measure_throughput", lambda cfg: 1536.0)  # tokens/s
+    table = throughput.dry_run(runs, tmp_path / "sw", parallel=2, measure=True).splitlines()
     # 1.54k tokens at 1536/2 tokens/s: 2 s + 10 s start-up; 15.4k tokens: 20 s + 10 s.
     assert [line.split()[7] for line in table[1:3]] == ["0m12s", "0m30s"]
     assert "estimated 0m30s with --parallel 2" in table[-1]
     assert len(json.loads((tmp_path / "sw" / "throughput.json").read_text())) == 1
 
 
+@pytest.mark.slow
 def test_measure_throughput_runs_a_short_training(tmp_path, corpus):
     exp = _write_exp(tmp_path, corpus, "    return []")
     cfg = config_lib.load_experiment(exp)
-    assert sweep.measure_throughput(cfg, steps=10) > 100  # tokens/s; tiny models do ~10^4
+    assert throughput.measure_throughput(cfg, steps=10) > 100  # tokens/s; tiny models do ~10^4
 
 
 def test_child_env_sets_devices_and_gpus(monkeypatch):
-    from lmtrain import sweep_runner
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8")
-    env = sweep_runner.child_env(2, range(2, 4))
+    env = workdirs.child_env(2, range(2, 4))
     assert env["XLA_FLAGS"].split() == [
         "--xla_cpu_foo=1",
         "--xla_force_host_platform_device_count=2",
@@ -207,16 +196,15 @@ def test_sweep_usage_errors(tmp_path, corpus, capsys):
     assert "has no get_sweep" in capsys.readouterr().err
     # A run directory planned with another config is refused, not silently reused.
     exp = _write_exp(tmp_path, corpus, "    return [base(6, 3)]")
-    runs = sweep.load_sweep(exp, tmp_path / "sw")
-    from lmtrain import sweep_runner
+    runs = sweep_plan.load_sweep(exp, tmp_path / "sw")
 
-    sweep_runner.prepare(runs, tmp_path / "sw")
+    runner.prepare(runs, tmp_path / "sw")
     saved = tmp_path / "sw" / runs[0].name / "sweep_config.json"
     # A plan written before a config field existed still matches (the field at its default).
     older = json.loads(saved.read_text())
     del older["data"]["packing"], older["eval"]["lengths"]
     saved.write_text(json.dumps(older))
-    sweep_runner.prepare(runs, tmp_path / "sw")
+    runner.prepare(runs, tmp_path / "sw")
     changed = json.loads(saved.read_text())
     changed["optim"]["lr"] = 0.5
     saved.write_text(json.dumps(changed))

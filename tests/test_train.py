@@ -10,54 +10,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import tiny
 
 from lmtrain import config as config_lib
+from lmtrain import run as run_lib
 from lmtrain import sharding, step, train
 from lmtrain.checkpoint import Checkpointer
 from lmtrain.cli import main
 from lmtrain.config import Config
-
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A directory of small synthetic text documents with learnable structure."""
-    d = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    for i in range(60):
-        n = int(rng.integers(20, 200))
-        words = [
-            WORDS[(j * 3 + i) % len(WORDS)]
-            if rng.random() < 0.8
-            else WORDS[int(rng.integers(len(WORDS)))]
-            for j in range(n)
-        ]
-        (d / f"doc{i:03d}.txt").write_text(" ".join(words) + "\n")
-    return d
-
-
-def tiny(corpus, **sets) -> Config:
-    """A tiny transformer on the synthetic corpus; `sets` are --set style overrides."""
-    base = {
-        "model.name": "transformer",
-        "model.d_model": 32,
-        "model.n_layers": 2,
-        "model.n_heads": 4,
-        "data.source": str(corpus),
-        "data.tokenizer": "bytes",
-        "data.seq_len": 32,
-        "train.batch_size": 8,
-        "train.steps": 8,
-        "train.log_every": 1,
-        "train.eval_every": 0,
-        "train.checkpoint_every": 4,
-        "train.progress": False,
-        "optim.warmup_steps": 2,
-        "eval.batch_size": 8,
-        "eval.max_batches": 2,
-    }
-    return config_lib.override(Config(), {**base, **sets}).validate()
 
 
 def losses(workdir: Path) -> dict[int, float]:
@@ -65,6 +25,7 @@ def losses(workdir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_matches_uninterrupted(corpus, tmp_path, monkeypatch):
     full = train.train(tiny(corpus), tmp_path / "full")
     assert full["step"] == 8
@@ -97,18 +58,10 @@ def test_resume_after_sigterm_matches_uninterrupted(corpus, tmp_path, monkeypatc
 
 
 def _run_steps(cfg: Config, n: int):
-    run = train.setup(cfg)
+    run = run_lib.setup(cfg)
     state = run.init_state()
-    shape = step.batch_spec(cfg.train.batch_size, cfg.data.seq_len, step.TRAIN_KEYS)
-    fn = step.compile_train_step(
-        step.make_train_step(
-            run.graphdef, run.tx, run.schedule, cfg.optim.z_loss, cfg.train.grad_accum
-        ),
-        run.state_shardings,
-        run.mesh,
-        run.abstract_state,
-        shape,
-    )
+    shape = [(cfg.train.batch_size, cfg.data.seq_len)]
+    fn = run_lib.compile_train_steps(run, shape, stop_flag=False)[0][cfg.data.seq_len]
     rng = np.random.default_rng(1)
     out = []
     for _ in range(n):
@@ -128,11 +81,11 @@ def _run_steps(cfg: Config, n: int):
     ("name", "mesh"),
     [
         ("transformer", (2, 2, 2)),
-        ("transformer", (8, 1, 1)),
-        ("transformer", (1, 2, 4)),
-        ("mamba2", (2, 2, 2)),
-        ("gla", (2, 2, 2)),
-        ("hybrid:GMA", (2, 2, 2)),
+        pytest.param("transformer", (8, 1, 1), marks=pytest.mark.slow),
+        pytest.param("transformer", (1, 2, 4), marks=pytest.mark.slow),
+        pytest.param("mamba2", (2, 2, 2), marks=pytest.mark.slow),
+        pytest.param("gla", (2, 2, 2), marks=pytest.mark.slow),
+        pytest.param("hybrid:GMA", (2, 2, 2), marks=pytest.mark.slow),
     ],
 )
 def test_sharded_step_matches_single_device(corpus, name, mesh):
@@ -156,8 +109,24 @@ def test_sharded_step_matches_single_device(corpus, name, mesh):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
 
 
+def _has_scan(cfg: Config) -> bool:
+    """Whether cfg's train step traces to a jaxpr with a scan (the accumulation loop)."""
+    run = run_lib.setup(cfg)
+    fn = step.make_train_step(
+        run.graphdef, run.tx, run.schedule, cfg.optim.z_loss, cfg.train.grad_accum
+    )
+    batch = step.batch_spec(cfg.train.batch_size, cfg.data.seq_len, step.TRAIN_KEYS)
+    with jax.set_mesh(run.mesh):
+        jaxpr = jax.make_jaxpr(fn)(run.abstract_state, batch)
+    return "scan" in {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
+
+
+@pytest.mark.slow
 def test_grad_accum_matches_full_batch(corpus):
     mesh = {"mesh.shape": (2, 1, 1)}
+    # The accumulation path really runs: its step has the micro-batch scan, the plain one not.
+    assert _has_scan(tiny(corpus, **mesh, **{"train.grad_accum": 4}))
+    assert not _has_scan(tiny(corpus, **mesh))
     _, l1, p1 = _run_steps(tiny(corpus, **mesh), 2)
     _, l4, p4 = _run_steps(tiny(corpus, **mesh, **{"train.grad_accum": 4}), 2)
     np.testing.assert_allclose(l4, l1, rtol=1e-5)
@@ -165,6 +134,7 @@ def test_grad_accum_matches_full_batch(corpus):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys):
     wd = tmp_path / "nan"
     exp = _exp_file(
@@ -186,7 +156,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys)
     bad_step = int(err.split("at step ")[1].split()[0])
     steps = Checkpointer(wd / "checkpoints").steps()
     assert steps and max(steps) < bad_step
-    run = train.setup(tiny(corpus))
+    run = run_lib.setup(tiny(corpus))
     _, state = Checkpointer(wd / "checkpoints").restore_latest(run.abstract_state)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state["params"])))
 
@@ -204,6 +174,7 @@ def _exp_file(tmp_path: Path, cfg: Config) -> str:
     return str(p)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_and_is_kept(corpus, tmp_path, capsys):
     wd = tmp_path / "c"
     train.train(tiny(corpus, **{"train.checkpoint_every": 3, "train.steps": 6}), wd)
@@ -227,6 +198,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(corpus, tmp_path, caps
     assert "unreadable" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_outputs_tensorboard_metrics_eval_generate(corpus, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -280,6 +252,7 @@ def test_bad_data_paths_exit_2(corpus, tmp_path, capsys):
     assert "empty" in capsys.readouterr().err.lower()
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_model(corpus, tmp_path, capsys):
     wd = tmp_path / "r"
     train.train(tiny(corpus, **{"train.steps": 2}), wd)
@@ -289,6 +262,7 @@ def test_resume_refuses_a_different_model(corpus, tmp_path, capsys):
     shutil.rmtree(wd)
 
 
+@pytest.mark.slow
 def test_unwritable_checkpoint_dir_mid_run_is_a_clear_error(corpus, tmp_path, monkeypatch, capsys):
     import time
 
@@ -316,6 +290,31 @@ def test_unwritable_checkpoint_dir_mid_run_is_a_clear_error(corpus, tmp_path, mo
     assert "Traceback" not in err
     monkeypatch.setattr(sharding, "global_batch", real)
     # The last good checkpoint is intact and restores.
-    run = train.setup(tiny(corpus))
+    run = run_lib.setup(tiny(corpus))
     step_, state = Checkpointer(wd / "moved").restore_latest(run.abstract_state)
     assert step_ == 2 and int(state["step"]) == 2
+
+
+@pytest.mark.slow
+def test_restore_params_reads_only_the_parameters(corpus, tmp_path):
+    wd = tmp_path / "p"
+    train.train(tiny(corpus), wd)  # checkpoints at steps 4 and 8
+    run, params, s = run_lib.restore_params(wd)
+    assert s == 8 and run.tx is None and run.abstract_state is None
+    # Under Lion the optimizer state has another layout: a full restore of the AdamW
+    # checkpoint fails, the params-only restore does not read that state at all.
+    lion = {"optim.name": "lion"}
+    with pytest.raises(Exception):  # noqa: B017 - orbax's own structure-mismatch error
+        full = run_lib.setup(config_lib.override(tiny(corpus), lion))
+        Checkpointer(wd / "checkpoints").restore(8, full.abstract_state)
+    _, same, _ = run_lib.restore_params(wd, lion)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(same), strict=True):
+        np.testing.assert_array_equal(a, b)
+    _, earlier, s4 = run_lib.restore_params(wd, step=4)
+    assert s4 == 4
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(earlier), strict=True)
+    )
+    with pytest.raises(config_lib.ConfigError, match="no checkpoint of step 5"):
+        run_lib.restore_params(wd, step=5)

@@ -1,25 +1,37 @@
-"""Data: sources, tokenizers, tokenised corpora on disk (`lmtrain prepare`), grain iterators."""
+"""Data: sources behind one contract (contract.py), tokenizers, tokenised corpora on disk
+(`lmtrain prepare`), grain iterators for concat-and-chunk and dataset decomposition, and
+synthetic tasks (tasks.py)."""
 
+from lmtrain.data.contract import Batch, RowSource
 from lmtrain.data.pipeline import (
     Corpus,
     TokenStream,
+    TrainData,
     eval_batches,
     load_corpus,
+    make_train_data,
     pack_rows,
     train_iterator,
 )
-from lmtrain.data.sources import DataError, iter_documents, source_fingerprint
-from lmtrain.data.tokenizers import Tokenizer, make_tokenizer
+from lmtrain.data.sources import iter_documents, source_fingerprint
+from lmtrain.data.tasks import check_config, make_tokenizer
+from lmtrain.data.tokenizers import Tokenizer
+from lmtrain.errors import DataError
 
 __all__ = [
+    "Batch",
     "Corpus",
     "DataError",
+    "RowSource",
     "TokenStream",
     "Tokenizer",
+    "TrainData",
+    "check_config",
     "eval_batches",
     "iter_documents",
     "load_corpus",
     "make_tokenizer",
+    "make_train_data",
     "pack_rows",
     "source_fingerprint",
     "train_iterator",

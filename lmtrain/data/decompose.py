@@ -35,9 +35,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from lmtrain.data.sources import DataError
-
-CURRICULA = ("uniform", "grow_p2", "shrink")
+from lmtrain.config import CURRICULA
+from lmtrain.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,16 +168,17 @@ class DecomposedData:
     """A decomposed training split: buckets, the schedule, and grain batches per step."""
 
     def __init__(self, stream: Any, cfg: Any, *, seed: int, process_index=0, process_count=1):
-        d = cfg.data
+        d = cfg.data.decompose
         self.stream, self.eod_id = stream, stream.eod_id
         self.buckets = decompose(stream.document_ends(), d.min_log2_len, d.max_log2_len)
         self.counts = self.buckets.counts()  # sequences per bucket, read every step
         st = self.buckets.stats
         if st["kept"] == 0:
             raise DataError(
-                f"every document of the training split is shorter than 2^data.min_log2_len = "
+                "every document of the training split is shorter than "
+                f"2^data.decompose.min_log2_len = "
                 f"{1 << d.min_log2_len} tokens ({st['docs']} documents, {st['targets']} "
-                "targets): lower data.min_log2_len or use data.packing='concat'"
+                "targets): lower data.decompose.min_log2_len or use data.packing='concat'"
             )
         self.schedule = Schedule(
             self.counts,
@@ -283,7 +283,7 @@ class DecomposedIterator:
             raise DataError(
                 "the checkpoint's data position does not match this corpus's decomposition "
                 f"(saved {[state.get(k) for k in keys]}, now {[mine[k] for k in keys]}): the "
-                "corpus, data.*_log2_len, curriculum, cycles or tokens per step changed; use a "
+                "corpus, data.decompose.* or tokens per step changed; use a "
                 "new --workdir"
             )
         self._it.set_state(state["grain"])
@@ -296,34 +296,3 @@ class DecomposedIterator:
             "rng": {"seed": s.seed, "tokens_per_step": s.tokens_per_step, "cycles": s.cycles},
             "steps_per_epoch": s.steps_per_epoch,
         }
-
-
-def make_train_data(
-    cfg: Any, stream: Any, process_index: int = 0, process_count: int = 1
-) -> tuple[Any, list[tuple[int, int]], dict[str, Any]]:
-    """(iterator, [(global batch, seq_len) of every step shape], decomposition report) for the
-    training split in `cfg.data.packing` mode; the report is {} for concat-and-chunk."""
-    if cfg.data.packing != "decompose":
-        from lmtrain.data.pipeline import train_iterator
-
-        shapes = cfg.train_shapes()
-        it = train_iterator(
-            stream,
-            seq_len=cfg.data.seq_len,
-            global_batch=shapes[0][0],
-            seed=cfg.train.seed,
-            process_index=process_index,
-            process_count=process_count,
-            prefetch=cfg.data.prefetch,
-        )
-        return it, shapes, {}
-    dd = DecomposedData(
-        stream,
-        cfg,
-        seed=cfg.train.seed,
-        process_index=process_index,
-        process_count=process_count,
-    )
-    s = dd.schedule
-    shapes = [(s.batch[k], 1 << k) for k in s.ks if s.batches[k] > 0]
-    return dd.iterator(cfg.data.prefetch), shapes, dd.report()

@@ -1,23 +1,24 @@
 """MQAR, multi-query associative recall (Zoology; Arora et al. 2023), as a data source.
 
-`data.source = "mqar"`. Each example of length L = data.seq_len + 1 holds P = data.num_kv_pairs
-key-value pairs `k1 v1 ... kP vP`, keys drawn without replacement from [1, V/2) and values
-from [V/2, V) (V = data.mqar_vocab, 8192 in the papers), then the query region: every key is
+`data.source = "mqar"`, configured by the `data.mqar.*` section. Each example of length
+L = data.seq_len + 1 holds P = data.mqar.num_kv_pairs key-value pairs `k1 v1 ... kP vP`, keys
+drawn without replacement from [1, V/2) and values from [V/2, V) (V = data.mqar.vocab, 8192 in
+the papers), then the query region: every key is
 asked once, at slot g of the (L - 1 - 2P) // 2 slots, g drawn without replacement with
-P(g) proportional to a (g + 1)^(a - 1), a = data.mqar_power_a (0.01: a power law that favours
+P(g) proportional to a (g + 1)^(a - 1), a = data.mqar.power_a (0.01: a power law that favours
 short gaps). A key asked at slot g sits at 2P + 2g and its value follows it, so the model
 sees the key as input and its value is the target; only those P targets have weight 1. The
 other query-region tokens are random ids from the whole vocabulary (Zoology's
-`random_non_queries`). data.mqar_seed picks the dataset.
+`random_non_queries`). data.mqar.seed picks the dataset.
 
-data.mqar_train_lengths trains on Zoology's mixture instead: training row i packs
+data.mqar.train_lengths trains on Zoology's mixture instead: training row i packs
 seq_len / n examples of n tokens and P n / seq_len pairs each (n taking turns over the list),
 with segment ids so no example sees another; every row still has P queries.
 
 Examples are a pure function of (split, index): example i of the training split is the same
-for any process count and after a resume. The training split has data.mqar_train_examples
+for any process count and after a resume. The training split has data.mqar.train_examples
 examples (repeated, reshuffled each epoch, like Zoology's fixed training set), the validation
-split data.mqar_val_examples. Accuracy at eval is argmax accuracy on the query targets.
+split data.mqar.val_examples. Accuracy at eval is argmax accuracy on the query targets.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from lmtrain.config import DataConfig
-from lmtrain.data.sources import DataError
+from lmtrain.config import Config, DataConfig, MQARConfig
+from lmtrain.data.contract import Batch, RowSource
 from lmtrain.data.tokenizers import Tokenizer
+from lmtrain.errors import DataError
 
 SOURCE = "mqar"
 _SPLIT_SEEDS = {"train": 0, "val": 1}
@@ -57,42 +59,57 @@ class MQARTokenizer(Tokenizer):
         return " ".join(str(int(i)) for i in ids)
 
 
-def check(cfg: DataConfig) -> None:
-    """DataError naming the key when the task cannot be built."""
-    P, L, V = cfg.num_kv_pairs, cfg.seq_len, cfg.mqar_vocab
+def check_config(cfg: Config) -> None:
+    """DataError naming the key when the task cannot be built from `cfg` (a whole Config:
+    the task also constrains packing and evaluation)."""
+    if cfg.data.packing != "concat":
+        raise DataError("data.packing='decompose' needs a text corpus, not the mqar task")
+    if cfg.eval.lengths:
+        raise DataError("eval.lengths do not apply to the mqar task (it has one length)")
+    check(cfg.data.mqar, cfg.data.seq_len)
+
+
+def check(m: MQARConfig, seq_len: int) -> None:
+    """DataError naming the key when examples of `seq_len` tokens cannot be built from `m`."""
+    P, L, V = m.num_kv_pairs, seq_len, m.vocab
     if P < 1:
-        raise DataError("data.num_kv_pairs must be >= 1")
+        raise DataError("data.mqar.num_kv_pairs must be >= 1")
     if V < 4 or V // 2 - 1 < P:
-        raise DataError(f"data.mqar_vocab {V} has fewer than num_kv_pairs ({P}) keys")
+        raise DataError(f"data.mqar.vocab {V} has fewer than num_kv_pairs ({P}) keys")
     if (L - 2 * P) // 2 < P:
         raise DataError(
             f"data.seq_len {L} is too short for {P} pairs and their queries: needs >= {4 * P}"
         )
-    if min(cfg.mqar_train_examples, cfg.mqar_val_examples) < 1:
-        raise DataError("data.mqar_train_examples and mqar_val_examples must be >= 1")
-    if not cfg.mqar_power_a > 0:
-        raise DataError("data.mqar_power_a must be > 0")
-    for n in cfg.mqar_train_lengths:
+    if min(m.train_examples, m.val_examples) < 1:
+        raise DataError("data.mqar.train_examples and data.mqar.val_examples must be >= 1")
+    if not m.power_a > 0:
+        raise DataError("data.mqar.power_a must be > 0")
+    for n in m.train_lengths:
         if n < 1 or L % n or (P * n) % L:
             raise DataError(
-                f"data.mqar_train_lengths: {n} must divide data.seq_len {L} and leave a whole "
+                f"data.mqar.train_lengths: {n} must divide data.seq_len {L} and leave a whole "
                 f"number of pairs ({P} x {n} / {L})"
             )
-        check(dataclasses.replace(cfg, seq_len=n, num_kv_pairs=P * n // L, mqar_train_lengths=()))
+        check(_part(m, P * n // L), n)
+
+
+def _part(m: MQARConfig, pairs: int) -> MQARConfig:
+    """The config of one shorter example of the training mixture (`pairs` pairs)."""
+    return dataclasses.replace(m, num_kv_pairs=pairs, train_lengths=())
 
 
 def example(
-    cfg: DataConfig, split: str, index: int, part: tuple[int, ...] = ()
+    m: MQARConfig, seq_len: int, split: str, index: int, part: tuple[int, ...] = ()
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens int32[L + 1], answer mask bool[L + 1]): mask marks the P value tokens that
-    answer a query (as targets they are predicted from the query key before them). `part`
-    tells apart the examples packed into one mixture row (their cfg has their own L and P)."""
-    P, L, V = cfg.num_kv_pairs, cfg.seq_len + 1, cfg.mqar_vocab
-    rng = np.random.default_rng([cfg.mqar_seed, _SPLIT_SEEDS[split], index, *part])
+    """(tokens int32[L + 1], answer mask bool[L + 1]) with L = seq_len: the mask marks the P
+    value tokens that answer a query (as targets they are predicted from the query key before
+    them). `part` tells apart the examples packed into one mixture row."""
+    P, L, V = m.num_kv_pairs, seq_len + 1, m.vocab
+    rng = np.random.default_rng([m.seed, _SPLIT_SEEDS[split], index, *part])
     keys = 1 + rng.choice(V // 2 - 1, P, replace=False)
     values = V // 2 + rng.choice(V - V // 2, P, replace=False)
     slots = (L - 1 - 2 * P) // 2
-    a = cfg.mqar_power_a
+    a = m.power_a
     p = a * np.arange(1, slots + 1, dtype=np.float64) ** (a - 1)
     gaps = rng.choice(slots, P, replace=False, p=p / p.sum())
     tokens = rng.integers(0, V, L).astype(np.int32)  # random non-query tokens
@@ -104,32 +121,31 @@ def example(
     return tokens, answer
 
 
-class MQARSplit:
+class MQARSplit(RowSource):
     """One split as a row source: `num_rows` examples, `load_rows` -> model batches."""
 
+    eod_id = pad_id = 0
+
     def __init__(self, cfg: DataConfig, split: str):
-        self.cfg, self.split = cfg, split
-        n = cfg.mqar_train_examples if split == "train" else cfg.mqar_val_examples
-        self.n = n
+        self.m, self.seq_len, self.split = cfg.mqar, cfg.seq_len, split
+        self.n = self.m.train_examples if split == "train" else self.m.val_examples
+        # Only the P query positions are scored (see lmtrain.step._logits).
+        self.targets_per_row = self.m.num_kv_pairs
 
     def __len__(self) -> int:
-        return self.n * (self.cfg.seq_len + 1)
+        return self.n * (self.seq_len + 1)
 
     def num_rows(self, seq_len: int) -> int:
         return self.n
 
-    num_eval_rows = num_rows
+    def num_eval_rows(self, seq_len: int) -> int:
+        return self.n
 
-    @property
-    def targets_per_row(self) -> int:
-        """Only the P query positions are scored (see lmtrain.step._logits)."""
-        return self.cfg.num_kv_pairs
-
-    def load_rows(self, rows: Sequence[int], seq_len: int) -> dict[str, np.ndarray]:
+    def load_rows(self, rows: Sequence[int], seq_len: int) -> Batch:
         """Batch of examples `rows` (ids >= n: padding rows with weight 0): inputs,
         segment_ids, positions [B, L]; target_index (the query keys' positions), targets (their
         values) and weights, [B, P]."""
-        B, P = len(rows), self.cfg.num_kv_pairs
+        B, P = len(rows), self.m.num_kv_pairs
         inputs = np.zeros((B, seq_len), np.int32)
         targets = np.zeros((B, seq_len), np.int32)
         segments = np.ones((B, seq_len), np.int32)
@@ -143,12 +159,10 @@ class MQARSplit:
             parts = []
             for s in range(seq_len // n):  # one example per segment of n tokens
                 if n == seq_len:
-                    tokens, answer = example(self.cfg, self.split, int(r))
+                    tokens, answer = example(self.m, seq_len, self.split, int(r))
                 else:
-                    sub = dataclasses.replace(
-                        self.cfg, seq_len=n, num_kv_pairs=P * n // seq_len, mqar_train_lengths=()
-                    )
-                    tokens, answer = example(sub, self.split, int(r), (n, s))
+                    sub = _part(self.m, P * n // seq_len)
+                    tokens, answer = example(sub, n, self.split, int(r), (n, s))
                 at = slice(s * n, (s + 1) * n)
                 inputs[j, at], targets[j, at] = tokens[:-1], tokens[1:]
                 segments[j, at] = s + 1
@@ -167,20 +181,25 @@ class MQARSplit:
 
     def _length(self, row: int) -> int:
         """The example length packed into training row `row` (the mixture takes turns)."""
-        mix = self.cfg.mqar_train_lengths
-        return mix[row % len(mix)] if mix and self.split == "train" else self.cfg.seq_len
+        mix = self.m.train_lengths
+        return mix[row % len(mix)] if mix and self.split == "train" else self.seq_len
 
     def load_eval_rows(
         self, rows: Sequence[int], seq_len: int, token_bytes: np.ndarray | None = None
-    ) -> dict[str, np.ndarray]:
+    ) -> Batch:
         batch = self.load_rows(rows, seq_len)
         batch["target_bytes"] = np.zeros_like(batch["weights"])
         return batch
 
 
-def corpus_splits(cfg: DataConfig) -> tuple[MQARSplit, MQARSplit | None, dict]:
+def make_tokenizer(cfg: DataConfig) -> MQARTokenizer:
+    """The task's tokenizer (data.tokenizer does not apply)."""
+    return MQARTokenizer(cfg.mqar.vocab)
+
+
+def corpus_splits(cfg: DataConfig) -> tuple[MQARSplit, MQARSplit, dict]:
     """(train, val, stats) for `load_corpus`."""
-    check(cfg)
+    check(cfg.mqar, cfg.seq_len)
     train = MQARSplit(cfg, "train")
     val = MQARSplit(cfg, "val")
     stats = {

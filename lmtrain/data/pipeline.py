@@ -1,4 +1,5 @@
-"""Token streams over corpora on disk (prepare.py), concat-and-chunk packing, grain iterators."""
+"""Token streams over corpora on disk (prepare.py), concat-and-chunk packing, grain iterators,
+and `make_train_data`, the one entry point that builds training batches for either packing."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import Any
 import grain
 import numpy as np
 
-from lmtrain.config import DataConfig
-from lmtrain.data import mqar, prepare
+from lmtrain.config import Config, DataConfig
+from lmtrain.data import prepare, tasks
+from lmtrain.data.contract import Batch, RowSource
+from lmtrain.data.decompose import DecomposedData
 from lmtrain.data.sources import (
-    DataError,
     cache_dir,
     cache_lock,
     prepared_meta,
@@ -21,10 +23,12 @@ from lmtrain.data.sources import (
     val_fraction,
 )
 from lmtrain.data.tokenizers import Tokenizer
+from lmtrain.errors import DataError
 
 
-class TokenStream:
-    """A 1-D token array (a read-only memmap for corpora) that knows its eod and pad ids."""
+class TokenStream(RowSource):
+    """A 1-D token array (a read-only memmap for corpora) that knows its eod and pad ids; row i
+    of length L is tokens[i L : i L + L + 1], packed with segment ids (every position scored)."""
 
     def __init__(
         self, tokens: np.ndarray, eod_id: int, pad_id: int, doc_ends: np.ndarray | None = None
@@ -60,14 +64,11 @@ class TokenStream:
     def shape(self) -> tuple[int, ...]:
         return self.tokens.shape
 
-    # Row-source interface (shared with synthetic sources such as lmtrain.data.mqar): row i of
-    # length L is tokens[i L : i L + L + 1], packed with segment ids.
-
     def num_rows(self, seq_len: int) -> int:
         """Whole training rows of seq_len targets."""
         return (len(self.tokens) - 1) // seq_len
 
-    def load_rows(self, rows: Sequence[int], seq_len: int) -> dict[str, np.ndarray]:
+    def load_rows(self, rows: Sequence[int], seq_len: int) -> Batch:
         """Packed training batch of `rows`."""
         return pack_rows(_read_rows(self.tokens, rows, seq_len), self.eod_id)
 
@@ -86,8 +87,8 @@ class TokenStream:
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    train: TokenStream
-    val: TokenStream | None  # None when val_fraction == 0
+    train: RowSource  # a TokenStream for text corpora, a task's split for synthetic tasks
+    val: RowSource | None  # None when val_fraction == 0
     # {"train": {docs, tokens, bytes, bytes_per_token}, "val": {...}, "bytes_per_token": all}
     # tokens include one eod per document; bytes are the UTF-8 bytes of the text.
     stats: dict[str, Any]
@@ -101,8 +102,9 @@ def load_corpus(cfg: DataConfig, tok: Tokenizer) -> Corpus:
 
     A directory written by `lmtrain prepare` is mapped where it is, never tokenised again.
     """
-    if cfg.source == mqar.SOURCE:
-        train, val, stats = mqar.corpus_splits(cfg)
+    task = tasks.task(cfg.source)
+    if task is not None:
+        train, val, stats = task.corpus_splits(cfg)
         return Corpus(train=train, val=val, stats=stats)
     if prepared_meta(cfg.source) is not None:
         where, meta = prepare.open_prepared(cfg, tok)
@@ -154,19 +156,21 @@ def _read_rows(tokens: np.ndarray, rows: Sequence[int], seq_len: int) -> np.ndar
     return np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in rows])
 
 
-def _source(stream: Any, eod_id: int | None, pad_id: int | None) -> Any:
-    """A row source: `stream` itself (a TokenStream or synthetic split), or a TokenStream over
-    a plain token array (then eod_id is required)."""
-    if hasattr(stream, "load_rows") and eod_id is None and pad_id is None:
+def _source(stream: RowSource | np.ndarray, eod_id: int | None, pad_id: int | None) -> RowSource:
+    """A row source: `stream` itself, or a TokenStream over `stream`'s tokens with the eod and
+    pad ids given (required for a plain token array)."""
+    if isinstance(stream, RowSource) and eod_id is None and pad_id is None:
         return stream
-    eod = getattr(stream, "eod_id", None) if eod_id is None else eod_id
-    pad = getattr(stream, "pad_id", eod) if pad_id is None else pad_id
-    if eod is None:
-        raise ValueError("pass eod_id= when the stream is a plain array")
     if isinstance(stream, TokenStream):
+        eod = stream.eod_id if eod_id is None else eod_id
+        pad = stream.pad_id if pad_id is None else pad_id
         ends = stream._doc_ends if eod == stream.eod_id else None  # the index holds for this eod
         return TokenStream(stream.tokens, int(eod), int(pad), doc_ends=ends)
-    return TokenStream(np.asarray(stream), int(eod), int(pad))
+    if isinstance(stream, RowSource):
+        raise ValueError("eod_id / pad_id can only be changed on a TokenStream")
+    if eod_id is None:
+        raise ValueError("pass eod_id= when the stream is a plain array")
+    return TokenStream(np.asarray(stream), int(eod_id), int(eod_id if pad_id is None else pad_id))
 
 
 def _local_batch(global_batch: int, process_index: int, process_count: int) -> int:
@@ -178,7 +182,7 @@ def _local_batch(global_batch: int, process_index: int, process_count: int) -> i
 
 
 def train_iterator(
-    stream: TokenStream | np.ndarray,
+    stream: RowSource | np.ndarray,
     *,
     seq_len: int,
     global_batch: int,
@@ -214,7 +218,7 @@ def train_iterator(
 
 
 def eval_batches(
-    stream: TokenStream | np.ndarray | None,
+    stream: RowSource | np.ndarray | None,
     token_bytes: np.ndarray,
     *,
     seq_len: int,
@@ -272,3 +276,41 @@ def _eval_batch(
     batch["weights"] *= valid
     batch["target_bytes"] = token_bytes[batch["targets"]] * batch["weights"]
     return batch
+
+
+@dataclasses.dataclass
+class TrainData:
+    """Training batches of either packing: an endless, checkpointable iterator (get_state /
+    set_state), every (global batch, seq_len) shape it yields, and the decomposition report
+    ({} for concat-and-chunk)."""
+
+    iterator: Any
+    shapes: list[tuple[int, int]]
+    report: dict[str, Any]
+
+
+def make_train_data(
+    cfg: Config, source: RowSource, process_index: int = 0, process_count: int = 1
+) -> TrainData:
+    """The training data of `source` in cfg.data.packing mode, this process's rows only."""
+    if cfg.data.packing == "decompose":
+        if not isinstance(source, TokenStream):
+            raise DataError("data.packing='decompose' needs a text corpus")
+        dd = DecomposedData(
+            source, cfg, seed=cfg.train.seed, process_index=process_index,
+            process_count=process_count,
+        )  # fmt: skip
+        s = dd.schedule
+        shapes = [(s.batch[k], 1 << k) for k in s.ks if s.batches[k] > 0]
+        return TrainData(dd.iterator(cfg.data.prefetch), shapes, dd.report())
+    shapes = cfg.train_shapes()
+    it = train_iterator(
+        source,
+        seq_len=cfg.data.seq_len,
+        global_batch=shapes[0][0],
+        seed=cfg.train.seed,
+        process_index=process_index,
+        process_count=process_count,
+        prefetch=cfg.data.prefetch,
+    )
+    return TrainData(it, shapes, {})

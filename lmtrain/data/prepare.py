@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmtrain.config import DataConfig
+from lmtrain.data import tasks
 from lmtrain.data.sources import (
     STDLIB,
     DataError,
@@ -301,8 +302,8 @@ def _summary(meta: dict[str, Any]) -> str:
 
 def prepare(cfg: DataConfig, out: Path, *, progress: bool = True) -> str:
     """Tokenises cfg.source into `out` unless it is up to date there; returns what to print."""
-    if cfg.source == "mqar":
-        raise DataError("data source 'mqar' is synthetic; there is nothing to prepare")
+    if tasks.task(cfg.source) is not None:
+        raise DataError(f"data source {cfg.source!r} is synthetic; there is nothing to prepare")
     if prepared_meta(cfg.source) is not None:
         raise DataError(f"{cfg.source} is already prepared; train with data.source={cfg.source}")
     if not 0.0 <= cfg.val_fraction < 1.0:

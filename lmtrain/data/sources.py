@@ -19,15 +19,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lmtrain.config import ConfigError, DataConfig
+from lmtrain.config import DataConfig
+from lmtrain.errors import DataError
 
 STDLIB = "stdlib"
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages"})
 _DIR_SUFFIXES = (".txt", ".jsonl")
-
-
-class DataError(ConfigError):
-    """A user-caused data problem: missing path, empty corpus or split, unreadable file."""
 
 
 # ---------------------------------------------------------------------------- files
@@ -48,7 +45,7 @@ def stdlib_files() -> tuple[Path, list[str]]:
 def prepared_meta(source: str) -> dict[str, Any] | None:
     """meta.json of `source` if it is a directory written by `lmtrain prepare`, else None."""
     meta_path = Path(os.path.expanduser(source)) / "meta.json"
-    if source in (STDLIB, "mqar") or not meta_path.is_file():
+    if source == STDLIB or not meta_path.is_file():
         return None
     try:
         meta = json.loads(meta_path.read_text())

@@ -282,12 +282,9 @@ def _load_file(path: Path) -> Tokenizer:
 
 
 def make_tokenizer(cfg: DataConfig) -> Tokenizer:
-    """The tokenizer `cfg.tokenizer` names ("bytes", "bpe:N", a file), or a prepared dir's own."""
+    """The text tokenizer `cfg.tokenizer` names ("bytes", "bpe:N", a file), or a prepared
+    dir's own (synthetic tasks bring theirs: lmtrain.data.tasks.make_tokenizer)."""
     spec = cfg.tokenizer
-    if cfg.source == "mqar":  # the task's own symbols; data.tokenizer does not apply
-        from lmtrain.data.mqar import MQARTokenizer
-
-        return MQARTokenizer(cfg.mqar_vocab)
     meta = prepared_meta(cfg.source)
     if meta is not None:
         return _prepared_tokenizer(cfg, meta)

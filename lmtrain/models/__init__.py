@@ -16,12 +16,14 @@ Adding a family means adding a file and one line to `FAMILIES`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from types import ModuleType
 
 from flax import nnx
 
-from lmtrain.config import ModelConfig
+from lmtrain.errors import ConfigError
+from lmtrain.models.base import ModelConfig
 
 # model.name -> module in lmtrain.models
 FAMILIES = {
@@ -38,10 +40,19 @@ FAMILIES = {
 
 
 def family(name: str) -> ModuleType:
-    """The module implementing model family `name`."""
+    """The module implementing model family `name` (ConfigError if there is none)."""
     if name not in FAMILIES:
-        raise KeyError(f"unknown model.name {name!r}; known: {', '.join(sorted(FAMILIES))}")
+        raise ConfigError(f"unknown model.name {name!r}; known: {', '.join(sorted(FAMILIES))}")
     return importlib.import_module(f"lmtrain.models.{FAMILIES[name]}")
+
+
+def families_with_field(field: str) -> list[str]:
+    """The model.name values whose Config has `field` (for "set model.name first" errors)."""
+    return [
+        name
+        for name in FAMILIES
+        if field in {f.name for f in dataclasses.fields(family(name).Config)}
+    ]
 
 
 def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:

@@ -19,20 +19,52 @@ default 4. Residual-output init is scaled by the hybrid's total depth.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable
 
 from flax import nnx
 
-from lmtrain.config import ConfigError, ModelConfig
+from lmtrain.errors import ConfigError
 from lmtrain.models import linear_attention, ssm, transformer
+from lmtrain.models.base import ModelConfig
 
-# letter -> (family module, layer kind within it)
-LAYERS: dict[str, tuple[Any, str]] = {
-    "A": (transformer, "attention"),
-    **{c: (linear_attention, k) for c, k in linear_attention.LETTERS.items()},
-    "S": (ssm, "s4d"),
-    "H": (ssm, "h3"),
-    "M": (ssm, "mamba2"),
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """What a pattern letter is: its family's Config (named `name`) and the block built from it.
+
+    `build(config, layer_index, rngs)` gets that family's Config filled with the hybrid's fields;
+    `one_letter_pattern` families (linear attention) also get `pattern = letter * n_layers`.
+    """
+
+    config_cls: type[ModelConfig]
+    name: str
+    build: Callable[[ModelConfig, int, nnx.Rngs], nnx.Module]
+    one_letter_pattern: bool = False
+
+
+def _attention(cfg, layer, rngs):
+    return transformer.Block(cfg, rngs=rngs)
+
+
+def _linear(kind: str) -> Callable[[ModelConfig, int, nnx.Rngs], nnx.Module]:
+    return lambda cfg, layer, rngs: linear_attention.Block(cfg, kind, layer, rngs=rngs)
+
+
+def _ssm(cfg, layer, rngs):
+    mixer, mlp = ssm.RECIPES[cfg.name]
+    return ssm.Block(cfg, mixer, mlp, rngs=rngs)
+
+
+# letter -> Layer: the one table a new letter is added to
+LAYERS: dict[str, Layer] = {
+    "A": Layer(transformer.Config, "transformer", _attention),
+    **{
+        c: Layer(linear_attention.Config, "hybrid", _linear(kind), one_letter_pattern=True)
+        for c, kind in linear_attention.LETTERS.items()
+    },
+    "S": Layer(ssm.Config, "s4d", _ssm),
+    "H": Layer(ssm.Config, "h3", _ssm),
+    "M": Layer(ssm.Config, "mamba2", _ssm),
 }
 
 
@@ -52,18 +84,14 @@ class Config(ssm.Config, linear_attention.Config, transformer.Config):
     def family_config(self, letter: str, n_layers: int | None = None) -> ModelConfig:
         """The Config that layer `letter`'s family builds from: the hybrid's shared fields,
         that family's name for the kind, and n_layers (default: the hybrid's depth)."""
-        module, kind = LAYERS[letter]
-        cls = module.Config
-        names = {f.name for f in dataclasses.fields(cls)}
+        layer = LAYERS[letter]
+        names = {f.name for f in dataclasses.fields(layer.config_cls)}
         kept = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
         kept["n_layers"] = self.n_layers if n_layers is None else n_layers
-        if module is ssm:
-            kept["name"] = kind
-        elif module is linear_attention:
-            kept["name"], kept["pattern"] = "hybrid", letter * kept["n_layers"]
-        else:
-            kept["name"] = "transformer"
-        return cls(**kept)
+        kept["name"] = layer.name
+        if layer.one_letter_pattern:
+            kept["pattern"] = letter * kept["n_layers"]
+        return layer.config_cls(**kept)
 
     def _layer_cost(self, letter: str) -> ModelConfig:
         """A 1-layer, vocab-0 model of the layer's family: its costs are one layer's costs."""
@@ -84,20 +112,20 @@ class Config(ssm.Config, linear_attention.Config, transformer.Config):
         """Floats of decode state per sequence at context seq_len, all layers."""
         return sum(self._layer_cost(c).state_floats(seq_len) for c in self.layer_letters())
 
-
-def _validate(cfg: Config) -> None:
-    """Raises ConfigError naming the field; each family present checks its own fields."""
-    bad = sorted(set(cfg.pattern) - set(LAYERS))
-    if bad:
-        raise ConfigError(f"model.pattern has unknown letters {bad}; known: {''.join(LAYERS)}")
-    if not cfg.layer_letters():
-        raise ConfigError(
-            f"model.pattern {cfg.pattern!r} must be non-empty with a length dividing "
-            f"model.n_layers ({cfg.n_layers}), e.g. model.pattern=MMAM"
-        )
-    for letter in sorted(set(cfg.pattern)):
-        module = LAYERS[letter][0]
-        module._validate(cfg._layer_cost(letter))
+    def validate(self) -> None:
+        """Raises ConfigError naming the field; each family present checks its own fields
+        through its public Config.validate."""
+        ModelConfig.validate(self)
+        bad = sorted(set(self.pattern) - set(LAYERS))
+        if bad:
+            raise ConfigError(f"model.pattern has unknown letters {bad}; known: {''.join(LAYERS)}")
+        if not self.layer_letters():
+            raise ConfigError(
+                f"model.pattern {self.pattern!r} must be non-empty with a length dividing "
+                f"model.n_layers ({self.n_layers}), e.g. model.pattern=MMAM"
+            )
+        for letter in sorted(set(self.pattern)):
+            self._layer_cost(letter).validate()
 
 
 class Model(transformer.Model):
@@ -107,18 +135,10 @@ class Model(transformer.Model):
     """
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        _validate(cfg)
+        cfg.validate()
+        letters = cfg.layer_letters()
         self._init_stack(
-            cfg, lambda: [_block(cfg, c, i, rngs) for i, c in enumerate(cfg.layer_letters())], rngs
+            cfg,
+            lambda: [LAYERS[c].build(cfg.family_config(c), i, rngs) for i, c in enumerate(letters)],
+            rngs,
         )
-
-
-def _block(cfg: Config, letter: str, layer: int, rngs: nnx.Rngs) -> nnx.Module:
-    module, kind = LAYERS[letter]
-    sub = cfg.family_config(letter)
-    if module is transformer:
-        return transformer.Block(sub, rngs=rngs)
-    if module is linear_attention:
-        return linear_attention.Block(sub, kind, layer, rngs=rngs)
-    mixer, mlp = ssm.RECIPES[kind]
-    return ssm.Block(sub, mixer, mlp, rngs=rngs)

@@ -190,8 +190,10 @@ class ShortConv(nnx.Module):
         rngs: nnx.Rngs,
         std: float = 0.02,
         dtype: jnp.dtype = jnp.float32,
+        init: Init | None = None,
     ):
-        self.kernel = param(rngs, _conv_init(std), (width, channels), ("conv", channel_axis))
+        init = init or _conv_init(std)  # default: identity plus noise
+        self.kernel = param(rngs, init, (width, channels), ("conv", channel_axis))
         self.width = width
         self.dtype = dtype
 
@@ -223,3 +225,17 @@ class ShortConv(nnx.Module):
             y = y + kernel_WxC[j][None, None, :] * window[:, W - j : W - j + T].astype(jnp.float32)
         new_state = window[:, window.shape[1] - W :].astype(state_BxWxC.dtype)
         return y.astype(x_BxTxC.dtype), new_state
+
+
+class HeadNorm(nnx.Module):
+    """RMSNorm over each head's values (float32 statistics), a learned scale per channel."""
+
+    def __init__(self, H: int, K: int, *, rngs: nnx.Rngs, eps: float):
+        self.scale = param(rngs, nnx.initializers.ones, (H * K,), ("heads",))
+        self.H, self.K, self.eps = H, K, eps
+
+    def __call__(self, o_BxLxHxK: jax.Array) -> jax.Array:
+        """o_BxLxHxK (float32) -> normalised, flattened to (B, L, H*K)."""
+        inv_rms = jax.lax.rsqrt(jnp.mean(o_BxLxHxK * o_BxLxHxK, -1, keepdims=True) + self.eps)
+        B, L = o_BxLxHxK.shape[:2]
+        return (o_BxLxHxK * inv_rms).reshape(B, L, self.H * self.K) * self.scale[...][None, None]

@@ -33,11 +33,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmtrain.config import ConfigError, ModelConfig
 from lmtrain.models import linear_ops as ops
 from lmtrain.models import transformer
-from lmtrain.models.layers import Linear, RMSNorm, ShortConv, SwiGLU, apply_rope, param
+from lmtrain.models.base import ModelConfig, check_all
+from lmtrain.models.layers import (
+    HeadNorm,
+    Linear,
+    RMSNorm,
+    ShortConv,
+    SwiGLU,
+    apply_rope,
+    param,
+)
 
+CONV_FORMS = ("projected", "base")
 LETTERS = {"B": "based", "R": "retention", "L": "lightning", "G": "gla", "W": "swa", "C": "conv"}
 RECIPES = {"based": "CBWCC", "retnet": "R", "lightning": "L", "gla": "G"}  # repeated to n_layers
 
@@ -60,6 +69,13 @@ class Config(ModelConfig):
     gla_gate_rank: int = 16  # GLA: rank of the decay projection x W1 W2
     gla_tau: float = 16.0  # GLA: alpha = sigmoid(x W1 W2 + b)^(1 / tau)
     rope_theta: float = 10000.0  # retention and sliding-window attention
+    # False: a block is x + mixer(norm(x)) alone, as in Zoology's MQAR models (state mixer
+    # Identity); True: a SwiGLU MLP follows every mixer.
+    block_mlp: bool = True
+    # Gated convolution (letter C): "projected" = o(conv(in(x)) * gate(x)), conv taps start at
+    # the identity; "base" = Zoology's / BASED's BaseConv without SiLU, (conv(x) + b) * (x W + c)
+    # + x, taps drawn as PyTorch's Conv1d does (U(+-1/sqrt(conv_width))).
+    conv_form: str = "projected"
 
     @property
     def head_dim(self) -> int:
@@ -82,7 +98,7 @@ class Config(ModelConfig):
     def matmul_params(self) -> int:
         """Matmul parameters: every mixer's projections, SwiGLU (3 D F), the output head (V D)."""
         mixers = sum(c[0] for c in self._costs(1))
-        mlps = self.n_layers * 3 * self.d_model * self.ffn_width
+        mlps = self.n_layers * 3 * self.d_model * self.ffn_width * self.block_mlp
         return mixers + mlps + self.vocab_size * self.d_model
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -106,31 +122,33 @@ class Config(ModelConfig):
         constant in seq_len (sliding windows keep `window` keys and values)."""
         return sum(c[2] for c in self._costs(1))
 
-
-def _validate(cfg: Config) -> None:
-    """Raises ConfigError naming the field when `cfg` cannot be built."""
-    kinds = cfg.layer_kinds()
-    bad = sorted(set(kinds) - set(MIXERS))
-    gla_keys = cfg.gla_expand_k * cfg.d_model
-    checks = [
-        (bool(cfg.pattern) or cfg.name in RECIPES, "model.name", f"needs a recipe {RECIPES}"),
-        (not bad, "model.pattern", f"has unknown mixers {bad}; letters: {LETTERS}"),
-        (len(kinds) == cfg.n_layers, "model.pattern", f"needs n_layers ({cfg.n_layers}) letters"),
-        (cfg.d_model % cfg.n_heads == 0, "model.n_heads", f"must divide d_model ({cfg.d_model})"),
-        (
-            cfg.head_dim % 2 == 0 or not {"retention", "swa"} & set(kinds),
-            "model.n_heads",
-            "must leave an even head dim for RoPE",
-        ),
-        (min(cfg.chunk, cfg.gla_chunk) >= 1, "model.chunk", "and gla_chunk must be >= 1"),
-        (min(cfg.window, cfg.conv_width, cfg.feature_dim) >= 1, "model.window", "conv_width, "
-         "feature_dim must be >= 1"),
-        (gla_keys == int(gla_keys) and gla_keys % cfg.n_heads == 0, "model.gla_expand_k",
-         "* d_model must be a whole multiple of n_heads"),
-    ]  # fmt: skip
-    for ok, key, msg in checks:
-        if not ok:
-            raise ConfigError(f"{key} {msg}")
+    def validate(self) -> None:
+        """Raises ConfigError naming the field when this config cannot be built."""
+        ModelConfig.validate(self)
+        c = self
+        kinds = c.layer_kinds()
+        bad = sorted(set(kinds) - set(MIXERS))
+        gla_keys = c.gla_expand_k * c.d_model
+        checks = [
+            (bool(c.pattern) or c.name in RECIPES, "model.name", f"needs a recipe {RECIPES}"),
+            (not bad, "model.pattern", f"has unknown mixers {bad}; letters: {LETTERS}"),
+            (len(kinds) == c.n_layers, "model.pattern", f"needs n_layers ({c.n_layers}) letters"),
+            (c.d_model % c.n_heads == 0, "model.n_heads", f"must divide d_model ({c.d_model})"),
+            (
+                c.head_dim % 2 == 0 or not {"retention", "swa"} & set(kinds),
+                "model.n_heads",
+                "must leave an even head dim for RoPE",
+            ),
+            (min(c.chunk, c.gla_chunk) >= 1, "model.chunk", "and gla_chunk must be >= 1"),
+            (min(c.window, c.conv_width, c.feature_dim) >= 1, "model.window", "conv_width, "
+             "feature_dim must be >= 1"),
+            (gla_keys == int(gla_keys) and gla_keys % c.n_heads == 0, "model.gla_expand_k",
+             "* d_model must be a whole multiple of n_heads"),
+        ]  # fmt: skip
+        checks.append(
+            (c.conv_form in CONV_FORMS, "model.conv_form", f"must be one of {CONV_FORMS}")
+        )
+        check_all(checks)
 
 
 def _out_std(cfg: Config) -> float:
@@ -144,20 +162,6 @@ def _linear_kw(cfg: Config, rngs: nnx.Rngs) -> dict:
 
 def _positions(index: jax.Array, B: int, T: int) -> jax.Array:
     return jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
-
-
-class HeadNorm(nnx.Module):
-    """RMSNorm over each head's values (float32 statistics), a learned scale per channel."""
-
-    def __init__(self, H: int, K: int, *, rngs: nnx.Rngs, eps: float):
-        self.scale = param(rngs, nnx.initializers.ones, (H * K,), ("heads",))
-        self.H, self.K, self.eps = H, K, eps
-
-    def __call__(self, o_BxLxHxK: jax.Array) -> jax.Array:
-        """o_BxLxHxK (float32) -> normalised, flattened to (B, L, H*K)."""
-        inv_rms = jax.lax.rsqrt(jnp.mean(o_BxLxHxK * o_BxLxHxK, -1, keepdims=True) + self.eps)
-        B, L = o_BxLxHxK.shape[:2]
-        return (o_BxLxHxK * inv_rms).reshape(B, L, self.H * self.K) * self.scale[...][None, None]
 
 
 class _LinearMixer(nnx.Module):
@@ -341,22 +345,39 @@ class SlidingWindowAttention(nnx.Module):
 
 
 class GatedConv(nnx.Module):
-    """Short causal gated convolution, o(conv(in(x)) * gate(x)), restarting at documents.
-
-    BASED's BaseConv is conv(x) * proj(x); the in/out projections added here let the branch
-    start small (out_std) like every other mixer.
-    """
+    """Short causal gated convolution, restarting at documents, in one of two forms
+    (`conv_form`): "projected", o(conv(in(x)) * gate(x)), whose in/out projections let the
+    branch start small (out_std) like every other mixer; or "base", BASED's / Zoology's
+    BaseConv, (conv(x) + b) * (x W + c) + x with PyTorch's Conv1d initialisation."""
 
     def __init__(self, cfg: Config, *, layer: int = 0, rngs: nnx.Rngs):
         D, kw = cfg.d_model, _linear_kw(cfg, rngs)
-        self.inp = Linear(D, D, ("embed", "heads"), **kw)
+        self.base = cfg.conv_form == "base"
         self.gate = Linear(D, D, ("embed", "heads"), **kw)
-        self.conv = ShortConv(D, cfg.conv_width, "heads", **kw)
-        self.o = Linear(D, D, ("heads", "embed"), **{**kw, "std": _out_std(cfg)})
+        if self.base:
+            bound = cfg.conv_width**-0.5  # kaiming_uniform(a=sqrt 5): fan_in = width
+            uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+            self.conv = ShortConv(
+                D, cfg.conv_width, "heads", rngs=rngs, dtype=kw["dtype"], init=uniform
+            )
+            self.conv_bias = param(rngs, uniform, (D,), ("heads",))
+            self.gate_bias = param(rngs, nnx.initializers.zeros, (D,), ("heads",))
+        else:
+            self.inp = Linear(D, D, ("embed", "heads"), **kw)
+            self.conv = ShortConv(D, cfg.conv_width, "heads", **kw)
+            self.o = Linear(D, D, ("heads", "embed"), **{**kw, "std": _out_std(cfg)})
+
+    def _mix(self, x_BxLxD, conv_BxLxD) -> jax.Array:
+        if self.base:
+            conv_b, gate_b = self.conv_bias[...][None, None], self.gate_bias[...][None, None]
+            y = (conv_BxLxD + conv_b) * (self.gate(x_BxLxD) + gate_b)
+            return y.astype(x_BxLxD.dtype) + x_BxLxD
+        return self.o(conv_BxLxD * self.gate(x_BxLxD))
 
     def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
         """Training form."""
-        return self.o(self.conv(self.inp(x_BxLxD), segment_ids_BxL) * self.gate(x_BxLxD))
+        u = x_BxLxD if self.base else self.inp(x_BxLxD)
+        return self._mix(x_BxLxD, self.conv(u, segment_ids_BxL))
 
     def init_state(self, batch_size: int, max_len: int) -> jax.Array:
         """The last conv_width - 1 inputs (B, W, D)."""
@@ -364,8 +385,9 @@ class GatedConv(nnx.Module):
 
     def step(self, x_BxTxD, state, index) -> tuple[jax.Array, jax.Array]:
         """T new tokens."""
-        y, state = self.conv.step(self.inp(x_BxTxD), state)
-        return self.o(y * self.gate(x_BxTxD)), state
+        u = x_BxTxD if self.base else self.inp(x_BxTxD)
+        y, state = self.conv.step(u, state)
+        return self._mix(x_BxTxD, y), state
 
 
 MIXERS: dict[str, type[nnx.Module]] = {
@@ -379,23 +401,27 @@ MIXERS: dict[str, type[nnx.Module]] = {
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + SwiGLU(norm(x))."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + SwiGLU(norm(x)) (if block_mlp)."""
 
     def __init__(self, cfg: Config, kind: str, layer: int, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
         self.mixer_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
         self.mixer = MIXERS[kind](cfg, layer=layer, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
-        std, out_std = cfg.init_std, _out_std(cfg)
-        self.mlp = SwiGLU(
-            cfg.d_model, cfg.ffn_width, rngs=rngs, std=std, out_std=out_std, dtype=dtype
-        )
+        self.mlp_norm = self.mlp = nnx.data(None)
+        if cfg.block_mlp:
+            self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
+            std, out_std = cfg.init_std, _out_std(cfg)
+            self.mlp = SwiGLU(
+                cfg.d_model, cfg.ffn_width, rngs=rngs, std=std, out_std=out_std, dtype=dtype
+            )
+
+    def _mlp(self, x_BxLxD: jax.Array) -> jax.Array:
+        return x_BxLxD if self.mlp is None else x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
 
     def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
         """Training form."""
         h_BxLxD = self.mixer(self.mixer_norm(x_BxLxD), segment_ids_BxL, positions_BxL)
-        x_BxLxD = x_BxLxD + h_BxLxD.astype(x_BxLxD.dtype)
-        return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+        return self._mlp(x_BxLxD + h_BxLxD.astype(x_BxLxD.dtype))
 
     def init_state(self, batch_size: int, max_len: int):
         """The mixer's zero decode state."""
@@ -404,8 +430,7 @@ class Block(nnx.Module):
     def decode(self, x_BxTxD, state, index) -> tuple[jax.Array, object]:
         """Recurrent form: T new tokens against the layer's state."""
         h_BxTxD, state = self.mixer.step(self.mixer_norm(x_BxTxD), state, index)
-        x_BxTxD = x_BxTxD + h_BxTxD.astype(x_BxTxD.dtype)
-        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), state
+        return self._mlp(x_BxTxD + h_BxTxD.astype(x_BxTxD.dtype)), state
 
 
 class Model(transformer.Model):
@@ -418,7 +443,7 @@ class Model(transformer.Model):
     """
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        _validate(cfg)
+        cfg.validate()
         kinds = cfg.layer_kinds()
         self._init_stack(
             cfg, lambda: [Block(cfg, kind, i, rngs=rngs) for i, kind in enumerate(kinds)], rngs

@@ -35,8 +35,9 @@ def mixer_costs(cfg: Any, kind: str, seq_len: int) -> tuple[int, float, int]:
     if kind == "swa":  # q, k, v, o; rolling keys and values
         w = min(cfg.window, seq_len)
         return 4 * D * D, 12 * D * w * (1 - w / (2 * seq_len)), 2 * cfg.window * D
-    if kind == "conv":  # in, gate, out; the last conv_width - 1 inputs
-        return 3 * D * D, 6 * cfg.conv_width * D, (cfg.conv_width - 1) * D
+    if kind == "conv":  # in, gate, out ("base": gate only); the last conv_width - 1 inputs
+        n = 1 if cfg.conv_form == "base" else 3
+        return n * D * D, 6 * cfg.conv_width * D, (cfg.conv_width - 1) * D
     P, E = linear_dims(cfg, kind)
     params = {
         "based": 2 * D * H * f + 2 * D * D,  # q, k: D x H f; v, o

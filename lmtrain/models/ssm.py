@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmtrain.config import ConfigError, ModelConfig
 from lmtrain.models import ssm_ops, transformer
+from lmtrain.models.base import ModelConfig, check_all
 from lmtrain.models.layers import Linear, RMSNorm, ShortConv, SwiGLU, param
 
 
@@ -101,20 +101,27 @@ class Config(ModelConfig):
         }[self.name]
         return self.n_layers * per_layer
 
-
-def _validate(cfg: Config) -> None:
-    """Raises ConfigError naming the field when `cfg` cannot be built."""
-    checks = [
-        (cfg.name in RECIPES, "model.name", f"must be one of {sorted(RECIPES)}"),
-        (cfg.state_size >= 2 and cfg.state_size % 2 == 0, "model.state_size", "must be even >= 2"),
-        (cfg.d_model % cfg.n_heads == 0, "model.n_heads", f"must divide d_model ({cfg.d_model})"),
-        (cfg.expand >= 1, "model.expand", "must be >= 1"),
-        (cfg.conv_width >= 1, "model.conv_width", "must be >= 1"),
-        (cfg.chunk_size >= 1, "model.chunk_size", "must be >= 1"),
-    ]
-    for ok, key, msg in checks:
-        if not ok:
-            raise ConfigError(f"{key} {msg}")
+    def validate(self) -> None:
+        """Raises ConfigError naming the field when this config cannot be built."""
+        ModelConfig.validate(self)
+        c = self
+        checks = [
+            (c.name in RECIPES, "model.name", f"must be one of {sorted(RECIPES)}"),
+            (
+                c.state_size >= 2 and c.state_size % 2 == 0,
+                "model.state_size",
+                "must be even >= 2",
+            ),
+            (
+                c.d_model % c.n_heads == 0,
+                "model.n_heads",
+                f"must divide d_model ({c.d_model})",
+            ),
+            (c.expand >= 1, "model.expand", "must be >= 1"),
+            (c.conv_width >= 1, "model.conv_width", "must be >= 1"),
+            (c.chunk_size >= 1, "model.chunk_size", "must be >= 1"),
+        ]
+        check_all(checks)
 
 
 def _out_std(cfg: Config) -> float:
@@ -356,7 +363,7 @@ class Model(transformer.Model):
     """
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        _validate(cfg)
+        cfg.validate()
         mixer, mlp = RECIPES[cfg.name]
         self._init_stack(
             cfg, lambda: [Block(cfg, mixer, mlp, rngs=rngs) for _ in range(cfg.n_layers)], rngs

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmtrain.config import ConfigError, ModelConfig
+from lmtrain.models.base import ModelConfig, check_all
 from lmtrain.models.layers import MLPS, Embed, Linear, RMSNorm, ShortConv, apply_rope
 
 Cache = dict  # {"index": int32[], "layers": [{"k", "v"[, "conv_q", "conv_k", "conv_v"]}, ...]}
@@ -80,20 +80,23 @@ class Config(ModelConfig):
         conv = max(self.qkv_conv - 1, 0) * (self.n_heads + 2 * self.kv_heads) * self.head_dim
         return self.n_layers * (kv + conv)
 
-
-def _validate(cfg: Config) -> None:
-    """Raises ConfigError naming the field when `cfg` cannot be built."""
-    checks = [
-        (cfg.d_model % cfg.n_heads == 0, "model.n_heads", f"must divide d_model ({cfg.d_model})"),
-        (cfg.head_dim % 2 == 0, "model.n_heads", "must leave an even head dim for RoPE"),
-        (cfg.n_heads % cfg.kv_heads == 0, "model.n_kv_heads", "must divide n_heads"),
-        (cfg.activation in MLPS, "model.activation", f"must be one of {sorted(MLPS)}"),
-        (cfg.qkv_conv >= 0, "model.qkv_conv", "must be >= 0"),
-        (cfg.attention_impl in ("xla", "cudnn"), "model.attention_impl", "must be xla|cudnn"),
-    ]
-    for ok, key, msg in checks:
-        if not ok:
-            raise ConfigError(f"{key} {msg}")
+    def validate(self) -> None:
+        """Raises ConfigError naming the field when this config cannot be built."""
+        ModelConfig.validate(self)
+        c = self
+        checks = [
+            (
+                c.d_model % c.n_heads == 0,
+                "model.n_heads",
+                f"must divide d_model ({c.d_model})",
+            ),
+            (c.head_dim % 2 == 0, "model.n_heads", "must leave an even head dim for RoPE"),
+            (c.n_heads % c.kv_heads == 0, "model.n_kv_heads", "must divide n_heads"),
+            (c.activation in MLPS, "model.activation", f"must be one of {sorted(MLPS)}"),
+            (c.qkv_conv >= 0, "model.qkv_conv", "must be >= 0"),
+            (c.attention_impl in ("xla", "cudnn"), "model.attention_impl", "must be xla|cudnn"),
+        ]
+        check_all(checks)
 
 
 class Attention(nnx.Module):
@@ -258,7 +261,7 @@ class Model(nnx.Module):
     """
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        _validate(cfg)
+        cfg.validate()
         self._init_stack(cfg, lambda: [Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)], rngs)
 
     def _init_stack(self, cfg: Any, make_blocks: Callable[[], list], rngs: nnx.Rngs) -> None:

@@ -1,6 +1,6 @@
 """Runs a sweep on this host: K `lmtrain train` processes at a time, skip/resume, results.
 
-A sweep directory holds one workdir per run (named by `lmtrain.sweep.plan`):
+A sweep directory holds one workdir per run (named by `lmtrain.sweeps.planning.plan`):
 
     sweep_config.json   the planned config; the run is `lmtrain train --config-json` on it
     attempts.json       one entry per launch: start, end, exit status, pid
@@ -21,10 +21,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,9 +33,18 @@ from typing import Any
 
 from lmtrain import config as config_lib
 from lmtrain.config import ConfigError
-from lmtrain.sweep import Run, fmt_time
+from lmtrain.sweeps.planning import PlannedRun
+from lmtrain.sweeps.throughput import fmt_time
+from lmtrain.sweeps.workdirs import (
+    ROOT,
+    atomic_write,
+    child_env,
+    default_devices,
+    read_attempts,
+    read_metrics,
+    running_pid,
+)
 
-ROOT = Path(__file__).resolve().parents[1]  # the checkout holding lmtrain/ and launch/
 COLUMNS = (
     "index name family status seed params params_nonembed tokens flops model_flops d_model "
     "n_layers seq_len batch_size lr steps step train_loss final_val_loss final_val_bpb "
@@ -45,45 +52,7 @@ COLUMNS = (
 ).split()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    # Unique per host and process: SLURM array tasks on several nodes share the sweep dir.
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
-    """(train rows, eval rows) of metrics.jsonl by step; a resumed attempt's rows win."""
-    train_rows, eval_rows = {}, {}
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by kill -9
-            continue
-        (eval_rows if "val_loss" in row else train_rows)[row["step"]] = row
-    return train_rows, eval_rows
-
-
-def read_attempts(run_dir: Path) -> list[dict]:
-    path = run_dir / "attempts.json"
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
-def running_pid(run_dir: Path) -> int | None:
-    """The pid of a still-running `lmtrain train` on run_dir (e.g. left by a killed sweep)."""
-    attempts = read_attempts(run_dir)
-    if not attempts or "end" in attempts[-1]:
-        return None
-    pid = attempts[-1]["pid"]
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return pid if str(run_dir).encode() in cmdline else None
-
-
-def result_row(run: Run, run_dir: Path, status: str | None = None) -> dict[str, Any]:
+def result_row(run: PlannedRun, run_dir: Path, status: str | None = None) -> dict[str, Any]:
     """The results row of `run` from its workdir; status None: read from the directory."""
     if status in (None, "done") and (run_dir / "result.json").is_file():
         return json.loads((run_dir / "result.json").read_text())
@@ -132,20 +101,22 @@ def _disk_status(run_dir: Path, attempts: list[dict]) -> str:
     return "failed" if attempts[-1]["rc"] else "stopped"
 
 
-def write_results(sweep_dir: Path, runs: Sequence[Run], live: dict | None = None) -> list[dict]:
+def write_results(
+    sweep_dir: Path, runs: Sequence[PlannedRun], live: dict | None = None
+) -> list[dict]:
     """Rewrites SWEEP_DIR/results.jsonl and results.csv from the run directories."""
     live = live or {}
     rows = [result_row(r, sweep_dir / r.name, live.get(r.name)) for r in runs]
-    _atomic_write(sweep_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write(sweep_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(sweep_dir / "results.csv", buf.getvalue())
+    atomic_write(sweep_dir / "results.csv", buf.getvalue())
     return rows
 
 
-def prepare(runs: Sequence[Run], sweep_dir: Path) -> None:
+def prepare(runs: Sequence[PlannedRun], sweep_dir: Path) -> None:
     """Creates run directories with sweep_config.json; refuses a directory planned differently."""
     for run in runs:
         d = sweep_dir / run.name
@@ -165,30 +136,10 @@ def prepare(runs: Sequence[Run], sweep_dir: Path) -> None:
                 )
             continue
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps(planned, indent=2, sort_keys=True) + "\n")
+        atomic_write(path, json.dumps(planned, indent=2, sort_keys=True) + "\n")
 
 
-def child_env(devices: int | None, gpus: Sequence[int] | None = None) -> dict[str, str]:
-    """Environment of a run: this lmtrain first on PYTHONPATH; `devices` CPU host devices."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    if devices:
-        flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
-        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-    if gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
-    return env
-
-
-def default_devices(parallel: int) -> int:
-    """CPU host devices per run: a power of two <= cores / parallel, at most 8 (the CLI's rule)."""
-    share, n = max(1, (os.cpu_count() or 1) // parallel), 1
-    while n * 2 <= min(share, 8):
-        n *= 2
-    return n
-
-
-def finished(run: Run, run_dir: Path) -> bool:
+def finished(run: PlannedRun, run_dir: Path) -> bool:
     """True when metrics.jsonl shows the run's last step."""
     train_rows, _ = read_metrics(run_dir)
     return bool(train_rows) and max(train_rows) >= run.cfg.train.steps
@@ -204,7 +155,7 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def progress_table(runs: Sequence[Run], sweep_dir: Path, live: dict, started: dict) -> str:
+def progress_table(runs: Sequence[PlannedRun], sweep_dir: Path, live: dict, started: dict) -> str:
     """One line per run: status, step, last train loss and validation loss, time."""
     now = time.time()
     rows = [f"{'#':>3} {'run':<34} {'status':<8} {'step':>11} {'loss':>7} {'val':>7} {'time':>7}"]
@@ -246,7 +197,7 @@ class _Stop:
 
 
 def run_sweep(
-    runs: Sequence[Run],
+    runs: Sequence[PlannedRun],
     sweep_dir: Path,
     parallel: int = 1,
     only: int | None = None,
@@ -277,7 +228,7 @@ def run_sweep(
     todo.sort(key=lambda r: -r.model_flops)
     devices = devices_per_run or default_devices(parallel)
     free_slots = list(range(parallel))
-    active: dict[str, tuple[subprocess.Popen, int, Run]] = {}
+    active: dict[str, tuple[subprocess.Popen, int, PlannedRun]] = {}
     live: dict[str, str] = {}
     started: dict[str, float] = {}
     failed: list[str] = []
@@ -331,7 +282,7 @@ def run_sweep(
     return 1 if failed else 0
 
 
-def _launch(run: Run, sweep_dir: Path, env: dict, stop: _Stop) -> subprocess.Popen:
+def _launch(run: PlannedRun, sweep_dir: Path, env: dict, stop: _Stop) -> subprocess.Popen:
     d = sweep_dir / run.name
     logf = open(d / "train.log", "a")  # noqa: SIM115 - the child keeps it; closed below
     cmd = [sys.executable, "-m", "lmtrain", "train", "--config-json", str(d / "sweep_config.json")]
@@ -345,21 +296,21 @@ def _launch(run: Run, sweep_dir: Path, env: dict, stop: _Stop) -> subprocess.Pop
     logf.close()
     stop.children.append(proc)
     attempts = read_attempts(d) + [{"start": time.time(), "pid": proc.pid}]
-    _atomic_write(d / "attempts.json", json.dumps(attempts, indent=1))
+    atomic_write(d / "attempts.json", json.dumps(attempts, indent=1))
     return proc
 
 
-def _finish(run: Run, sweep_dir: Path, rc: int) -> str:
+def _finish(run: PlannedRun, sweep_dir: Path, rc: int) -> str:
     """Records the attempt's end; writes result.json if the run is complete. Returns status."""
     d = sweep_dir / run.name
     attempts = read_attempts(d)
     attempts[-1].update(end=time.time(), rc=rc)
-    _atomic_write(d / "attempts.json", json.dumps(attempts, indent=1))
+    atomic_write(d / "attempts.json", json.dumps(attempts, indent=1))
     if rc != 0:
         return "failed"
     if not finished(run, d):
         return "stopped"
-    _atomic_write(d / "result.json", json.dumps(result_row(run, d, "done"), indent=1) + "\n")
+    atomic_write(d / "result.json", json.dumps(result_row(run, d, "done"), indent=1) + "\n")
     return "done"
 
 
@@ -383,7 +334,7 @@ def render_slurm(template: str, spec: str, sweep_dir: Path, n_runs: int, paralle
 
 
 def write_slurm(
-    runs: Sequence[Run], spec: str, sweep_dir: Path, parallel: int, template: Path | None
+    runs: Sequence[PlannedRun], spec: str, sweep_dir: Path, parallel: int, template: Path | None
 ) -> Path:
     """Renders the job-array template into SWEEP_DIR/sweep_array.sbatch."""
     template = template or ROOT / "launch" / "sweep_array.sbatch"

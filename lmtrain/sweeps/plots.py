@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmtrain import scaling
+from lmtrain.sweeps import fit as laws
 
 
 def write_plots(fit: dict, out_dir: Path) -> list[Path]:
@@ -42,9 +42,9 @@ def _loss_vs_compute(plt, fams: dict, fit: dict, path: Path) -> Path:
         sc = ax.scatter(c, loss, c=np.log10(n), cmap="viridis", marker=markers[i % 8], label=name)
         hi = max([c.max()] + [t["C"] for t in fam.get("targets", [])])
         grid = np.logspace(np.log10(c.min() / 2), np.log10(hi), 100)
-        n_opt, d_opt = scaling.compute_optimal(fam["chinchilla"], grid)
+        n_opt, d_opt = laws.compute_optimal(fam["chinchilla"], grid)
         ax.plot(
-            grid, scaling.chinchilla_loss(fam["chinchilla"], n_opt, d_opt), label=f"{name} frontier"
+            grid, laws.chinchilla_loss(fam["chinchilla"], n_opt, d_opt), label=f"{name} frontier"
         )
     fig.colorbar(sc, ax=ax, label="log10 N")
     ax.set(xscale="log", xlabel="C = 6 N D (FLOPs)", ylabel=fit["metric"], title="Loss vs compute")
@@ -59,7 +59,7 @@ def _isoflop(plt, name: str, fam: dict, metric: str, path: Path) -> Path:
     c = 6 * n * np.array([r["D"] for r in runs])
     loss = np.array([r["loss"] for r in runs])
     iso = fam["isoflop"]
-    groups = scaling.compute_groups(c, iso["tolerance"])
+    groups = laws.compute_groups(c, iso["tolerance"])
     colors = plt.get_cmap("plasma")(np.linspace(0, 0.85, max(len(groups), 1)))
     for idx, b, col in zip(groups, iso["budgets"], colors, strict=True):
         ax.scatter(n[idx], loss[idx], color=col, label=f"C={b['C']:.2g}")
@@ -73,9 +73,7 @@ def _isoflop(plt, name: str, fam: dict, metric: str, path: Path) -> Path:
     if used:
         ax2.scatter([b["C"] for b in used], [b["N_opt"] for b in used], label="IsoFLOP minima")
     grid = np.logspace(np.log10(c.min() / 2), np.log10(c.max() * 10), 50)
-    ax2.plot(
-        grid, scaling.compute_optimal(fam["chinchilla"], grid)[0], label="Chinchilla fit N*(C)"
-    )
+    ax2.plot(grid, laws.compute_optimal(fam["chinchilla"], grid)[0], label="Chinchilla fit N*(C)")
     if iso["power_law"]:
         k, a = iso["power_law"]["k"], iso["power_law"]["a"]
         ax2.plot(grid, k * grid**a, "--", label=f"IsoFLOP N* = {k:.2g} C^{a:.2f}")

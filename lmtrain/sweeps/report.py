@@ -6,11 +6,13 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
-from lmtrain import scaling
 from lmtrain.config import ConfigError
-from lmtrain.sweep import si
+from lmtrain.sweeps import fit as laws
+from lmtrain.sweeps import plots
+from lmtrain.sweeps.planning import si
 
 METRICS = ("final_val_loss", "best_val_loss", "final_val_bpb", "best_val_bpb", "train_loss")
 STEP_LAW_NOTE = (
@@ -80,52 +82,67 @@ def finished_rows(sweep_dir: Path, metric: str) -> list[dict]:
     return good
 
 
-def main(args) -> int:
-    """The `lmtrain fit` command."""
-    sweep_dir = Path(args.sweep_dir)
-    n_key = "params_nonembed" if args.params == "nonembed" else "params"
-    rows = finished_rows(sweep_dir, args.metric)
-    points = [parse_point(p) for p in args.predict]
-    families = scaling.fit_rows(rows, args.metric, n_key, args.bootstrap, args.seed)
+def fit_sweep(
+    sweep_dir: Path,
+    *,
+    metric: str = "final_val_loss",
+    params: str = "nonembed",
+    predict: Sequence[str] = (),
+    target_flops: Sequence[float] = (),
+    holdout: Path | None = None,
+    bootstrap: int = 200,
+    seed: int = 0,
+    out: Path | None = None,
+) -> dict:
+    """Fits the laws of a sweep's finished runs; writes fit.json, fit.md and plots into `out`
+    (default: the sweep directory), prints a summary, and returns the fit.
+
+    `params`: "nonembed" or "total" parameters as N; `predict`: points "N=...,D=..." (or C=);
+    `target_flops`: budgets for N*, D* (default 10x and 100x the largest); `holdout`: another
+    sweep directory whose runs are predicted and compared.
+    """
+    sweep_dir = Path(sweep_dir)
+    n_key = "params_nonembed" if params == "nonembed" else "params"
+    rows = finished_rows(sweep_dir, metric)
+    points = [parse_point(p) for p in predict]
+    families = laws.fit_rows(rows, metric, n_key, bootstrap, seed)
     max_c = max(6 * r[n_key] * r["tokens"] for r in rows)
-    budgets = args.target_flops or [10 * max_c, 100 * max_c]
+    budgets = list(target_flops) or [10 * max_c, 100 * max_c]
     for name, fam in families.items():
         if "error" in fam:
             continue
         seq_len = next(r["seq_len"] for r in rows if r.get("family", "") == name)
-        fam["targets"] = scaling.targets(fam, budgets)
-        fam["predictions"] = [scaling.predict(fam, n, d) for n, d in points]
+        fam["targets"] = laws.targets(fam, budgets)
+        fam["predictions"] = [laws.predict(fam, n, d) for n, d in points]
         for t in fam["targets"] + fam["predictions"]:
             t["step_law"]["batch_seqs"] = t["step_law"]["batch_tokens"] / seq_len
-    holdout = _holdout(Path(args.holdout), families, args.metric, n_key) if args.holdout else None
-    out = Path(args.out) if args.out else sweep_dir
+    held = _holdout(Path(holdout), families, metric, n_key) if holdout else None
+    out = Path(out) if out else sweep_dir
     out.mkdir(parents=True, exist_ok=True)
-    fit = {
+    result = {
         "sweep_dir": str(sweep_dir),
-        "metric": args.metric,
+        "metric": metric,
         "params": n_key,
         "flops": "C = 6 N D, N = "
         + ("non-embedding" if n_key != "params" else "total")
         + " parameters, D = training tokens",
         "n_runs": len(rows),
         "families": families,
-        "holdout": holdout,
+        "holdout": held,
     }
-    (out / "fit.json").write_text(json.dumps(fit, indent=1) + "\n")
+    (out / "fit.json").write_text(json.dumps(result, indent=1) + "\n")
     try:
-        from lmtrain import plots
-
-        pngs = plots.write_plots(fit, out)
+        pngs = plots.write_plots(result, out)
         plot_note = "Plots: " + ", ".join(f"[{p.name}]({p.name})" for p in pngs)
     except ImportError:
         pngs = []
         plot_note = "Plots skipped: matplotlib is not installed (`pip install 'lmtrain[plot]'`)."
-    (out / "fit.md").write_text(report(fit, plot_note))
-    print(summary(fit))
+    (out / "fit.md").write_text(report(result, plot_note))
+    print(summary(result))
     print(f"wrote {out / 'fit.json'}, {out / 'fit.md'}" + "".join(f", {p}" for p in pngs))
     if not pngs:
         print(plot_note)
-    return 0
+    return result
 
 
 def _holdout(path: Path, families: dict, metric: str, n_key: str) -> list[dict]:
@@ -135,7 +152,7 @@ def _holdout(path: Path, families: dict, metric: str, n_key: str) -> list[dict]:
         fam = families.get(r.get("family", ""))
         if fam is None or "error" in fam:
             continue
-        p = scaling.predict(fam, r[n_key], r["tokens"])
+        p = laws.predict(fam, r[n_key], r["tokens"])
         lo, hi = p["interval"] or (math.nan, math.nan)
         out.append({
             "name": r["name"], "family": r.get("family", ""), "N": r[n_key], "D": r["tokens"],
@@ -198,14 +215,14 @@ def report(fit: dict, plot_note: str) -> str:
         out += [f"> {w}" for w in fam["warnings"]] + ([""] if fam["warnings"] else [])
         out += [
             f"{fam['n_runs']} runs, {fam['n_sizes']} model sizes. L(N, D) = E + A / N^alpha + "
-            f"B / D^beta, Huber (delta {scaling.HUBER_DELTA:g}) on log loss, L-BFGS from "
-            f"{len(scaling.GRID)} starts; RMS log residual {c['rms_log_residual']:.4f}.",
+            f"B / D^beta, Huber (delta {laws.HUBER_DELTA:g}) on log loss, L-BFGS from "
+            f"{len(laws.GRID)} starts; RMS log residual {c['rms_log_residual']:.4f}.",
             "",
             "| parameter | fit | 90% interval | Chinchilla (Hoffmann et al.) |",
             "|---|---|---|---|",
         ]
-        for k in scaling.NAMES:
-            out.append(f"| {k} | {c[k]:.4g} | {_iv(c['intervals'][k])} | {scaling.CHINCHILLA[k]} |")
+        for k in laws.NAMES:
+            out.append(f"| {k} | {c[k]:.4g} | {_iv(c['intervals'][k])} | {laws.CHINCHILLA[k]} |")
         out += [
             "",
             f"Compute-optimal allocation: N\\*(C) ~ C^{co['a']:.3f} {_iv(co['a_interval'])}, "
