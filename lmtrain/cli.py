@@ -275,8 +275,8 @@ def _cpu_devices_default() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lmtrain` console script; returns the exit status."""
+    _cpu_devices_default()  # before the parser: building it imports lmtrain.config, and jax
     args = _parser().parse_args(argv)
-    _cpu_devices_default()
     _quiet_libraries()
     from lmtrain.checkpoint import CheckpointError
     from lmtrain.config import ConfigError

@@ -145,3 +145,23 @@ def test_a_key_of_another_family_says_which_families_have_it(capsys):
     err = capsys.readouterr().err
     assert "model.feature_dim belongs to based/retnet/lightning/gla/hybrid" in err
     assert "set model.name first" in err and "Traceback" not in err
+
+
+def test_cli_chooses_one_cpu_device_per_core_before_jax_starts(tmp_path):
+    """`lmtrain` sets --xla_force_host_platform_device_count before anything imports jax's
+    backend (a regression once the parser's imports pulled jax in first)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    code = (
+        "from lmtrain.cli import main\n"
+        "main(['train', 'missing.py'])\nimport jax\nprint('devices', jax.device_count())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    cores = os.cpu_count() or 1
+    want = max(n for n in (1, 2, 4, 8) if n <= cores)
+    assert f"devices {want}" in out.stdout, out.stdout + out.stderr
