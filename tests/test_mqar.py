@@ -223,3 +223,32 @@ def test_frontier_report_keeps_the_best_lr_per_cell(tmp_path, capsys):
     assert "| attention | 32 |" in text and (sweep / "mqar_frontier.md").is_file()
     # KV cache floats (2 layers x K, V x 32 x 32) + q/k/v conv windows (2 layers x 2 taps x 3 x 32)
     assert f"{2 * 2 * 32 * 32 + 2 * 2 * 3 * 32:,}" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("label", "learns"), [("based", True), ("attention", True), ("based-4block", False)]
+)
+def test_recall_guard_frontier_models_learn_mqar(label, learns, tmp_path):
+    """The guard against lmtrain's BASED silently failing MQAR again (it sat at chance where
+    Zoology's code learns): experiments/mqar.py's frontier models, on the one-minute "guard"
+    task (seq 64, 4 pairs, vocab 512; chance 0.4%), must clearly learn recall in 200 steps.
+    The old 4-block layout (SwiGLU MLPs, identity-initialised projected convs) does not: it is
+    the side that shows this test can fail (measured 3% there vs 90% for "based")."""
+    import importlib.util
+    from pathlib import Path
+
+    from lmtrain import train
+    from lmtrain.config import override
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "mqar.py"
+    spec = importlib.util.spec_from_file_location("mqar_experiment_guard", path)
+    exp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exp)
+    cfg = override(exp.get_config("guard"), exp.model_sets(label, 64))
+    summary = train.train(cfg, tmp_path / label)
+    assert summary["step"] == 200
+    if learns:
+        assert summary["val_acc"] > 0.5, summary
+    else:
+        assert summary["val_acc"] < 0.1, summary
