@@ -1,7 +1,8 @@
 """Scaling-law sweep: an IsoFLOP grid of small transformers on the embedded stdlib corpus.
 
 3 compute budgets x 4 model sizes, bytes tokenizer, C = 6 N D with N non-embedding parameters
-(see lmtrain/sweep.py). About 25 minutes with --parallel 2 on 2 CPU cores (check --dry-run).
+(see lmtrain/sweeps/planning.py). About 25 minutes with --parallel 2 on 2 CPU cores (check
+--dry-run).
 
 lmtrain sweep experiments/scaling.py --dir runs/scaling --parallel 2 --dry-run
 lmtrain sweep experiments/scaling.py --dir runs/scaling --parallel 2

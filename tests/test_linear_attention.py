@@ -313,15 +313,16 @@ def test_remat_and_bfloat16():
 def test_base_conv_is_zoologys_baseconv_and_starts_with_random_taps():
     """conv_form="base": y = (conv(x) + b) * (x W + c) + x, a causal depthwise conv restarted at
     documents (numpy reference); taps and conv bias U(+-1/sqrt(W)) as PyTorch's Conv1d, where
-    the "projected" form starts as the identity tap (so no shift of the previous token)."""
+    model.conv_init="identity" starts as the identity tap (no shift of the previous token)."""
     D, W, B, L = 8, 3, 2, 7
     cfg = la.Config(name="based", d_model=D, n_layers=2, n_heads=1, vocab_size=11, conv_width=W)
     base = la.GatedConv(dataclasses.replace(cfg, conv_form="base"), rngs=nnx.Rngs(0))
     kernel = np.asarray(base.conv.kernel[...])
     bound = 1 / math.sqrt(W)
     assert np.abs(kernel).max() <= bound and np.abs(kernel[1:]).mean() > 0.25 * bound
-    proj = la.GatedConv(cfg, rngs=nnx.Rngs(0))
-    assert np.abs(np.asarray(proj.conv.kernel[...])[1:]).max() < 0.1  # near-zero shift taps
+    ident = la.GatedConv(dataclasses.replace(cfg, conv_init="identity"), rngs=nnx.Rngs(0))
+    taps = np.asarray(ident.conv.kernel[...])
+    assert np.abs(taps[1:]).max() < 0.1 and np.abs(taps[0] - 1).max() < 0.1  # no shift yet
     x = np.random.default_rng(0).normal(size=(B, L, D)).astype(np.float32)
     seg = np.array([[1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 1]], np.int32)
     pos = np.zeros((B, L), np.int32)

@@ -7,6 +7,7 @@ import dataclasses
 from lmtrain.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+CONV_INITS = ("uniform", "identity")  # lmtrain.models.layers.conv_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     norm_eps: float = 1e-6
+    # Taps of every short convolution: "uniform" (PyTorch's Conv1d) or "identity" (see
+    # lmtrain.models.layers.conv_init).
+    conv_init: str = "uniform"
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward); each family overrides this."""
@@ -40,6 +44,7 @@ class ModelConfig:
                 (self.n_kv_heads >= 0, "model.n_kv_heads", "must be >= 0"),
                 (self.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: the tokenizer's)"),
                 (self.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}"),
+                (self.conv_init in CONV_INITS, "model.conv_init", f"must be one of {CONV_INITS}"),
             ]
         )
 

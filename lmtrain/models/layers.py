@@ -163,14 +163,28 @@ MLPS: dict[str, tuple[type[nnx.Module], int]] = {
 }
 
 
-def _conv_init(std: float) -> Init:
-    """Identity (current-token tap = 1) plus N(0, std^2) noise, so a fresh conv passes x through."""
+CONV_INITS = ("uniform", "identity")
 
-    def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
-        identity = jnp.zeros(shape, dtype).at[0].set(1.0)
-        return identity + std * jax.random.normal(key, shape, dtype)
 
-    return init
+def conv_init(name: str, width: int, std: float = 0.02) -> Init:
+    """Initialiser of a short convolution's taps (width, channels), by model.conv_init:
+
+    "uniform"   U(+-1/sqrt(width)) on every tap, PyTorch's Conv1d default (what Zoology,
+                mamba_ssm and BASED's released models start from);
+    "identity"  the current-token tap 1 and the others N(0, std^2): a fresh conv passes x
+                through. Its near-zero shift taps are why lmtrain's BASED could not learn MQAR
+                (BENCHMARKS.md, "MQAR at seq 256"): recall needs the previous token shifted in.
+    """
+    if name == "identity":
+
+        def identity(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+            return jnp.zeros(shape, dtype).at[0].set(1.0) + std * jax.random.normal(
+                key, shape, dtype
+            )
+
+        return identity
+    bound = width**-0.5
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class ShortConv(nnx.Module):
@@ -188,12 +202,12 @@ class ShortConv(nnx.Module):
         channel_axis: str | None,
         *,
         rngs: nnx.Rngs,
+        init: str = "uniform",
         std: float = 0.02,
         dtype: jnp.dtype = jnp.float32,
-        init: Init | None = None,
     ):
-        init = init or _conv_init(std)  # default: identity plus noise
-        self.kernel = param(rngs, init, (width, channels), ("conv", channel_axis))
+        taps = conv_init(init, width, std)  # see conv_init for the two choices
+        self.kernel = param(rngs, taps, (width, channels), ("conv", channel_axis))
         self.width = width
         self.dtype = dtype
 

@@ -72,9 +72,8 @@ class Config(ModelConfig):
     # False: a block is x + mixer(norm(x)) alone, as in Zoology's MQAR models (state mixer
     # Identity); True: a SwiGLU MLP follows every mixer.
     block_mlp: bool = True
-    # Gated convolution (letter C): "projected" = o(conv(in(x)) * gate(x)), conv taps start at
-    # the identity; "base" = Zoology's / BASED's BaseConv without SiLU, (conv(x) + b) * (x W + c)
-    # + x, taps drawn as PyTorch's Conv1d does (U(+-1/sqrt(conv_width))).
+    # Gated convolution (letter C): "projected" = o(conv(in(x)) * gate(x)); "base" = Zoology's
+    # / BASED's BaseConv without SiLU, (conv(x) + b) * (x W + c) + x.
     conv_form: str = "projected"
 
     @property
@@ -348,23 +347,21 @@ class GatedConv(nnx.Module):
     """Short causal gated convolution, restarting at documents, in one of two forms
     (`conv_form`): "projected", o(conv(in(x)) * gate(x)), whose in/out projections let the
     branch start small (out_std) like every other mixer; or "base", BASED's / Zoology's
-    BaseConv, (conv(x) + b) * (x W + c) + x with PyTorch's Conv1d initialisation."""
+    BaseConv, (conv(x) + b) * (x W + c) + x (conv bias initialised as PyTorch's Conv1d)."""
 
     def __init__(self, cfg: Config, *, layer: int = 0, rngs: nnx.Rngs):
         D, kw = cfg.d_model, _linear_kw(cfg, rngs)
         self.base = cfg.conv_form == "base"
         self.gate = Linear(D, D, ("embed", "heads"), **kw)
+        conv = dict(rngs=rngs, init=cfg.conv_init, std=cfg.init_std, dtype=kw["dtype"])
+        self.conv = ShortConv(D, cfg.conv_width, "heads", **conv)
         if self.base:
-            bound = cfg.conv_width**-0.5  # kaiming_uniform(a=sqrt 5): fan_in = width
+            bound = cfg.conv_width**-0.5  # Conv1d's bias: U(+-1/sqrt(fan_in)), fan_in = width
             uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
-            self.conv = ShortConv(
-                D, cfg.conv_width, "heads", rngs=rngs, dtype=kw["dtype"], init=uniform
-            )
             self.conv_bias = param(rngs, uniform, (D,), ("heads",))
             self.gate_bias = param(rngs, nnx.initializers.zeros, (D,), ("heads",))
         else:
             self.inp = Linear(D, D, ("embed", "heads"), **kw)
-            self.conv = ShortConv(D, cfg.conv_width, "heads", **kw)
             self.o = Linear(D, D, ("heads", "embed"), **{**kw, "std": _out_std(cfg)})
 
     def _mix(self, x_BxLxD, conv_BxLxD) -> jax.Array:

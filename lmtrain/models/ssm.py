@@ -190,7 +190,8 @@ class H3(nnx.Module):
         self.k = Linear(D, D, ("embed", "heads"), rngs=rngs, std=std, dtype=dtype)
         self.v = Linear(D, D, ("embed", "heads"), rngs=rngs, std=std, dtype=dtype)
         self.o = Linear(D, D, ("heads", "embed"), rngs=rngs, std=_out_std(cfg), dtype=dtype)
-        self.shift = ShortConv(D, cfg.conv_width, "heads", rngs=rngs, std=std, dtype=dtype)
+        conv = dict(rngs=rngs, init=cfg.conv_init, std=std, dtype=dtype)
+        self.shift = ShortConv(D, cfg.conv_width, "heads", **conv)
         self.ssm = ssm_ops.DiagonalSSM(H, cfg.state_size, "heads", rngs=rngs)
 
     def _heads(self, *xs: jax.Array) -> list[jax.Array]:
@@ -249,9 +250,10 @@ class Mamba2(nnx.Module):
         self.in_b = Linear(D, N, ("embed", "state"), **lin)
         self.in_c = Linear(D, N, ("embed", "state"), **lin)
         self.in_dt = Linear(D, H, ("embed", "heads"), **lin)
-        self.conv_x = ShortConv(E, W, "heads", **lin)
-        self.conv_b = ShortConv(N, W, "state", **lin)
-        self.conv_c = ShortConv(N, W, "state", **lin)
+        conv = {**lin, "init": cfg.conv_init}
+        self.conv_x = ShortConv(E, W, "heads", **conv)
+        self.conv_b = ShortConv(N, W, "state", **conv)
+        self.conv_c = ShortConv(N, W, "state", **conv)
         self.a_log = param(rngs, _a_log_init, (H,), ("heads",))
         self.dt_bias = param(rngs, _dt_bias_init, (H,), ("heads",))
         self.d = param(rngs, nnx.initializers.ones, (H,), ("heads",))

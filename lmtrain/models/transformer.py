@@ -118,7 +118,7 @@ class Attention(nnx.Module):
         self.v = Linear(D, G * K, ("embed", "kv"), rngs=rngs, std=std, dtype=dtype)
         self.o = Linear(H * K, D, ("heads", "embed"), rngs=rngs, std=out_std, dtype=dtype)
         if cfg.qkv_conv:
-            conv = dict(rngs=rngs, std=std, dtype=dtype)
+            conv = dict(rngs=rngs, init=cfg.conv_init, std=std, dtype=dtype)
             self.conv_q = ShortConv(H * K, cfg.qkv_conv, "heads", **conv)
             self.conv_k = ShortConv(G * K, cfg.qkv_conv, "kv", **conv)
             self.conv_v = ShortConv(G * K, cfg.qkv_conv, "kv", **conv)
@@ -256,8 +256,8 @@ class Model(nnx.Module):
 
     Init: embeddings, Q/K/V, MLP input matrices and an untied head ~ N(0, init_std^2); each
     block's attention-out and MLP-down matrices ~ N(0, (init_std / sqrt(2 n_layers))^2); norm
-    scales 1; Primer convs identity plus N(0, init_std^2). Parameters are float32; compute runs
-    in cfg.dtype; logits are float32.
+    scales 1; Primer convs as model.conv_init (layers.conv_init). Parameters are float32;
+    compute runs in cfg.dtype; logits are float32.
     """
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
