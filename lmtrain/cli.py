@@ -1,4 +1,4 @@
-"""The `lmtrain` command: train / eval / generate / prepare / sweep / fit."""
+"""The `lmtrain` command: train / eval / generate / prepare / compile / sweep / fit."""
 
 from __future__ import annotations
 
@@ -94,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     g.add_argument("--set", dest="sets", **sets)
     _add_prepare_parser(sub)
+    _add_compile_parser(sub, sets)
     cli_sweep.add_parsers(sub)
     return p
 
@@ -136,6 +137,23 @@ def _add_prepare_parser(sub) -> None:
         help="where a trained BPE is cached (default: $LMTRAIN_CACHE or ~/.cache/lmtrain)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _add_compile_parser(sub, sets: dict) -> None:
+    c = sub.add_parser(
+        "compile",
+        help="compile the run's steps for a TPU topology (no TPU needed) and report memory",
+        description="Compile every train-step shape and the eval steps of an experiment for a "
+        "TPU topology with libtpu, no devices needed, and print per chip: train state, "
+        "temporaries, peak HBM against the chip's (fits or not), XLA's FLOPs against lmtrain's, "
+        "compile time, and a roofline estimate of step time and MFU. The last line is JSON. "
+        "A run that does not fit exits 0 with fits: false.",
+    )
+    c.add_argument("experiment", help="experiment file[:arg], e.g. experiments/scale.py:8b")
+    c.add_argument("--topology", required=True, metavar="NAME", help="e.g. v5e:2x2, v5p:4x4x4")
+    c.add_argument("--slices", type=int, default=1, metavar="K", help="TPU slices (1)")
+    c.add_argument("--no-eval", action="store_true", help="compile the train steps only")
+    c.add_argument("--set", dest="sets", **sets)
 
 
 def _default_workdir(spec: str) -> Path:
@@ -242,6 +260,18 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _cmd_compile(args) -> int:
+    from lmtrain import compile as compile_lib
+    from lmtrain import config as config_lib
+
+    cfg = config_lib.load_experiment(args.experiment)
+    cfg = config_lib.override(cfg, config_lib.parse_sets(args.sets)).validate()
+    report = compile_lib.compile_for(cfg, args.topology, args.slices, evals=not args.no_eval)
+    print(compile_lib.format_table(report))
+    print(json.dumps(report))
+    return 0
+
+
 def _quiet_libraries() -> None:
     from absl import flags
     from absl import logging as absl_logging
@@ -287,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": _cmd_eval,
         "generate": _cmd_generate,
         "prepare": _cmd_prepare,
+        "compile": _cmd_compile,
         "sweep": cli_sweep.cmd_sweep,
         "fit": cli_sweep.cmd_fit,
     }

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import importlib.util
 import json
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
 from lmtrain import models
+from lmtrain.config_values import coerce as _coerce
+from lmtrain.config_values import parse_sets  # noqa: F401  (lmtrain.config.parse_sets)
 from lmtrain.errors import ConfigError
 from lmtrain.models.base import ModelConfig
 
@@ -119,6 +119,14 @@ class TrainConfig:
     # A run that makes no progress (step, eval batch, checkpoint) for this long exits with an
     # error instead of hanging, e.g. when another process died inside a collective. 0: never.
     hang_timeout_s: int = 300
+    # Cross-entropy over chunks of this many positions per row, each chunk's logits recomputed
+    # in the backward pass, so the full [batch, length, vocab] logits never exist at once
+    # (large vocabularies); 0: all positions at once.
+    loss_chunk: int = 0
+    # (first step, number of steps) to trace with jax.profiler into WORKDIR/profile
+    # (TensorBoard's profile plugin or Perfetto read it); (0, 0): no trace.
+    profile_steps: tuple[int, int] = (0, 0)
+    profile_process: int = 0  # which process traces; -1: every process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +200,8 @@ class Config:
         _check(t.steps > 0, "train.steps", "must be positive")
         _check(t.batch_size > 0, "train.batch_size", "must be positive")
         _check(t.grad_accum > 0, "train.grad_accum", "must be positive")
+        _check(t.loss_chunk >= 0, "train.loss_chunk", "must be >= 0 (0: no chunks)")
+        _check(min(t.profile_steps) >= 0, "train.profile_steps", "must be (first step, count)")
         smallest = min(b for b, _ in self.train_shapes())
         _check(
             smallest % t.grad_accum == 0,
@@ -260,46 +270,6 @@ MOVED = {
 }
 
 
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Checks `value` against annotation `typ`, allowing int->float and list->tuple."""
-    origin = typing.get_origin(typ)
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if typ in (int, float, str, bool):
-        if type(value) is typ:
-            return value
-        raise ConfigError(f"{key} must be {typ.__name__}, got {type(value).__name__} {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (tuple, list)):
-            raise ConfigError(f"{key} must be a tuple, got {type(value).__name__} {value!r}")
-        args = typing.get_args(typ)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
-        if len(args) != len(value):
-            raise ConfigError(f"{key} needs {len(args)} entries, got {len(value)}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
-    if origin in (typing.Union, types.UnionType):
-        for a in typing.get_args(typ):
-            try:
-                return _coerce(value, a, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key} has the wrong type: {value!r} is not {typ}")
-    if typ is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key} must be None, got {value!r}")
-    return value
-
-
-def _parse_value(text: str) -> Any:
-    """Python literal if it parses as one, else the raw string (so paths need no quotes)."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def _closest(key: str, valid: list[str]) -> str:
     near = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
     return f" (did you mean {near[0]!r}?)" if near else ""
@@ -364,17 +334,6 @@ def override(cfg: Config, assignments: dict[str, Any]) -> Config:
         value = _coerce(value, leaves[key][1], key)
         cfg = _replace(cfg, key.split("."), value)
     return cfg
-
-
-def parse_sets(sets: list[str]) -> dict[str, Any]:
-    """Parses ["a.b=v", ...] from the command line."""
-    out = {}
-    for s in sets:
-        key, eq, text = s.partition("=")
-        if not eq or "." not in key:
-            raise ConfigError(f"--set expects section.key=value, got {s!r}")
-        out[key.strip()] = _parse_value(text.strip())
-    return out
 
 
 # ---------------------------------------------------------------------------- files

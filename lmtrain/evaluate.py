@@ -12,6 +12,18 @@ from lmtrain import data, sharding, step
 from lmtrain.run import Run, compile_eval_steps
 
 
+def eval_shapes(run: Run) -> dict[int, int]:
+    """{seq_len: global batch} of every eval step, the main context first; every length gets
+    the same tokens per batch (a multiple of the data-parallel size)."""
+    cfg = run.cfg
+    dp = sharding.data_parallel_size(run.mesh)
+    tokens = cfg.eval.batch_size * cfg.data.seq_len
+    shapes = {cfg.data.seq_len: cfg.eval.batch_size}
+    for n in cfg.eval_lengths():
+        shapes.setdefault(n, max(dp, tokens // n // dp * dp))
+    return shapes
+
+
 class Evaluator:
     """evaluator(params, max_batches) -> {val_loss, val_acc, val_tokens, val_ppl[, val_bpb]}.
 
@@ -26,13 +38,7 @@ class Evaluator:
             raise ValueError("no validation split (data.val_fraction is 0)")
         self.run = run
         self.val = val_stream
-        cfg = run.cfg
-        dp = sharding.data_parallel_size(run.mesh)
-        tokens = cfg.eval.batch_size * cfg.data.seq_len
-        # seq_len -> global batch; the main context first
-        self.shapes = {cfg.data.seq_len: cfg.eval.batch_size}
-        for n in cfg.eval_lengths():
-            self.shapes.setdefault(n, max(dp, tokens // n // dp * dp))
+        self.shapes = eval_shapes(run)
         self._steps = compile_eval_steps(run, self.shapes, val_stream.targets_per_row)
 
     def __call__(

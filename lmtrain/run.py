@@ -80,11 +80,12 @@ def resolve(cfg: Config) -> tuple[Config, data.Tokenizer]:
     return dataclasses.replace(cfg, model=m).validate(), tokenizer
 
 
-def setup(cfg: Config, *, optimizer: bool = True) -> Run:
+def setup(cfg: Config, *, optimizer: bool = True, devices: list | None = None) -> Run:
     """Tokenizer, mesh, abstract model, shardings and (unless `optimizer=False`) the optimizer
-    and abstract train state for `cfg`."""
+    and abstract train state for `cfg`. `devices` (default: jax.devices()) may be a TPU
+    topology's device descriptions, for compiling without the hardware (lmtrain.compile)."""
     cfg, tokenizer = resolve(cfg)
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
     dp = sharding.data_parallel_size(mesh)
     for batch, seq_len in cfg.train_shapes() if optimizer else []:
         if (batch // cfg.train.grad_accum) % dp:
@@ -144,7 +145,12 @@ def compile_train_steps(
     """
     cfg = run.cfg
     fn = step.make_train_step(
-        run.graphdef, run.tx, run.schedule, cfg.optim.z_loss, cfg.train.grad_accum
+        run.graphdef,
+        run.tx,
+        run.schedule,
+        cfg.optim.z_loss,
+        cfg.train.grad_accum,
+        cfg.train.loss_chunk,
     )
     keys = (*step.TRAIN_KEYS, "stop") if stop_flag else step.TRAIN_KEYS
     compiled, seconds = {}, {}
@@ -162,7 +168,7 @@ def compile_eval_steps(
     run: Run, shapes: dict[int, int], targets_per_row: int = 0
 ) -> dict[int, Any]:
     """{seq_len: compiled eval step} for {seq_len: global batch}."""
-    fn = step.make_eval_step(run.graphdef)
+    fn = step.make_eval_step(run.graphdef, run.cfg.train.loss_chunk)
     return {
         seq_len: step.compile_eval_step(
             fn,

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import optax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lmtrain.config import ConfigError, MeshConfig
+from lmtrain.errors import ConfigError
+
+if TYPE_CHECKING:  # the models import this module; config imports the models
+    from lmtrain.config import MeshConfig
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
@@ -26,6 +30,46 @@ RULES: dict[str, str | None] = {
     "heads": "tensor",
     "kv": "tensor",
 }
+
+
+# Logical activation axis -> mesh axes. The models name their activations' axes at a few
+# points (sharding.constrain); without these constraints XLA is free to choose layouts, and
+# with the model width sharded over fsdp it chose to replicate the batch (issue 13: 48 GiB per
+# chip where data parallelism needs 9).
+ACTIVATION_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH,
+    "length": None,
+    "embed": None,  # the residual stream stays whole on each chip; its batch is split
+    "heads": "tensor",
+    "kv": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+
+
+def activation_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Any) -> P:
+    """Logical activation axes -> PartitionSpec over `mesh`; an axis whose mesh size is 1 or
+    does not divide the dimension (a decode batch of 1, say) stays unsplit."""
+    out: list = []
+    for name, size in zip(axes, shape, strict=True):
+        rule = ACTIVATION_RULES.get(name) if name else None
+        names = (rule,) if isinstance(rule, str) else tuple(rule or ())
+        names = tuple(a for a in names if mesh.shape[a] > 1)
+        n = math.prod(mesh.shape[a] for a in names)
+        if not names or size % n:
+            out.append(None)
+        else:
+            out.append(names if len(names) > 1 else names[0])
+    return P(*out)
+
+
+def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
+    """Pins activation `x`'s layout by logical axis names (ACTIVATION_RULES) when traced under
+    a mesh (`jax.set_mesh`, as the compiled steps are); a no-op without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, activation_spec(axes, x.shape, mesh))
 
 
 def mesh_shape(shape: tuple[int, ...], n_devices: int) -> tuple[int, ...]:
@@ -43,13 +87,35 @@ def mesh_shape(shape: tuple[int, ...], n_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all), with automatic propagation."""
+    """A (data, fsdp, tensor) mesh over `devices` (default: all), with automatic propagation.
+
+    Devices of several TPU slices (multi-slice; their `slice_index` differs) are laid out with
+    `data` across the slices, so only data parallelism crosses the slow inter-slice network.
+    """
     devices = jax.devices() if devices is None else devices
     shape = tuple(cfg.shape)
     if -1 not in shape and math.prod(shape) < len(devices) and jax.process_count() == 1:
         devices = devices[: math.prod(shape)]  # e.g. (1, 1, 1): one device of several
     shape = mesh_shape(shape, len(devices))
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    types = (AxisType.Auto,) * 3
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        if shape[0] % slices:
+            raise ConfigError(
+                f"mesh.shape {shape}: the data axis ({shape[0]}) must be a multiple of the "
+                f"{slices} slices (only data parallelism crosses slices)"
+            )
+        ici = (shape[0] // slices, *shape[1:])
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, (slices, 1, 1), devices, allow_split_physical_axes=True
+        )
+        return Mesh(grid, AXES, axis_types=types)
+    try:
+        return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
+    except NotImplementedError:
+        # e.g. (8, 8, 1) on a 4x4x4 torus: an axis must span parts of two physical axes.
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, AXES, axis_types=types)
 
 
 def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:

@@ -20,34 +20,54 @@ TRAIN_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 EVAL_KEYS = (*TRAIN_KEYS, "target_bytes")
 
 
-def _logits(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """float32 logits_BxTxV and the target's logit_BxT at the T scored positions.
+def _score_positions(model, x_BxTxD: jax.Array, targets_BxT: jax.Array) -> tuple:
+    """(nll, log Z, correct) float32 [B, T] of the head on hidden states x_BxTxD."""
+    logits_BxTxV = model.head_logits(x_BxTxD)
+    target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], -1)[..., 0]
+    logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    # Correct = the target's logit is the largest (a tie counts as correct).
+    correct_BxT = (target_logit_BxT >= logits_BxTxV.max(axis=-1)).astype(jnp.float32)
+    return logz_BxT - target_logit_BxT, logz_BxT, correct_BxT
+
+
+def score(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0) -> tuple:
+    """Per-position (nll, log Z, correct), float32 [B, T], at the T scored positions.
 
     Dense batches score every position (T = L). A batch with `target_index` (int32 [B, Q])
     scores only those positions (T = Q; its targets and weights are [B, Q]): the output head,
     often most of a small model's FLOPs, then runs on Q positions instead of L (MQAR scores P
     queries out of L tokens).
+
+    `chunk` > 0 (train.loss_chunk) runs the head over chunks of that many positions in a scan,
+    each chunk under jax.checkpoint: only one chunk's [B, chunk, V] logits exist at a time, in
+    the forward and the backward pass ("Cut Your Losses" in spirit; same values up to the
+    order of float32 sums).
     """
     model = nnx.merge(graphdef, params)
-    args = (batch["inputs"], batch["segment_ids"], batch["positions"])
+    x_BxLxD = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
     if "target_index" in batch:
-        x_BxLxD = model.hidden(*args)
-        x_BxQxD = jnp.take_along_axis(x_BxLxD, batch["target_index"][..., None], axis=1)
-        logits_BxTxV = model.head_logits(x_BxQxD)
-    else:
-        logits_BxTxV = model(*args)
-    target_logit_BxT = jnp.take_along_axis(logits_BxTxV, batch["targets"][..., None], -1)[..., 0]
-    return logits_BxTxV, target_logit_BxT
+        x_BxLxD = jnp.take_along_axis(x_BxLxD, batch["target_index"][..., None], axis=1)
+    targets_BxT = batch["targets"]
+    B, T, D = x_BxLxD.shape
+    if not chunk or T <= chunk or T % chunk:
+        return _score_positions(model, x_BxLxD, targets_BxT)
+    n = T // chunk
+    x_NxBxCxD = sharding.constrain(
+        x_BxLxD.reshape(B, n, chunk, D).swapaxes(0, 1), None, "batch", "length", "embed"
+    )
+    t_NxBxC = targets_BxT.reshape(B, n, chunk).swapaxes(0, 1)
+    scored = jax.checkpoint(lambda xt: _score_positions(model, *xt))
+    outs = jax.lax.map(scored, (x_NxBxCxD, t_NxBxC))
+    return tuple(o.swapaxes(0, 1).reshape(B, T) for o in outs)
 
 
-def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0) -> tuple:
     """Per-token negative log-likelihood and log-normaliser (log Z), both float32 [B, L]."""
-    logits_BxLxV, target_logit_BxL = _logits(graphdef, params, batch)
-    logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    return logz_BxL - target_logit_BxL, logz_BxL
+    nll, logz, _ = score(graphdef, params, batch, chunk)
+    return nll, logz
 
 
-def _grads(graphdef, params, batch: Batch, z_loss: float, grad_accum: int):
+def _grads(graphdef, params, batch: Batch, z_loss: float, grad_accum: int, chunk: int = 0):
     """Gradient of the token-weighted mean loss over the batch, over `grad_accum` micro-batches.
 
     Each micro-batch contributes sum(nll * w) / W_total, so the accumulated gradient is
@@ -56,7 +76,7 @@ def _grads(graphdef, params, batch: Batch, z_loss: float, grad_accum: int):
     w_total = jnp.maximum(batch["weights"].sum(), 1.0)
 
     def objective(p, mb):
-        nll, logz = token_nll(graphdef, p, mb)
+        nll, logz = token_nll(graphdef, p, mb, chunk)
         w = mb["weights"]
         nll_sum = (nll * w).sum()
         z_sum = (jnp.square(logz) * w).sum()
@@ -90,12 +110,13 @@ def make_train_step(
     schedule: optax.Schedule,
     z_loss: float = 0.0,
     grad_accum: int = 1,
+    loss_chunk: int = 0,
 ) -> Callable[[dict, Batch], tuple[dict, dict]]:
     """train_step(state, batch) -> (state, metrics); a non-finite step keeps the old state."""
 
     def train_step(state: dict, batch: Batch) -> tuple[dict, dict]:
         params = state["params"]
-        grads, loss, tokens = _grads(graphdef, params, batch, z_loss, grad_accum)
+        grads, loss, tokens = _grads(graphdef, params, batch, z_loss, grad_accum, loss_chunk)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
@@ -124,14 +145,11 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict]:
+def make_eval_step(graphdef: nnx.GraphDef, loss_chunk: int = 0) -> Callable[[Any, Batch], dict]:
     """eval_step(params, batch) -> sums of weighted NLL, argmax hits, weights, target bytes."""
 
     def eval_step(params: Any, batch: Batch) -> dict:
-        logits_BxLxV, target_logit_BxL = _logits(graphdef, params, batch)
-        nll = jax.nn.logsumexp(logits_BxLxV, axis=-1) - target_logit_BxL
-        # Correct = the target's logit is the largest (a tie counts as correct).
-        correct = target_logit_BxL >= logits_BxLxV.max(axis=-1)
+        nll, _, correct = score(graphdef, params, batch, loss_chunk)
         w = batch["weights"]
         return {
             "nll_sum": (nll * w).sum(),

@@ -34,7 +34,7 @@ def test_override_parses_literals_and_keeps_types():
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # int accepted for float
     assert cfg.mesh.shape == (2, -1, 1)
     assert cfg.data.source == "/tmp/x.txt"  # unquoted strings stay strings
-    assert cfg.model.remat is True
+    assert cfg.model.remat == "full"  # True in older configs means the "full" policy
 
 
 def test_unknown_key_names_closest_valid_key():

@@ -14,7 +14,7 @@ from lmtrain.data.pipeline import (
     train_iterator,
 )
 from lmtrain.data.sources import iter_documents, source_fingerprint
-from lmtrain.data.tasks import check_config, make_tokenizer
+from lmtrain.data.tasks import check_config, make_tokenizer, targets_per_row
 from lmtrain.data.tokenizers import Tokenizer
 from lmtrain.errors import DataError
 
@@ -34,5 +34,6 @@ __all__ = [
     "make_train_data",
     "pack_rows",
     "source_fingerprint",
+    "targets_per_row",
     "train_iterator",
 ]

@@ -121,6 +121,11 @@ def example(
     return tokens, answer
 
 
+def targets_per_row(cfg: DataConfig) -> int:
+    """Only the P query positions of a row are scored (see lmtrain.step.score)."""
+    return cfg.mqar.num_kv_pairs
+
+
 class MQARSplit(RowSource):
     """One split as a row source: `num_rows` examples, `load_rows` -> model batches."""
 
@@ -129,8 +134,7 @@ class MQARSplit(RowSource):
     def __init__(self, cfg: DataConfig, split: str):
         self.m, self.seq_len, self.split = cfg.mqar, cfg.seq_len, split
         self.n = self.m.train_examples if split == "train" else self.m.val_examples
-        # Only the P query positions are scored (see lmtrain.step._logits).
-        self.targets_per_row = self.m.num_kv_pairs
+        self.targets_per_row = targets_per_row(cfg)
 
     def __len__(self) -> int:
         return self.n * (self.seq_len + 1)

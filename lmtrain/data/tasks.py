@@ -32,3 +32,10 @@ def check_config(cfg: Config) -> None:
     t = task(cfg.data.source)
     if t:
         t.check_config(cfg)
+
+
+def targets_per_row(cfg: DataConfig) -> int:
+    """Scored positions per row of the source (RowSource.targets_per_row) without loading it:
+    0 for text (every position), the task's own count otherwise."""
+    t = task(cfg.source)
+    return t.targets_per_row(cfg) if t else 0

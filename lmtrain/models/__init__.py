@@ -20,6 +20,8 @@ import dataclasses
 import importlib
 from types import ModuleType
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from lmtrain.errors import ConfigError
@@ -59,4 +61,9 @@ def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     """Builds the model that `cfg` describes."""
     if cfg.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (the run sets it from the tokenizer)")
-    return family(cfg.name).Model(cfg, rngs=rngs)
+    model = family(cfg.name).Model(cfg, rngs=rngs)
+    if cfg.param_dtype != "float32":  # layers create float32 and cast at use
+        dtype = jnp.dtype(cfg.param_dtype)
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.tree.map(lambda p: p.astype(dtype), params))
+    return model

@@ -8,6 +8,10 @@ from lmtrain.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 CONV_INITS = ("uniform", "identity")  # lmtrain.models.layers.conv_init
+# What a block keeps for the backward pass (jax.checkpoint policies, MaxText's names):
+# none = everything (no remat); full = only the block's input; minimal = also the outputs of
+# the weight matmuls (attention's batched products are recomputed); save_dots = every matmul.
+REMAT_POLICIES = ("none", "full", "minimal", "save_dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,14 +25,26 @@ class ModelConfig:
     n_heads: int = 4
     n_kv_heads: int = 0  # 0: same as n_heads (no grouping)
     ffn_mult: float = 4.0  # hidden width = ffn_mult * d_model (SwiGLU uses 2/3 of it, rounded)
-    dtype: str = "float32"  # compute dtype; parameters stay float32
-    remat: bool = False  # rematerialise each block in the backward pass
+    dtype: str = "float32"  # compute dtype (activations, matmul inputs)
+    # Parameter (and so optimizer-moment) dtype: float32 master weights, or bfloat16 to halve
+    # the train state at some cost in update precision.
+    param_dtype: str = "float32"
+    # Block rematerialisation policy (REMAT_POLICIES); True/False in older configs mean
+    # "full"/"none".
+    remat: str | bool = "none"
+    # Run runs of identical consecutive blocks as one jax.lax.scan (compile time flat in depth;
+    # the parameters keep their per-layer layout and are stacked inside the step).
+    scan_layers: bool = False
     tie_embeddings: bool = False
     init_std: float = 0.02
     norm_eps: float = 1e-6
     # Taps of every short convolution: "uniform" (PyTorch's Conv1d) or "identity" (see
     # lmtrain.models.layers.conv_init).
     conv_init: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward); each family overrides this."""
@@ -44,6 +60,16 @@ class ModelConfig:
                 (self.n_kv_heads >= 0, "model.n_kv_heads", "must be >= 0"),
                 (self.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: the tokenizer's)"),
                 (self.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}"),
+                (
+                    self.param_dtype in DTYPES,
+                    "model.param_dtype",
+                    f"must be one of {', '.join(DTYPES)}",
+                ),
+                (
+                    self.remat in REMAT_POLICIES,
+                    "model.remat",
+                    f"must be one of {', '.join(REMAT_POLICIES)}",
+                ),
                 (self.conv_init in CONV_INITS, "model.conv_init", f"must be one of {CONV_INITS}"),
             ]
         )

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmtrain.models.base import ModelConfig, check_all
+from lmtrain.sharding import constrain
 from lmtrain.models.layers import MLPS, Embed, Linear, RMSNorm, ShortConv, apply_rope
+from lmtrain.models.stack import run_blocks
 
 Cache = dict  # {"index": int32[], "layers": [{"k", "v"[, "conv_q", "conv_k", "conv_v"]}, ...]}
 
@@ -235,22 +237,6 @@ class Block(nnx.Module):
         return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
 
 
-def _run_block(block: Block, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
-    return block(x_BxLxD, segment_ids_BxL, positions_BxL)
-
-
-def _run_block_remat(block: Block, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
-    """Runs `block` under jax.checkpoint: only its inputs are kept for the backward pass."""
-    # A pure function of the block's state, so it works whether the caller closed over the
-    # model or split/merged it (nnx.remat refuses Params from an outer trace level).
-    graphdef, state = nnx.split(block)
-
-    def pure(state, x_BxLxD, segment_ids_BxL, positions_BxL):
-        return nnx.merge(graphdef, state)(x_BxLxD, segment_ids_BxL, positions_BxL)
-
-    return jax.checkpoint(pure)(state, x_BxLxD, segment_ids_BxL, positions_BxL)
-
-
 class Model(nnx.Module):
     """Decoder-only transformer: Embed -> n_layers Blocks -> RMSNorm -> output head.
 
@@ -287,8 +273,10 @@ class Model(nnx.Module):
     def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
         x_BxLxD = self.final_norm(x_BxLxD)
         if self.head is None:
-            return self.token_embed.attend(x_BxLxD)
-        return self.head(x_BxLxD, out_dtype=jnp.float32)
+            logits_BxLxV = self.token_embed.attend(x_BxLxD)
+        else:
+            logits_BxLxV = self.head(x_BxLxD, out_dtype=jnp.float32)
+        return constrain(logits_BxLxV, "batch", "length", "vocab")
 
     def blocks_forward(
         self,
@@ -300,11 +288,15 @@ class Model(nnx.Module):
         B, L, _ = x_BxLxD.shape
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32)[None, :], (B, L))
-        x_BxLxD = x_BxLxD.astype(self.dtype)
-        run = _run_block_remat if self.cfg.remat else _run_block
-        for block in self.blocks:
-            x_BxLxD = run(block, x_BxLxD, segment_ids_BxL, positions_BxL)
-        return x_BxLxD
+        x_BxLxD = constrain(x_BxLxD.astype(self.dtype), "batch", "length", "embed")
+        return run_blocks(
+            self.blocks,
+            x_BxLxD,
+            segment_ids_BxL,
+            positions_BxL,
+            remat=self.cfg.remat,
+            scan=self.cfg.scan_layers,
+        )
 
     def forward(
         self,

@@ -1,0 +1,279 @@
+"""`lmtrain compile`: the run's exact steps compiled for a TPU topology, with no TPU at hand.
+
+libtpu (the `tpu` extra) describes a topology's chips (`jax.experimental.topologies`); the run's
+own mesh, shardings and step functions (lmtrain.run) are then lowered and compiled for them, as
+MaxText's train_compile.py does. Per step and per chip this reports what XLA itself measured:
+
+- memory (`compiled.memory_analysis()`): arguments (train state or parameters, plus the batch),
+  temporaries (activations and everything else), outputs not aliased to donated inputs; their
+  sum is the peak, judged against the chip's HBM (CHIPS; XLA keeps a little for itself, so a
+  plan within ~1 GiB of the limit is close);
+- FLOPs and bytes accessed (`compiled.cost_analysis()`, per chip), the FLOPs set against
+  lmtrain's model FLOPs (flops.train_flops_per_token; XLA counts rematerialisation and the
+  elementwise work too, so a ratio a little above 1 is expected, and about 4/3 under full remat);
+- an ESTIMATED step time and MFU: a roofline, max(FLOPs / peak FLOP/s, bytes / HBM bandwidth),
+  from the chip's published figures. It ignores communication and overlap, so treat it as a
+  lower bound on time. XLA's own `optimal_seconds` is shown only when it is positive; it came
+  back negative for real steps on this libtpu.
+
+A step that does not fit in HBM makes XLA refuse to compile it (CompileTimeHbmOom); that is
+reported as `fits: false` with the size XLA asked for, not raised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+
+from lmtrain import data, flops, run as run_lib, step
+from lmtrain.config import Config, ConfigError
+
+GIB = 2**30
+
+# device_kind substring -> (HBM GiB per chip, HBM bytes/s per chip), published figures; the
+# peak FLOP/s are flops.PEAK_FLOPS. The longest matching key wins ("tpu v5 lite" = v5e beats
+# "tpu v5" = v5p).
+CHIPS: dict[str, tuple[float, float]] = {
+    "tpu v4": (32, 1.2e12),
+    "tpu v5 lite": (16, 819e9),
+    "tpu v5": (95, 2.765e12),
+    "tpu v6 lite": (32, 1.64e12),
+    "a100": (80, 2.039e12),
+    "h100": (80, 3.35e12),
+    "h200": (141, 4.8e12),
+}
+# Names checked to resolve with libtpu 0.0.52 (the suffix is the chip grid; any grid the
+# generation supports works, e.g. v5e:4x8).
+KNOWN_TOPOLOGIES = (
+    "v4:2x2x1",
+    "v4:4x4x4",
+    "v5e:2x2",
+    "v5e:4x4",
+    "v5e:8x8",
+    "v5e:16x16",
+    "v5p:2x2x1",
+    "v5p:4x4x4",
+    "v5p:8x8x8",
+    "v6e:2x2",
+    "v6e:8x8",
+    "v6e:16x16",
+)
+
+
+def chip_specs(device_kind: str) -> tuple[float, float, float]:
+    """(peak bf16 FLOP/s, HBM GiB, HBM bytes/s) of one chip of `device_kind`."""
+    kind = device_kind.lower()
+    matches = [k for k in CHIPS if k in kind]
+    peak = flops.lookup_peak(device_kind)
+    if not matches or peak is None:
+        raise ConfigError(f"no published figures for {device_kind!r}; known: {sorted(CHIPS)}")
+    hbm, bandwidth = CHIPS[max(matches, key=len)]
+    return peak, hbm, bandwidth
+
+
+def topology_devices(name: str, slices: int = 1) -> list:
+    """The device descriptions of TPU topology `name` (x `slices`), via libtpu."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError(
+            "compiling for a TPU topology needs libtpu: pip install 'lmtrain[tpu]' "
+            "(the dev extra includes it)"
+        )
+    if slices < 1:
+        raise ConfigError(f"--slices must be >= 1, got {slices}")
+    # libtpu holds a lockfile while loaded; a description needs no chip, so several
+    # processes (tests, a sweep of compiles) may load it at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc(
+            platform="tpu", topology_name=name, num_slices=slices
+        )
+    except Exception as e:  # libtpu raises JaxRuntimeError(INVALID_ARGUMENT) on a bad name
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"unknown TPU topology {name!r} ({reason}); known: {', '.join(KNOWN_TOPOLOGIES)}"
+        ) from None
+    return list(topo.devices)
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """What XLA made of one compiled step, per chip."""
+
+    name: str  # "train 64x4096", "eval 32x256"
+    compile_s: float
+    model_flops: float  # lmtrain's count for this step, per chip
+    fits: bool = True
+    state_gib: float = 0.0  # train state (or parameters) held between steps
+    args_gib: float = 0.0  # all inputs: the state plus the batch
+    temp_gib: float = 0.0  # activations and other temporaries
+    peak_gib: float = 0.0
+    xla_flops: float = 0.0
+    bytes_accessed: float = 0.0
+    xla_optimal_s: float | None = None
+    est_step_s: float | None = None
+    est_mfu: float | None = None
+    error: str = ""
+
+    def estimate(self, peak: float, bandwidth: float) -> None:
+        """Fills the roofline step time and MFU from XLA's FLOPs and bytes."""
+        if not self.xla_flops:
+            return
+        self.est_step_s = max(self.xla_flops / peak, self.bytes_accessed / bandwidth)
+        self.est_mfu = self.model_flops / (self.est_step_s * peak)
+
+
+def _state_bytes(abstract: Any) -> int:
+    """Bytes per chip of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+    total = 0
+    for a in jax.tree.leaves(abstract):
+        shard = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
+        total += math.prod(shard) * a.dtype.itemsize
+    return total
+
+
+_OOM = re.compile(r"(?:Used|HLO temporaries|requires)[^0-9]*([0-9.]+)([GM])", re.I)
+
+
+def _compile(name: str, thunk, model_flops: float, state_bytes: int) -> StepPlan:
+    t0 = time.perf_counter()
+    try:
+        compiled = thunk()
+    except Exception as e:  # XLA's CompileTimeHbmOom is a JaxRuntimeError(RESOURCE_EXHAUSTED)
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text and "HbmOom" not in text:
+            raise
+        plan = StepPlan(name, time.perf_counter() - t0, model_flops, fits=False)
+        plan.state_gib = state_bytes / GIB
+        m = _OOM.search(text)
+        if m:
+            plan.peak_gib = float(m.group(1)) / (1024 if m.group(2).upper() == "M" else 1)
+        line = next((ln for ln in text.splitlines() if "exceed" in ln.lower()), text[:300])
+        plan.error = line.strip()
+        return plan
+    plan = StepPlan(name, time.perf_counter() - t0, model_flops)
+    mem = compiled.memory_analysis()
+    plan.state_gib = state_bytes / GIB
+    plan.args_gib = mem.argument_size_in_bytes / GIB
+    plan.temp_gib = mem.temp_size_in_bytes / GIB
+    unaliased = mem.output_size_in_bytes - mem.alias_size_in_bytes
+    plan.peak_gib = (
+        mem.argument_size_in_bytes
+        + mem.temp_size_in_bytes
+        + max(unaliased, 0)
+        + mem.generated_code_size_in_bytes
+    ) / GIB
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    plan.xla_flops = float(cost.get("flops", 0.0))
+    plan.bytes_accessed = float(cost.get("bytes accessed", 0.0))
+    optimal = float(cost.get("optimal_seconds", -1.0))
+    plan.xla_optimal_s = optimal if optimal > 0 else None
+    return plan
+
+
+def compile_for(cfg: Config, topology: str, slices: int = 1, evals: bool = True) -> dict:
+    """Compiles every train-step shape (and, with `evals`, the eval steps) of `cfg` for the
+    topology; returns the report (see `summary`)."""
+    devices = topology_devices(topology, slices)
+    peak, hbm, bandwidth = chip_specs(devices[0].device_kind)
+    run = run_lib.setup(cfg, devices=devices)
+    cfg, chips = run.cfg, len(devices)
+    scored = data.targets_per_row(cfg.data)
+    plans = []
+    state_bytes = _state_bytes(run.abstract_state)
+    for batch, seq_len in cfg.train_shapes():
+        tokens = batch * seq_len
+        model = flops.train_flops_per_token(cfg.model, seq_len, scored) * tokens / chips
+
+        def thunk(batch=batch, seq_len=seq_len):
+            return run_lib.compile_train_steps(run, [(batch, seq_len)], scored)[0][seq_len]
+
+        plans.append(_compile(f"train {batch}x{seq_len}", thunk, model, state_bytes))
+    if evals:
+        param_bytes = _state_bytes(run.abstract_params)
+        for seq_len, batch in eval_shapes(run).items():
+            # forward only: a third of the training FLOPs
+            model = flops.train_flops_per_token(cfg.model, seq_len, scored) / 3
+            model *= batch * seq_len / chips
+
+            def thunk(batch=batch, seq_len=seq_len):
+                return run_lib.compile_eval_steps(run, {seq_len: batch}, scored)[seq_len]
+
+            plans.append(_compile(f"eval {batch}x{seq_len}", thunk, model, param_bytes))
+    for p in plans:
+        p.fits = p.fits and p.peak_gib <= hbm
+        p.estimate(peak, bandwidth)
+    return summary(cfg, run, topology, slices, devices, plans, (peak, hbm, bandwidth))
+
+
+def eval_shapes(run: run_lib.Run) -> dict[int, int]:
+    """{seq_len: global batch} of the evaluation (the Evaluator's shapes)."""
+    from lmtrain.evaluate import eval_shapes as shapes
+
+    return shapes(run)
+
+
+def summary(cfg, run, topology, slices, devices, plans, chip) -> dict:
+    peak, hbm, bandwidth = chip
+    train = [p for p in plans if p.name.startswith("train")]
+    main = max(train, key=lambda p: p.model_flops)  # the costliest train shape
+    return {
+        "topology": topology,
+        "slices": slices,
+        "chips": len(devices),
+        "device_kind": devices[0].device_kind,
+        "mesh": dict(run.mesh.shape),
+        "n_params": run.n_params,
+        "hbm_peak_gib": round(max(p.peak_gib for p in plans), 3),
+        "hbm_chip_gib": hbm,
+        "fits": all(p.fits for p in plans),
+        "state_gib": round(main.state_gib, 3),
+        "xla_flops": main.xla_flops,
+        "model_flops": main.model_flops,
+        "flops_ratio": round(main.xla_flops / main.model_flops, 4) if main.xla_flops else None,
+        "est_step_s": main.est_step_s,
+        "est_mfu": round(main.est_mfu, 4) if main.est_mfu is not None else None,
+        "compile_s": round(sum(p.compile_s for p in plans), 1),
+        "peak_tflops": peak / 1e12,
+        "hbm_gbps": bandwidth / 1e9,
+        "steps": [dataclasses.asdict(p) for p in plans],
+    }
+
+
+def format_table(report: dict) -> str:
+    """The human-readable part of `lmtrain compile`'s output."""
+    r = report
+    lines = [
+        f"{r['topology']} x{r['slices']}: {r['chips']} x {r['device_kind']} "
+        f"({r['hbm_chip_gib']:g} GiB HBM, {r['peak_tflops']:g} TFLOP/s bf16, "
+        f"{r['hbm_gbps']:g} GB/s) | mesh {r['mesh']} | {r['n_params'] / 1e6:,.1f}M params",
+        f"{'step':<18}{'state':>8}{'temp':>9}{'peak':>9}  {'fits':<5}{'XLA/model FLOPs':>16}"
+        f"{'compile':>9}{'est. step':>11}{'est. MFU':>10}",
+    ]
+    for p in r["steps"]:
+        ratio = f"{p['xla_flops'] / p['model_flops']:.3f}" if p["xla_flops"] else "-"
+        est = f"{p['est_step_s'] * 1e3:.1f}ms" if p["est_step_s"] else "-"
+        mfu = f"{p['est_mfu']:.1%}" if p["est_mfu"] is not None else "-"
+        lines.append(
+            f"{p['name']:<18}{p['state_gib']:>7.2f}G{p['temp_gib']:>8.2f}G{p['peak_gib']:>8.2f}G"
+            f"  {'yes' if p['fits'] else 'NO':<5}{ratio:>16}{p['compile_s']:>8.1f}s{est:>11}"
+            f"{mfu:>10}"
+        )
+        if p["xla_optimal_s"]:
+            lines.append(f"{'':<18}XLA's own estimate: {p['xla_optimal_s'] * 1e3:.1f}ms")
+        if p["error"]:
+            lines.append(f"{'':<18}{p['error']}")
+    lines.append(
+        "per chip; est. = roofline from XLA's FLOPs and bytes against the chip's published "
+        "peaks (no communication): an estimate, not a measurement"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""Config values from text and JSON: `--set` parsing and type checks against the annotations."""
+
+from __future__ import annotations
+
+import ast
+import types
+import typing
+from typing import Any
+
+from lmtrain.errors import ConfigError
+
+
+def coerce(value: Any, typ: Any, key: str) -> Any:
+    """Checks `value` against annotation `typ`, allowing int->float and list->tuple."""
+    origin = typing.get_origin(typ)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool):
+        if type(value) is typ:
+            return value
+        raise ConfigError(f"{key} must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"{key} must be a tuple, got {type(value).__name__} {value!r}")
+        args = typing.get_args(typ)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0], key) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"{key} needs {len(args)} entries, got {len(value)}")
+        return tuple(coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(typ):
+            try:
+                return coerce(value, a, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} has the wrong type: {value!r} is not {typ}")
+    if typ is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key} must be None, got {value!r}")
+    return value
+
+
+def _parse_value(text: str) -> Any:
+    """Python literal if it parses as one, else the raw string (so paths need no quotes)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_sets(sets: list[str]) -> dict[str, Any]:
+    """Parses ["a.b=v", ...] from the command line."""
+    out = {}
+    for s in sets:
+        key, eq, text = s.partition("=")
+        if not eq or "." not in key:
+            raise ConfigError(f"--set expects section.key=value, got {s!r}")
+        out[key.strip()] = _parse_value(text.strip())
+    return out
