@@ -32,7 +32,8 @@ from typing import Any
 
 import jax
 
-from lmtrain import data, flops, run as run_lib, step
+from lmtrain import data, flops
+from lmtrain import run as run_lib
 from lmtrain.config import Config, ConfigError
 
 GIB = 2**30
@@ -93,9 +94,7 @@ def topology_devices(name: str, slices: int = 1) -> list:
     from jax.experimental import topologies
 
     try:
-        topo = topologies.get_topology_desc(
-            platform="tpu", topology_name=name, num_slices=slices
-        )
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=name, num_slices=slices)
     except Exception as e:  # libtpu raises JaxRuntimeError(INVALID_ARGUMENT) on a bad name
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(

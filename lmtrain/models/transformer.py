@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmtrain.models.base import ModelConfig, check_all
-from lmtrain.sharding import constrain
 from lmtrain.models.layers import MLPS, Embed, Linear, RMSNorm, ShortConv, apply_rope
 from lmtrain.models.stack import run_blocks
+from lmtrain.sharding import constrain
 
 Cache = dict  # {"index": int32[], "layers": [{"k", "v"[, "conv_q", "conv_k", "conv_v"]}, ...]}
 
