@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from lmtrain import cli_sweep
+from lmtrain import cli_sweep, xla_flags
 
 USAGE_ERROR, RUNTIME_ERROR = 2, 1
 
@@ -261,9 +261,14 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_compile(args) -> int:
+    import jax
+
     from lmtrain import compile as compile_lib
     from lmtrain import config as config_lib
 
+    # Nothing runs here: keep JAX off local accelerators (libtpu would look for a TPU).
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
     cfg = config_lib.load_experiment(args.experiment)
     cfg = config_lib.override(cfg, config_lib.parse_sets(args.sets)).validate()
     report = compile_lib.compile_for(cfg, args.topology, args.slices, evals=not args.no_eval)
@@ -306,6 +311,7 @@ def _cpu_devices_default() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lmtrain` console script; returns the exit status."""
     _cpu_devices_default()  # before the parser: building it imports lmtrain.config, and jax
+    xla_flags.apply()  # MaxText's GPU flags where a CUDA plugin is installed
     args = _parser().parse_args(argv)
     _quiet_libraries()
     from lmtrain.checkpoint import CheckpointError

@@ -10,7 +10,10 @@ MaxText's train_compile.py does. Per step and per chip this reports what XLA its
   plan within ~1 GiB of the limit is close);
 - FLOPs and bytes accessed (`compiled.cost_analysis()`, per chip), the FLOPs set against
   lmtrain's model FLOPs (flops.train_flops_per_token; XLA counts rematerialisation and the
-  elementwise work too, so a ratio a little above 1 is expected, and about 4/3 under full remat);
+  elementwise work too, so a ratio a little above 1 is expected, and about 4/3 under full remat).
+  Two gaps in XLA's count: a loop body counts once whatever its trip count, so with scanned
+  layers the costs are extrapolated from unscanned compiles of one and two periods of layers
+  (_loop_costs); and work inside a Pallas kernel (splash attention) is not counted at all;
 - an ESTIMATED step time and MFU: a roofline, max(FLOPs / peak FLOP/s, bytes / HBM bandwidth),
   from the chip's published figures. It ignores communication and overlap, so treat it as a
   lower bound on time. XLA's own `optimal_seconds` is shown only when it is positive; it came
@@ -32,7 +35,7 @@ from typing import Any
 
 import jax
 
-from lmtrain import data, flops
+from lmtrain import data, flops, sharding
 from lmtrain import run as run_lib
 from lmtrain.config import Config, ConfigError
 
@@ -123,10 +126,12 @@ class StepPlan:
     error: str = ""
 
     def estimate(self, peak: float, bandwidth: float) -> None:
-        """Fills the roofline step time and MFU from XLA's FLOPs and bytes."""
+        """Fills the roofline step time and MFU from XLA's FLOPs and bytes (at least the
+        model's FLOPs: XLA does not count what runs inside a Pallas kernel such as splash)."""
         if not self.xla_flops:
             return
-        self.est_step_s = max(self.xla_flops / peak, self.bytes_accessed / bandwidth)
+        work = max(self.xla_flops, self.model_flops)
+        self.est_step_s = max(work / peak, self.bytes_accessed / bandwidth)
         self.est_mfu = self.model_flops / (self.est_step_s * peak)
 
 
@@ -179,11 +184,52 @@ def _compile(name: str, thunk, model_flops: float, state_bytes: int) -> StepPlan
     return plan
 
 
+def _period(model) -> int:
+    """The shortest run of layers that the stack repeats (1 unless a pattern mixes kinds)."""
+    kinds = list(model.layer_kinds()) if hasattr(model, "layer_kinds") else []
+    if hasattr(model, "layer_letters"):
+        kinds = list(model.layer_letters())
+    n = model.n_layers
+    if len(kinds) != n:
+        return 1
+    return next(p for p in range(1, n + 1) if n % p == 0 and kinds == kinds[:p] * (n // p))
+
+
+def _with_depth(cfg: Config, n_layers: int) -> Config:
+    """cfg unscanned at depth n_layers (a whole number of periods; the pattern cut to fit)."""
+    m = cfg.model
+    changes = {"n_layers": n_layers, "scan_layers": False}
+    if getattr(m, "pattern", "") and len(m.pattern) == m.n_layers:
+        changes["pattern"] = m.pattern[:n_layers]
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, **changes))
+
+
+def _loop_costs(cfg: Config, devices: list, compile_one) -> tuple[float, float] | None:
+    """(FLOPs, bytes) per chip of the step as XLA would count it unrolled, or None when the
+    step has no layer loop. XLA's cost analysis counts a loop body once, whatever its trip
+    count, so for scanned layers it is extrapolated from unscanned compiles of one and two
+    periods of layers: cost(n) = cost(p) + (cost(2p) - cost(p)) * (n / p - 1)."""
+    m = cfg.model
+    p = _period(m)
+    if not m.scan_layers or m.n_layers < 2 * p:
+        return None
+    costs = []
+    for k in (1, 2):
+        run = run_lib.setup(_with_depth(cfg, k * p), optimizer=True, devices=devices)
+        cost = compile_one(run).cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        costs.append((float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))))
+    (f1, b1), (f2, b2) = costs
+    reps = m.n_layers / p - 1
+    return f1 + (f2 - f1) * reps, b1 + (b2 - b1) * reps
+
+
 def compile_for(cfg: Config, topology: str, slices: int = 1, evals: bool = True) -> dict:
     """Compiles every train-step shape (and, with `evals`, the eval steps) of `cfg` for the
     topology; returns the report (see `summary`)."""
     devices = topology_devices(topology, slices)
     peak, hbm, bandwidth = chip_specs(devices[0].device_kind)
+    sharding.mesh_shape(tuple(cfg.mesh.shape), len(devices))  # the mesh must use every chip
     run = run_lib.setup(cfg, devices=devices)
     cfg, chips = run.cfg, len(devices)
     scored = data.targets_per_row(cfg.data)
@@ -193,10 +239,11 @@ def compile_for(cfg: Config, topology: str, slices: int = 1, evals: bool = True)
         tokens = batch * seq_len
         model = flops.train_flops_per_token(cfg.model, seq_len, scored) * tokens / chips
 
-        def thunk(batch=batch, seq_len=seq_len):
-            return run_lib.compile_train_steps(run, [(batch, seq_len)], scored)[0][seq_len]
+        def train_step(r, batch=batch, seq_len=seq_len):
+            return run_lib.compile_train_steps(r, [(batch, seq_len)], scored)[0][seq_len]
 
-        plans.append(_compile(f"train {batch}x{seq_len}", thunk, model, state_bytes))
+        plan = _compile(f"train {batch}x{seq_len}", lambda: train_step(run), model, state_bytes)
+        plans.append(_unrolled(plan, cfg, devices, train_step))
     if evals:
         param_bytes = _state_bytes(run.abstract_params)
         for seq_len, batch in eval_shapes(run).items():
@@ -204,14 +251,25 @@ def compile_for(cfg: Config, topology: str, slices: int = 1, evals: bool = True)
             model = flops.train_flops_per_token(cfg.model, seq_len, scored) / 3
             model *= batch * seq_len / chips
 
-            def thunk(batch=batch, seq_len=seq_len):
-                return run_lib.compile_eval_steps(run, {seq_len: batch}, scored)[seq_len]
+            def eval_step(r, batch=batch, seq_len=seq_len):
+                return run_lib.compile_eval_steps(r, {seq_len: batch}, scored)[seq_len]
 
-            plans.append(_compile(f"eval {batch}x{seq_len}", thunk, model, param_bytes))
+            plan = _compile(f"eval {batch}x{seq_len}", lambda: eval_step(run), model, param_bytes)
+            plans.append(_unrolled(plan, cfg, devices, eval_step))
     for p in plans:
         p.fits = p.fits and p.peak_gib <= hbm
         p.estimate(peak, bandwidth)
     return summary(cfg, run, topology, slices, devices, plans, (peak, hbm, bandwidth))
+
+
+def _unrolled(plan: StepPlan, cfg: Config, devices: list, compile_one) -> StepPlan:
+    """`plan` with FLOPs and bytes as if the scanned layers were unrolled (_loop_costs)."""
+    if plan.fits and plan.xla_flops:
+        costs = _loop_costs(cfg, devices, compile_one)
+        if costs is not None:
+            plan.xla_flops, plan.bytes_accessed = costs
+            plan.xla_optimal_s = None  # also per loop iteration
+    return plan
 
 
 def eval_shapes(run: run_lib.Run) -> dict[int, int]:

@@ -3,6 +3,7 @@ checkpoint / log. Everything it shares with eval, generate and benchmarks is in 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -116,6 +117,40 @@ class _Watchdog:
         self._done.set()
 
 
+class _Profiler:
+    """A jax.profiler trace of steps first .. first+count-1 (train.profile_steps, numbered as
+    the logs number them) into WORKDIR/profile, on train.profile_process (-1: every process).
+    TensorBoard's profile plugin and Perfetto read it; each step is a StepTraceAnnotation."""
+
+    def __init__(self, workdir: Path, steps: tuple[int, int], process: int):
+        first, count = steps
+        self.want = count > 0 and process in (-1, jax.process_index())
+        self.first, self.end = max(first, 1), max(first, 1) + count
+        self.dir, self.on = workdir / "profile", False
+
+    def step(self, n: int):
+        """Context for running step n: starts the trace at the first profiled step."""
+        if self.want and not self.on and self.first <= n < self.end:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.dir))
+            self.on = True
+        if self.on:
+            return jax.profiler.StepTraceAnnotation("train", step_num=n)
+        return contextlib.nullcontext()
+
+    def done(self, n: int, state: Any) -> None:
+        """After step n was dispatched: ends the trace once the last profiled step finished."""
+        if self.on and n >= self.end - 1:
+            jax.block_until_ready(state)
+            self.close()
+
+    def close(self) -> None:
+        if self.on:
+            jax.profiler.stop_trace()
+            self.on = self.want = False
+            log.info("profile of steps %d-%d written to %s", self.first, self.end - 1, self.dir)
+
+
 def train(cfg: Config, workdir: Path) -> dict:
     """Trains (or resumes) the run in `workdir`; returns a summary of the last metrics."""
     workdir = Path(workdir).absolute()
@@ -214,13 +249,17 @@ def train(cfg: Config, workdir: Path) -> dict:
         tracker.progress(n, {"loss": m["loss"]})
 
     watchdog = _Watchdog(cfg.train.hang_timeout_s)
+    profiler = _Profiler(workdir, cfg.train.profile_steps, cfg.train.profile_process)
     try:
         with _StopFlag() as stop:
             while s < cfg.train.steps and not agreed_stop:
                 local = next(it)
                 rows, seq_len = local["inputs"].shape
                 local["stop"] = np.full((rows,), float(stop.signal is not None), np.float32)
-                state, metrics = train_steps[seq_len](state, sharding.global_batch(local, mesh))
+                with profiler.step(s + 1):
+                    batch = sharding.global_batch(local, mesh)
+                    state, metrics = train_steps[seq_len](state, batch)
+                profiler.done(s + 1, state)
                 s += 1
                 flush()  # step s-1's metrics, while step s runs
                 watchdog.pet(f"step {s - 1}")
@@ -246,6 +285,7 @@ def train(cfg: Config, workdir: Path) -> dict:
                 summary["interrupted"] = True
     finally:
         pending = None
+        profiler.close()
         try:
             ckpt.close()  # waits for async saves: a started checkpoint is completed or reported
         finally:

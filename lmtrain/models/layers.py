@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmtrain.sharding import constrain
+
 Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 # The logical axis names a parameter may carry; sharding.py has a rule (or None) for each.
@@ -87,7 +89,11 @@ class Embed(nnx.Module):
 
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
         """Looks up tokens; returns x_BxLxD in the compute dtype."""
-        return jnp.take(self.table[...], tokens_BxL, axis=0).astype(self.dtype)
+        # Gathered over fsdp before the lookup (as fsdp gathers every weight before use): a
+        # lookup into a table split along D would give width-split rows that XLA can only turn
+        # into batch-split ones by replicating the whole [B, L, D] activation on every chip.
+        table_VxD = constrain(self.table[...], "vocab", "embed")
+        return jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype)
 
     def attend(self, x_BxLxD: jax.Array) -> jax.Array:
         """Tied output head: float32 logits_BxLxV = x @ table^T."""

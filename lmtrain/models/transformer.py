@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmtrain.models.attention import IMPLEMENTATIONS, attend
 from lmtrain.models.base import ModelConfig, check_all
 from lmtrain.models.layers import MLPS, Embed, Linear, RMSNorm, ShortConv, apply_rope
 from lmtrain.models.stack import run_blocks
@@ -31,7 +32,7 @@ class Config(ModelConfig):
     rope_theta: float = 10000.0
     activation: str = "swiglu"  # "swiglu" | "relu2" (Primer squared ReLU)
     qkv_conv: int = 0  # Primer depthwise causal conv width after Q, K, V projections; 0 = off
-    attention_impl: str = "xla"  # `implementation` of jax.nn.dot_product_attention ("cudnn")
+    attention_impl: str = "xla"  # xla | cudnn (GPU) | splash (TPU); see models/attention.py
 
     @property
     def kv_heads(self) -> int:
@@ -96,7 +97,11 @@ class Config(ModelConfig):
             (c.n_heads % c.kv_heads == 0, "model.n_kv_heads", "must divide n_heads"),
             (c.activation in MLPS, "model.activation", f"must be one of {sorted(MLPS)}"),
             (c.qkv_conv >= 0, "model.qkv_conv", "must be >= 0"),
-            (c.attention_impl in ("xla", "cudnn"), "model.attention_impl", "must be xla|cudnn"),
+            (
+                c.attention_impl in IMPLEMENTATIONS,
+                "model.attention_impl",
+                f"must be one of {', '.join(IMPLEMENTATIONS)}",
+            ),
         ]
         check_all(checks)
 
@@ -144,18 +149,7 @@ class Attention(nnx.Module):
             k = self.conv_k(k, segment_ids_BxL)
             v = self.conv_v(v, segment_ids_BxL)
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._heads(q, k, v, positions_BxL)
-        mask_Bx1xLxL = None
-        if segment_ids_BxL is not None:
-            # With implementation="cudnn" jax turns this mask into a dense (B, 1, L, L) bias.
-            mask_Bx1xLxL = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
-        o_BxLxHxK = jax.nn.dot_product_attention(
-            q_BxLxHxK,
-            k_BxLxGxK,
-            v_BxLxGxK,
-            mask=mask_Bx1xLxL,
-            is_causal=True,
-            implementation=self.impl,
-        )
+        o_BxLxHxK = attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, self.impl)
         B, L = x_BxLxD.shape[:2]
         return self.o(o_BxLxHxK.reshape(B, L, self.H * self.K))
 

@@ -1,0 +1,103 @@
+"""`lmtrain compile`: the run's exact steps compiled for real TPU topologies with libtpu (the
+dev extra installs it), no TPU needed."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+
+import pytest
+
+from lmtrain import cli
+from lmtrain import compile as compile_lib
+from lmtrain import config as config_lib
+from lmtrain import run as run_lib
+
+
+def _report(capsys, *argv) -> tuple[int, dict | None, str]:
+    code = cli.main(["compile", *argv])
+    out, err = capsys.readouterr()
+    last = out.strip().splitlines()[-1] if out.strip() else ""
+    return code, (json.loads(last) if code == 0 else None), out + err
+
+
+def test_unknown_topology_is_exit_2_with_known_names(capsys):
+    code, _, text = _report(capsys, "experiments/quickstart.py:smoke", "--topology", "v9z:2x2")
+    assert code == 2
+    assert "unknown TPU topology 'v9z:2x2'" in text and "v5p:4x4x4" in text
+
+
+def test_mesh_that_does_not_divide_the_chips_is_a_clear_error(capsys):
+    argv = ["experiments/quickstart.py:smoke", "--topology", "v5e:2x2", "--set"]
+    code, _, text = _report(capsys, *argv, "mesh.shape=(3,1,1)")
+    assert code == 2 and "mesh.shape (3, 1, 1) needs 3 devices, have 4" in text
+
+
+def test_missing_libtpu_says_how_to_install_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a)
+    )
+    with pytest.raises(config_lib.ConfigError, match=r"pip install 'lmtrain\[tpu\]'"):
+        compile_lib.topology_devices("v5e:2x2")
+
+
+def test_chip_table_knows_every_generation():
+    for kind, hbm in [("TPU v4", 32), ("TPU v5 lite", 16), ("TPU v5", 95), ("TPU v6 lite", 32)]:
+        peak, got, bandwidth = compile_lib.chip_specs(kind)
+        assert got == hbm and peak > 1e14 and bandwidth > 5e11
+
+
+@pytest.mark.slow
+def test_quickstart_compiles_for_v5e_and_reports_per_chip(capsys):
+    code, r, text = _report(capsys, "experiments/quickstart.py", "--topology", "v5e:2x2")
+    assert code == 0, text
+    for key in ("topology", "chips", "hbm_peak_gib", "hbm_chip_gib", "fits", "xla_flops"):
+        assert key in r
+    assert r["topology"] == "v5e:2x2" and r["chips"] == 4 and r["fits"] is True
+    assert 0 < r["hbm_peak_gib"] < 1 and r["hbm_chip_gib"] == 16
+    assert 0.95 < r["flops_ratio"] < 1.3  # XLA's count vs lmtrain's model FLOPs
+    assert 0 < r["est_mfu"] < 1 and r["est_step_s"] > 0
+    assert [s["name"] for s in r["steps"]] == ["train 16x256", "eval 16x256"]
+    assert "fits" in text and "estimate" in text
+
+
+@pytest.mark.slow
+def test_oversized_config_reports_fits_false_and_exits_0(capsys):
+    # 8B parameters with Adam on 4 v5e chips: ~32 GiB of state per chip against 16.
+    argv = ["experiments/scale.py:8b", "--topology", "v5e:2x2", "--no-eval"]
+    code, r, text = _report(capsys, *argv, "--set", "train.batch_size=4")
+    assert code == 0, text
+    assert r["fits"] is False and r["hbm_peak_gib"] > r["hbm_chip_gib"]
+    assert "NO" in text
+
+
+@pytest.mark.slow
+def test_1b_fits_a_small_topology_with_sane_flops(capsys):
+    argv = ["experiments/scale.py:1b", "--topology", "v5p:2x2x1", "--no-eval"]
+    code, r, text = _report(capsys, *argv, "--set", "train.batch_size=4")
+    assert code == 0, text
+    assert r["fits"] is True and r["chips"] == 4
+    # scanned layers: XLA counts a loop body once, so the costs are extrapolated from
+    # unscanned compiles of 1 and 2 layers; with full remat the ratio is about 4/3.
+    assert 1.0 < r["flops_ratio"] < 1.6, r["flops_ratio"]
+    assert 0 < r["est_mfu"] < 1
+
+
+@pytest.mark.slow
+def test_scan_keeps_8b_compile_time_flat_in_depth():
+    import importlib.util as iu
+
+    spec = iu.spec_from_file_location("scale", "experiments/scale.py")
+    scale = iu.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    cfg = config_lib.override(scale.get_config("8b"), {"data.seq_len": 1024})
+    devices = compile_lib.topology_devices("v5p:4x4x4")
+    seconds = {}
+    for layers in (2, 32):
+        c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=layers))
+        run = run_lib.setup(c, devices=devices)
+        _, secs = run_lib.compile_train_steps(run, c.train_shapes())
+        seconds[layers] = secs[1024]
+    assert seconds[32] < 2 * seconds[2], seconds
