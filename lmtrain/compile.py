@@ -125,12 +125,14 @@ class StepPlan:
     est_mfu: float | None = None
     error: str = ""
 
-    def estimate(self, peak: float, bandwidth: float) -> None:
-        """Fills the roofline step time and MFU from XLA's FLOPs and bytes (at least the
-        model's FLOPs: XLA does not count what runs inside a Pallas kernel such as splash)."""
+    def estimate(self, peak: float, bandwidth: float, recompute: float = 1.0) -> None:
+        """Fills the roofline step time and MFU from XLA's FLOPs and bytes. The work is at
+        least the model's FLOPs times `recompute` (4/3 under full remat: the forward pass runs
+        twice), because XLA's count misses work: a Pallas kernel's (splash attention) and all
+        but one trip of any loop left inside a layer (the chunked loss, chunked scans)."""
         if not self.xla_flops:
             return
-        work = max(self.xla_flops, self.model_flops)
+        work = max(self.xla_flops, self.model_flops * recompute)
         self.est_step_s = max(work / peak, self.bytes_accessed / bandwidth)
         self.est_mfu = self.model_flops / (self.est_step_s * peak)
 
@@ -258,7 +260,8 @@ def compile_for(cfg: Config, topology: str, slices: int = 1, evals: bool = True)
             plans.append(_unrolled(plan, cfg, devices, eval_step))
     for p in plans:
         p.fits = p.fits and p.peak_gib <= hbm
-        p.estimate(peak, bandwidth)
+        recompute = 4 / 3 if p.name.startswith("train") and cfg.model.remat == "full" else 1.0
+        p.estimate(peak, bandwidth, recompute)
     return summary(cfg, run, topology, slices, devices, plans, (peak, hbm, bandwidth))
 
 
@@ -290,6 +293,7 @@ def summary(cfg, run, topology, slices, devices, plans, chip) -> dict:
         "device_kind": devices[0].device_kind,
         "mesh": dict(run.mesh.shape),
         "n_params": run.n_params,
+        "train_shape": main.name.split()[-1],
         "hbm_peak_gib": round(max(p.peak_gib for p in plans), 3),
         "hbm_chip_gib": hbm,
         "fits": all(p.fits for p in plans),

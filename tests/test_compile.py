@@ -79,10 +79,11 @@ def test_1b_fits_a_small_topology_with_sane_flops(capsys):
     code, r, text = _report(capsys, *argv, "--set", "train.batch_size=4")
     assert code == 0, text
     assert r["fits"] is True and r["chips"] == 4
-    # scanned layers: XLA counts a loop body once, so the costs are extrapolated from
-    # unscanned compiles of 1 and 2 layers; with full remat the ratio is about 4/3.
-    assert 1.0 < r["flops_ratio"] < 1.6, r["flops_ratio"]
-    assert 0 < r["est_mfu"] < 1
+    # Scanned layers: XLA counts a loop body once (16 layers would read as ~1/16 of the
+    # FLOPs), so the costs are extrapolated from unscanned compiles of 1 and 2 layers. Full
+    # remat adds ~1/3; splash and 3 of the 4 loss chunks are not in XLA's count.
+    assert 0.8 < r["flops_ratio"] < 1.6, r["flops_ratio"]
+    assert 0 < r["est_mfu"] <= 0.75  # full remat: at most 3/4 of the hardware FLOPs are model
 
 
 @pytest.mark.slow
