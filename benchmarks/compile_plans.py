@@ -48,6 +48,25 @@ ROWS = [
     ("mamba2-2.7b", "experiments/scale.py:mamba2-2.7b", "v5p:2x2x1", ["train.batch_size=8"]),
     ("hybrid-1.4b", "experiments/scale.py:hybrid-1.4b", "v5e:4x4", ["train.batch_size=32"]),
 ]
+# Issue 13's probe: the 8B width at 2 layers, a 512-token vocabulary, XLA attention, no scan
+# and no loss chunks, global batch 64 x 4096 on the 64 chips of v5p:4x4x4, over several meshes.
+PROBE = [
+    "model.n_layers=2",
+    "model.vocab_size=512",
+    "model.attention_impl=xla",
+    "model.scan_layers=False",
+    "train.loss_chunk=0",
+]
+MESHES = ["(64,1,1)", "(1,64,1)", "(4,16,1)", "(16,4,1)", "(4,1,16)", "(8,8,1)", "(8,1,8)"]
+ROWS += [
+    (
+        f"d4096 x 2 layers, mesh {m}",
+        "experiments/scale.py:8b",
+        "v5p:4x4x4",
+        [*PROBE, f"mesh.shape={m}"],
+    )
+    for m in MESHES
+]
 
 
 def run_row(label: str, experiment: str, topology: str, sets: list[str]) -> dict:

@@ -188,22 +188,16 @@ def _compile(name: str, thunk, model_flops: float, state_bytes: int) -> StepPlan
 
 def _period(model) -> int:
     """The shortest run of layers that the stack repeats (1 unless a pattern mixes kinds)."""
-    kinds = list(model.layer_kinds()) if hasattr(model, "layer_kinds") else []
-    if hasattr(model, "layer_letters"):
-        kinds = list(model.layer_letters())
-    n = model.n_layers
+    kinds, n = list(model.layer_kinds()), model.n_layers
     if len(kinds) != n:
         return 1
     return next(p for p in range(1, n + 1) if n % p == 0 and kinds == kinds[:p] * (n // p))
 
 
 def _with_depth(cfg: Config, n_layers: int) -> Config:
-    """cfg unscanned at depth n_layers (a whole number of periods; the pattern cut to fit)."""
-    m = cfg.model
-    changes = {"n_layers": n_layers, "scan_layers": False}
-    if getattr(m, "pattern", "") and len(m.pattern) == m.n_layers:
-        changes["pattern"] = m.pattern[:n_layers]
-    return dataclasses.replace(cfg, model=dataclasses.replace(m, **changes))
+    """cfg unscanned at depth n_layers (a whole number of periods)."""
+    model = dataclasses.replace(cfg.model.at_depth(n_layers), scan_layers=False)
+    return dataclasses.replace(cfg, model=model)
 
 
 def _loop_costs(cfg: Config, devices: list, compile_one) -> tuple[float, float] | None:

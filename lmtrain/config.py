@@ -201,6 +201,12 @@ class Config:
         _check(t.batch_size > 0, "train.batch_size", "must be positive")
         _check(t.grad_accum > 0, "train.grad_accum", "must be positive")
         _check(t.loss_chunk >= 0, "train.loss_chunk", "must be >= 0 (0: no chunks)")
+        lengths = {*self.train_lengths(), d.seq_len, *self.eval_lengths()}
+        _check(
+            not t.loss_chunk or all(n <= t.loss_chunk or n % t.loss_chunk == 0 for n in lengths),
+            "train.loss_chunk",
+            f"must divide every sequence length longer than it ({sorted(lengths)})",
+        )
         _check(min(t.profile_steps) >= 0, "train.profile_steps", "must be (first step, count)")
         smallest = min(b for b, _ in self.train_shapes())
         _check(

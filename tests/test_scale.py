@@ -135,6 +135,12 @@ def test_remat_policy_saves_less_under_full():
     assert sizes["full"] < sizes["save_dots"] <= sizes["none"]
 
 
+def test_loss_chunk_must_divide_the_lengths():
+    with pytest.raises(config_lib.ConfigError, match="train.loss_chunk must divide"):
+        config_lib.override(config_lib.Config(), {"train.loss_chunk": 100}).validate()
+    config_lib.override(config_lib.Config(), {"train.loss_chunk": 128}).validate()
+
+
 def test_old_boolean_remat_still_loads():
     assert _model_cfg("transformer", remat=True).remat == "full"
     assert _model_cfg("transformer", remat=False).remat == "none"
@@ -325,3 +331,28 @@ def test_profile_steps_write_a_trace_naming_the_train_step(tiny_config, tmp_path
     # without profile_steps: no trace
     train.train(tiny_config(**{"train.steps": 2}), tmp_path / "plain")
     assert not (tmp_path / "plain" / "profile").exists()
+
+
+@needs_8
+def test_scan_remat_chunked_loss_on_fsdp_tensor_mesh_match_plain_single_device(corpus):
+    """Everything a large run turns on at once, sharded over (data 1, fsdp 4, tensor 2), trains
+    like the plain model on one device."""
+    from conftest import tiny
+    from test_train import _run_steps
+
+    plain = tiny(corpus, **{"mesh.shape": (1, 1, 1)})
+    big = tiny(
+        corpus,
+        **{
+            "mesh.shape": (1, 4, 2),
+            "model.scan_layers": True,
+            "model.remat": "minimal",
+            "train.loss_chunk": 8,
+        },
+    )
+    _, ref_losses, ref_params = _run_steps(plain, 3)
+    run, got_losses, got_params = _run_steps(big, 3)
+    assert run.mesh.shape["fsdp"] == 4 and run.mesh.shape["tensor"] == 2
+    np.testing.assert_allclose(got_losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(got_params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)

@@ -46,6 +46,20 @@ class ModelConfig:
         if isinstance(self.remat, bool):
             object.__setattr__(self, "remat", "full" if self.remat else "none")
 
+    def layer_kinds(self) -> tuple[str, ...]:
+        """One label per layer; equal labels mean structurally equal blocks (what a stack that
+        repeats is made of). Families that mix layer kinds override it."""
+        return ("block",) * self.n_layers
+
+    def at_depth(self, n_layers: int) -> ModelConfig:
+        """This config with `n_layers` layers; a one-letter-per-layer `pattern` is cut to fit
+        (for stacks whose pattern repeats with a period dividing n_layers)."""
+        changes: dict = {"n_layers": n_layers}
+        pattern = dataclasses.asdict(self).get("pattern", "")
+        if pattern and len(pattern) == self.n_layers:
+            changes["pattern"] = pattern[:n_layers]
+        return dataclasses.replace(self, **changes)
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward); each family overrides this."""
         raise NotImplementedError(f"model family {self.name!r} does not count its FLOPs")

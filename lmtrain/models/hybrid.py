@@ -81,6 +81,10 @@ class Config(ssm.Config, linear_attention.Config, transformer.Config):
             return ""
         return p * (self.n_layers // len(p))
 
+    def layer_kinds(self) -> tuple[str, ...]:
+        """The letter of every layer (ModelConfig.layer_kinds)."""
+        return tuple(self.layer_letters())
+
     def family_config(self, letter: str, n_layers: int | None = None) -> ModelConfig:
         """The Config that layer `letter`'s family builds from: the hybrid's shared fields,
         that family's name for the kind, and n_layers (default: the hybrid's depth)."""
