@@ -19,10 +19,13 @@ import datetime
 import importlib.util
 import json
 import platform
-import time
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from step_throughput import synthetic_batch, time_steps  # noqa: E402
+
 SMALL = {"model.d_model": 512, "model.n_layers": 4, "model.n_heads": 8, "model.n_kv_heads": 2}
 
 
@@ -43,7 +46,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     import jax
-    import numpy as np
 
     from lmtrain import config as config_lib
     from lmtrain import flops, sharding
@@ -69,21 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     state = run.init_state()
     compiled, compile_s = run_lib.compile_train_steps(run, [(batch, seq_len)], stop_flag=False)
     step = compiled[seq_len]
-    rng = np.random.default_rng(0)
-    V = run.cfg.model.vocab_size
-    local = {k: rng.integers(0, V, (batch, seq_len), np.int32) for k in ("inputs", "targets")}
-    local["segment_ids"] = np.ones((batch, seq_len), np.int32)
-    local["positions"] = np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1))
-    local["weights"] = np.ones((batch, seq_len), np.float32)
-    b = sharding.global_batch(local, run.mesh)
-    times = []
-    for i in range(args.steps + 2):
-        t = time.perf_counter()
-        state, m = step(state, b)
-        jax.block_until_ready(m["loss"])
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-    dt = float(np.median(times))
+    local = synthetic_batch(batch, seq_len, run.cfg.model.vocab_size)
+    dt, state, m = time_steps(step, state, sharding.global_batch(local, run.mesh), args.steps)
     peak, peak_src = flops.peak_flops(devices, run.cfg.model.dtype)
     fpt = flops.train_flops_per_token(run.cfg.model, seq_len)
     tok_s = batch * seq_len / dt

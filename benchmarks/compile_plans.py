@@ -1,7 +1,7 @@
 """Memory plans at scale: `lmtrain compile` over a table of (shape, topology, settings).
 
     python benchmarks/compile_plans.py                 # every row, one subprocess each
-    python benchmarks/compile_plans.py --only 8b       # rows whose label contains "8b"
+    python benchmarks/compile_plans.py --only v6e      # rows whose "label topology" has "v6e"
 
 Each row compiles the exact train step (and not the eval step) of experiments/scale.py's shape
 for a TPU topology with libtpu, no TPU needed, and the script prints a markdown table for
@@ -44,6 +44,7 @@ ROWS = [
         "v6e:16x16",
         ["train.batch_size=1024"],
     ),
+    ("70b (2 per chip)", "experiments/scale.py:70b", "v6e:16x16", ["train.batch_size=512"]),
     ("mamba2-1.3b", "experiments/scale.py:mamba2-1.3b", "v5e:4x4", ["train.batch_size=32"]),
     ("mamba2-2.7b", "experiments/scale.py:mamba2-2.7b", "v5p:2x2x1", ["train.batch_size=8"]),
     ("hybrid-1.4b", "experiments/scale.py:hybrid-1.4b", "v5e:4x4", ["train.batch_size=32"]),
@@ -71,6 +72,8 @@ ROWS += [
 
 def run_row(label: str, experiment: str, topology: str, sets: list[str]) -> dict:
     cmd = [sys.executable, "-m", "lmtrain", "compile", experiment, "--topology", topology]
+    # the eval batch must also divide over the chips, even when only the train step compiles
+    sets = sets + [s.replace("train.", "eval.") for s in sets if s.startswith("train.batch_size")]
     cmd += ["--no-eval"] + [a for s in sets for a in ("--set", s)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -108,12 +111,12 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="", help="run rows whose label contains this")
+    p.add_argument("--only", default="", help="run rows whose 'label topology' contains this")
     args = p.parse_args()
     rows = []
     OUT.parent.mkdir(parents=True, exist_ok=True)
     for label, experiment, topology, sets in ROWS:
-        if args.only and args.only not in label:
+        if args.only and args.only not in f"{label} {topology}":
             continue
         row = run_row(label, experiment, topology, sets)
         rows.append(row)

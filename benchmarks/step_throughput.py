@@ -36,10 +36,24 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int) -> dict:
     return local
 
 
+def time_steps(fn, state, batch, steps: int, warmup: int = 2):
+    """(median seconds per step over `steps` timed steps after `warmup`, state, metrics)."""
+    import jax
+    import numpy as np
+
+    times = []
+    for i in range(steps + warmup):
+        t = time.perf_counter()
+        state, m = fn(state, batch)
+        jax.block_until_ready(m["loss"])
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return float(np.median(times)), state, m
+
+
 def child(n_devices: int, steps: int, batch: int, seq_len: int, vocab: int) -> list[dict]:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
     import jax
-    import numpy as np
 
     from lmtrain import config, flops, sharding
     from lmtrain import run as run_lib
@@ -68,14 +82,7 @@ def child(n_devices: int, steps: int, batch: int, seq_len: int, vocab: int) -> l
             steps_, secs = run_lib.compile_train_steps(run, [(batch, seq_len)], stop_flag=False)
             fn, compile_s = steps_[seq_len], secs[seq_len]
             b = sharding.global_batch(synthetic_batch(batch, seq_len, vocab), run.mesh)
-            times = []
-            for i in range(steps + 2):
-                t = time.perf_counter()
-                state, m = fn(state, b)
-                jax.block_until_ready(m["loss"])
-                if i >= 2:
-                    times.append(time.perf_counter() - t)
-            dt = float(np.median(times))
+            dt, state, m = time_steps(fn, state, b, steps)
             tok_s = batch * seq_len / dt
             fpt = run.cfg.model.flops_per_token(seq_len)
             rows.append(

@@ -146,7 +146,9 @@ def _state_bytes(abstract: Any) -> int:
     return total
 
 
-_OOM = re.compile(r"(?:Used|HLO temporaries|requires)[^0-9]*([0-9.]+)([GM])", re.I)
+# XLA's CompileTimeHbmOom says either "... HLO temporaries (32.03G) exceeds available HBM
+# (31.24G)" (temporaries only: the arguments come on top) or "Used 198.55G of 95.73G hbm".
+_OOM = re.compile(r"(Used|HLO temporaries)[^0-9]*([0-9.]+)([GM])", re.I)
 
 
 def _compile(name: str, thunk, model_flops: float, state_bytes: int) -> StepPlan:
@@ -161,7 +163,10 @@ def _compile(name: str, thunk, model_flops: float, state_bytes: int) -> StepPlan
         plan.state_gib = state_bytes / GIB
         m = _OOM.search(text)
         if m:
-            plan.peak_gib = float(m.group(1)) / (1024 if m.group(2).upper() == "M" else 1)
+            size = float(m.group(2)) / (1024 if m.group(3).upper() == "M" else 1)
+            temporaries = m.group(1).lower() != "used"
+            plan.temp_gib = size if temporaries else 0.0
+            plan.peak_gib = size + plan.state_gib if temporaries else size
         line = next((ln for ln in text.splitlines() if "exceed" in ln.lower()), text[:300])
         plan.error = line.strip()
         return plan

@@ -95,7 +95,13 @@ def _loss_grads(model_cfg, tok):
     return loss, grads, jaxpr
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize(
+    "family",
+    [
+        "transformer",
+        *(pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES if f != "transformer"),
+    ],
+)
 def test_remat_policies_and_scan_keep_loss_and_grads(family):
     tok = jnp.asarray(np.random.default_rng(0).integers(1, 64, (2, 33)))
     loss, grads, jaxpr = _loss_grads(_model_cfg(family), tok)
@@ -173,6 +179,7 @@ def _batch(B, L, V, seed=0):
     }
 
 
+@pytest.mark.slow
 def test_chunked_loss_same_values_and_grads_less_memory():
     cfg = _model_cfg("transformer", vocab_size=4096, n_layers=2)
     graphdef, params = nnx.split(models.build(cfg, nnx.Rngs(0)), nnx.Param)
@@ -293,6 +300,7 @@ def test_splash_in_a_sharded_model_matches_xla():
 
 
 def test_gpu_flags_merge_without_overriding_the_user(monkeypatch):
+    assert not xla_flags.gpu_expected({"JAX_PLATFORMS": "cpu"})
     merged = xla_flags.merged("--xla_gpu_enable_triton_gemm=true --foo=1", xla_flags.GPU_FLAGS)
     assert "--xla_gpu_enable_triton_gemm=true" in merged
     assert "--xla_gpu_enable_triton_gemm=false" not in merged
@@ -304,7 +312,6 @@ def test_gpu_flags_merge_without_overriding_the_user(monkeypatch):
     assert xla_flags.apply(env) and "latency_hiding" in env["XLA_FLAGS"]
     env = {"LMTRAIN_GPU_XLA_FLAGS": "0"}
     assert not xla_flags.apply(env) and "XLA_FLAGS" not in env
-    assert not xla_flags.gpu_expected({"JAX_PLATFORMS": "cpu"})
 
 
 def test_gpu_flags_are_known_to_this_jaxlib():
@@ -319,6 +326,7 @@ def test_gpu_flags_are_known_to_this_jaxlib():
 # ------------------------------------------------------------------ profiling
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace_naming_the_train_step(tiny_config, tmp_path):
     from lmtrain import train
 
@@ -334,6 +342,7 @@ def test_profile_steps_write_a_trace_naming_the_train_step(tiny_config, tmp_path
 
 
 @needs_8
+@pytest.mark.slow
 def test_scan_remat_chunked_loss_on_fsdp_tensor_mesh_match_plain_single_device(corpus):
     """Everything a large run turns on at once, sharded over (data 1, fsdp 4, tensor 2), trains
     like the plain model on one device."""
