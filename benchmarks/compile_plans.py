@@ -96,7 +96,8 @@ def markdown(rows: list[dict]) -> str:
             continue
         mesh = r["mesh"]
         step = r.get("train_shape", "")
-        est = f"{r['est_step_s']:.2f} s" if r.get("est_step_s") else "-"
+        t = r.get("est_step_s")
+        est = "-" if not t else f"{t:.2f} s" if t >= 1 else f"{t * 1e3:.1f} ms"
         mfu = f"{r['est_mfu']:.0%}" if r.get("est_mfu") is not None else "-"
         ratio = f"{r['flops_ratio']:.2f}" if r.get("flops_ratio") else "-"
         lines.append(

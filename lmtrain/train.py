@@ -132,7 +132,12 @@ class _Profiler:
         """Context for running step n: starts the trace at the first profiled step."""
         if self.want and not self.on and self.first <= n < self.end:
             self.dir.mkdir(parents=True, exist_ok=True)
-            jax.profiler.start_trace(str(self.dir))
+            # No Python tracer: it hooks every Python thread (grain's and orbax's workers
+            # included), adds overhead to the steps it measures, and crashed a long-lived
+            # process that had started many threads. Device ops and step annotations remain.
+            opts = jax.profiler.ProfileOptions()
+            opts.python_tracer_level = 0
+            jax.profiler.start_trace(str(self.dir), profiler_options=opts)
             self.on = True
         if self.on:
             return jax.profiler.StepTraceAnnotation("train", step_num=n)
