@@ -3,7 +3,6 @@ dev extra installs it), no TPU needed."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 
@@ -12,7 +11,6 @@ import pytest
 from lmtrain import cli
 from lmtrain import compile as compile_lib
 from lmtrain import config as config_lib
-from lmtrain import run as run_lib
 
 
 def _report(capsys, *argv) -> tuple[int, dict | None, str]:
@@ -92,32 +90,18 @@ def test_oversized_config_reports_fits_false_and_exits_0(capsys):
 
 
 @pytest.mark.slow
-def test_1b_fits_a_small_topology_with_sane_flops(capsys):
-    argv = ["experiments/scale.py:1b", "--topology", "v5p:2x2x1", "--no-eval"]
-    code, r, text = _report(capsys, *argv, "--set", "train.batch_size=4")
+def test_scanned_splash_model_fits_a_small_topology_with_sane_flops(capsys):
+    # The scale shapes' choices (layers scanned, full remat, splash, chunked loss, bf16, fsdp)
+    # at a width that compiles in seconds; BENCHMARKS.md has the 1B-70B plans themselves.
+    small = ["model.vocab_size=4096", "model.d_model=256", "model.n_heads=4", "model.n_layers=3"]
+    small += ["data.seq_len=512", "train.batch_size=4", "train.loss_chunk=128"]
+    argv = ["experiments/scale.py:125m", "--topology", "v5p:2x2x1", "--no-eval"]
+    code, r, text = _report(capsys, *argv, *(x for s in small for x in ("--set", s)))
     assert code == 0, text
-    assert r["fits"] is True and r["chips"] == 4
-    # Scanned layers: XLA counts a loop body once (16 layers would read ~1/16 of the FLOPs,
-    # under 0.1), so the costs are extrapolated from unscanned compiles of 1 and 2 layers.
-    # What XLA's TPU count still misses (BENCHMARKS.md): splash, 3 of the 4 loss chunks, and
-    # apparently the remat recomputation, so the ratio sits below 1.
-    assert 0.3 < r["flops_ratio"] < 1.6, r["flops_ratio"]
+    assert r["fits"] is True and r["chips"] == 4 and r["n_params"] < 5e6
+    # Scanned layers: XLA counts a loop body once (3 layers would read ~1/3 of the FLOPs), so
+    # the costs are extrapolated from unscanned compiles of 1 and 2 layers. What XLA's TPU
+    # count still misses (BENCHMARKS.md): splash, all loss chunks but one, and apparently the
+    # remat recomputation; what it adds: norms, softmax, the optimizer.
+    assert 0.6 < r["flops_ratio"] < 1.6, r["flops_ratio"]  # un-extrapolated: ~0.36
     assert 0 < r["est_mfu"] <= 0.75  # full remat: at most 3/4 of the hardware FLOPs are model
-
-
-@pytest.mark.slow
-def test_scan_keeps_8b_compile_time_flat_in_depth():
-    import importlib.util as iu
-
-    spec = iu.spec_from_file_location("scale", "experiments/scale.py")
-    scale = iu.module_from_spec(spec)
-    spec.loader.exec_module(scale)
-    cfg = config_lib.override(scale.get_config("8b"), {"data.seq_len": 1024})
-    devices = compile_lib.topology_devices("v5p:4x4x4")
-    seconds = {}
-    for layers in (2, 32):
-        c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=layers))
-        run = run_lib.setup(c, devices=devices)
-        _, secs = run_lib.compile_train_steps(run, c.train_shapes())
-        seconds[layers] = secs[1024]
-    assert seconds[32] < 2 * seconds[2], seconds
