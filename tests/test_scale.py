@@ -122,6 +122,7 @@ def test_remat_policies_and_scan_keep_loss_and_grads(family):
         )
 
 
+@pytest.mark.slow
 def test_scanned_train_step_program_does_not_grow_with_depth(tiny_config):
     """Why scan_layers keeps compile time flat at depth (benchmarks/compile_depth.py has the
     seconds): the compiled train step holds one block's matmuls, however deep the model;
