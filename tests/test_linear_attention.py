@@ -181,6 +181,26 @@ def test_mixer_step_equals_training_form_and_resets(kind):
     assert np.abs(np.asarray(leaky - alone)).max() > 1e-2 * np.abs(np.asarray(alone)).max()
 
 
+@pytest.mark.parametrize(
+    ("heads", "released"),
+    [
+        # ALiBi's released get_slopes (TransNormerLLM's _build_slope_tensor), written out
+        (6, [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]),
+        (12, [*(2.0**-k for k in range(1, 9)), 2**-0.5, 2**-1.5, 2**-2.5, 2**-3.5]),
+        (8, [2.0**-k for k in range(1, 9)]),
+    ],
+)
+def test_lightning_decays_use_alibis_released_slopes(heads, released):
+    np.testing.assert_allclose(la.alibi_slopes(heads), released, rtol=1e-12)
+    cfg = mixer_config(n_heads=heads, d_model=heads * 8, n_layers=4)
+    mixer = la.MIXERS["lightning"](cfg, layer=1, rngs=nnx.Rngs(0))
+    depth = 1 - 1 / 3 + 1e-5
+    np.testing.assert_allclose(mixer.log_lambda, -np.array(released) * depth, rtol=1e-12)
+    # the one-series rule 2^(-8(h+1)/H) agrees only when H is a power of two
+    one_series = [2.0 ** (-8 * (h + 1) / heads) for h in range(heads)]
+    assert np.allclose(one_series, released) == (heads & (heads - 1) == 0)
+
+
 def test_decays_follow_the_papers_and_matter():
     cfg = mixer_config(n_layers=4)
     x = jnp.asarray(rand(1, L, cfg.d_model, seed=14))

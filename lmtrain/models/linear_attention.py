@@ -5,8 +5,9 @@ layer i is named by letter i of the layer pattern (`Config.layer_kinds`):
 
     B  "based"      BASED linear attention (Taylor feature map, normalised by phi(q).z)
     R  "retention"  scalar decay lambda_h = 1 - 2^(-5-h), RoPE on q/k, per-head RMSNorm + gate
-    L  "lightning"  scalar decay by layer l: log lambda_h = -2^(-8(h+1)/H) (1 - l/(L-1)), SiLU q/k,
-                    RMSNorm + sigmoid gate (TransNormerLLM's released code; see Lightning)
+    L  "lightning"  scalar decay by layer l: log lambda_h = -s_h (1 - l/(L-1)), s_h ALiBi's slopes
+                    (2^(-8(h+1)/H) for H a power of two; `alibi_slopes`), SiLU q/k, RMSNorm +
+                    sigmoid gate (TransNormerLLM's released code; see Lightning)
     G  "gla"        gated linear attention: data-dependent diagonal decay, RMSNorm + gate
     W  "swa"        sliding-window softmax attention with RoPE
     C  "conv"       short causal gated convolution
@@ -224,6 +225,15 @@ class BasedAttention(_LinearMixer):
         return self.o(o.reshape(B, L, self.H * self.K).astype(x_BxLxD.dtype))
 
 
+def alibi_slopes(n: int) -> list[float]:
+    """ALiBi's per-head slopes, by the rule of its released code (which TransNormerLLM's reuses):
+    for n a power of two, 2^(-8(h+1)/n); otherwise the slopes of the largest power of two
+    p < n, then every other slope of 2p (6 heads: 0.25, 0.0625, 0.0156, 0.0039, 0.5, 0.125)."""
+    p = 2 ** math.floor(math.log2(n))
+    slopes = [2.0 ** (-8 * (h + 1) / p) for h in range(p)]
+    return slopes + alibi_slopes(2 * p)[0::2][: n - p] if p < n else slopes
+
+
 class ScalarDecayAttention(_LinearMixer):
     """S_t = lambda_h S_{t-1} + k_t^T v_t; out = o(norm(q S) * act(g(x)))."""
 
@@ -238,7 +248,7 @@ class ScalarDecayAttention(_LinearMixer):
             self.gate_act = "silu"
         else:  # ALiBi slopes scaled down with depth (the last layer keeps a 1e-5 sliver)
             depth = 1 - layer / max(cfg.n_layers - 1, 1) + 1e-5
-            self.log_lambda = tuple(-(2.0 ** (-8 * (h + 1) / H)) * depth for h in range(H))
+            self.log_lambda = tuple(-s * depth for s in alibi_slopes(H))
             self.gate_act = "sigmoid"
         self.q, self.k, self.v, self.g = (
             Linear(D, H * K, ("embed", "heads"), **kw) for _ in "qkvg"
