@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -21,7 +23,7 @@ from lmtrain import config as config_lib
 from lmtrain import data, flops, sharding
 from lmtrain import run as run_lib
 from lmtrain.checkpoint import Checkpointer
-from lmtrain.config import Config
+from lmtrain.config import Config, ConfigError
 from lmtrain.data.sources import cache_dir
 from lmtrain.evaluate import Evaluator
 from lmtrain.tracking import Tracker
@@ -156,9 +158,47 @@ class _Profiler:
             log.info("profile of steps %d-%d written to %s", self.first, self.end - 1, self.dir)
 
 
+@contextlib.contextmanager
+def workdir_lock(workdir: Path):
+    """One run at a time in `workdir`: an exclusive flock on WORKDIR/lock for the whole run.
+
+    Only process 0 takes it (a multi-process run is one run). The kernel drops the lock when its
+    holder exits or dies, kill -9 included, so a stale lock never blocks a rerun; the file keeps
+    the holder's host and pid for the refusal's message.
+    """
+    if jax.process_index() != 0:
+        yield
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = path.read_text().strip() or "holder unknown"
+        raise ConfigError(
+            f"workdir {workdir} is in use by another lmtrain run ({holder}); wait for it to "
+            "end or stop it (its checkpoints resume), or choose another --workdir"
+        ) from None
+    try:
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {since}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def train(cfg: Config, workdir: Path) -> dict:
-    """Trains (or resumes) the run in `workdir`; returns a summary of the last metrics."""
+    """Trains (or resumes) the run in `workdir`; returns a summary of the last metrics. A second
+    run on a busy workdir is refused (`workdir_lock`)."""
     workdir = Path(workdir).absolute()
+    with workdir_lock(workdir):
+        return _train(cfg, workdir)
+
+
+def _train(cfg: Config, workdir: Path) -> dict:
     t_start = time.time()
     cfg_path = workdir / "config.json"
     if cfg_path.exists():

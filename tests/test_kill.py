@@ -74,6 +74,16 @@ def test_kill_9_then_resume(tmp_path):
         assert long_run.poll() is None, long_run.stderr.read()
         assert time.time() < deadline, "no checkpoint at step 6 in time"
         time.sleep(0.2)
+    # A second run on the busy workdir is refused at once, naming the holder; nothing is lost.
+    config_stat = (wd / "config.json").stat()
+    second = _lmtrain("train", _write_exp(tmp_path, corpus, 12), "--workdir", str(wd))
+    assert second.wait(timeout=120) == 2
+    err = second.stderr.read()
+    assert "is in use by another lmtrain run" in err and f"pid {long_run.pid}," in err, err
+    assert long_run.poll() is None  # the first run goes on
+    assert (wd / "config.json").stat().st_mtime_ns == config_stat.st_mtime_ns  # wrote nothing
+    # kill -9 leaves the lock file behind; the kernel has dropped the lock itself, so the
+    # rerun below takes it
     long_run.send_signal(signal.SIGKILL)
     long_run.wait(timeout=30)
     assert long_run.returncode == -signal.SIGKILL

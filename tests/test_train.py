@@ -318,3 +318,16 @@ def test_restore_params_reads_only_the_parameters(corpus, tmp_path):
     )
     with pytest.raises(config_lib.ConfigError, match="no checkpoint of step 5"):
         run_lib.restore_params(wd, step=5)
+
+
+def test_workdir_lock_refuses_a_second_holder_and_is_released(tmp_path):
+    from lmtrain.config import ConfigError
+
+    with train.workdir_lock(tmp_path / "wd"):
+        with pytest.raises(
+            ConfigError, match=rf"in use by another lmtrain run \(host .*, pid {os.getpid()},"
+        ):
+            with train.workdir_lock(tmp_path / "wd"):
+                pass
+    with train.workdir_lock(tmp_path / "wd"):  # released at exit, exception or not
+        pass
