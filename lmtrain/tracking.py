@@ -54,6 +54,11 @@ class Tracker:
         if self.enabled:
             self._tb.add_text(tag, text, step)
 
+    @property
+    def bar_shown(self) -> bool:
+        """Whether a progress bar is on the console (train.progress and a terminal)."""
+        return self._bar is not None and not self._bar.disable
+
     def progress(self, step: int, postfix: dict[str, float] | None = None) -> None:
         if self._bar is None:
             return

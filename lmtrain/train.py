@@ -291,6 +291,11 @@ def _train(cfg: Config, workdir: Path) -> dict:
                 row["bucket"] = seq_len.bit_length() - 1  # k of the 2^k bucket
             tracker.write(n, row)
             summary.update(rate)
+            if not tracker.bar_shown:  # SLURM logs, pipes: a plain line instead of the bar
+                tracker.print(
+                    f"step {n}/{cfg.train.steps}: loss {m['loss']:.4f}, "
+                    f"{rate['tokens_per_sec']:,.0f} tokens/s, MFU {rate['mfu']:.3f}"
+                )
         tracker.progress(n, {"loss": m["loss"]})
 
     watchdog = _Watchdog(cfg.train.hang_timeout_s)

@@ -23,7 +23,7 @@ def get_config(arg):
         "model.name": "transformer", "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
         "data.source": {str(corpus)!r}, "data.tokenizer": "bytes", "data.seq_len": 32,
         "train.batch_size": 8, "train.steps": {steps}, "train.log_every": 1,
-        "train.eval_every": 0, "train.checkpoint_every": 3, "train.progress": False,
+        "train.eval_every": 0, "train.checkpoint_every": 3,
         "optim.schedule": "constant", "optim.warmup_steps": 2, "eval.max_batches": 1,
         "eval.batch_size": 8,
     }})
@@ -65,6 +65,10 @@ def test_kill_9_then_resume(tmp_path):
     # Uninterrupted reference: 12 steps.
     ref = _lmtrain("train", _write_exp(tmp_path, corpus, 12), "--workdir", str(tmp_path / "ref"))
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    # train.progress is on, but stderr is a pipe: plain log lines every train.log_every steps
+    log_lines = [x for x in ref.stderr.read().splitlines() if x.startswith("step ") and "/" in x]
+    assert [x.split(":")[0] for x in log_lines] == [f"step {n}/12" for n in range(1, 13)]
+    assert "loss " in log_lines[-1] and "tokens/s, MFU " in log_lines[-1]
 
     # A long run killed with SIGKILL once its step-6 checkpoint is complete.
     wd = tmp_path / "killed"
