@@ -183,8 +183,13 @@ class Config:
         Source-specific checks (a synthetic task's own fields) are the data layer's:
         `lmtrain.data.check_config`.
         """
+        from lmtrain import optim as optim_lib  # here: lmtrain.optim imports this module
+
         t, d, o = self.train, self.data, self.optim
         self.model.validate()
+        _check(o.name in optim_lib.OPTIMIZERS, "optim.name", _unknown(o.name, optim_lib.OPTIMIZERS))
+        schedules = optim_lib.SCHEDULES
+        _check(o.schedule in schedules, "optim.schedule", _unknown(o.schedule, schedules))
         _check(d.packing in PACKINGS, "data.packing", f"must be one of {', '.join(PACKINGS)}")
         _check(t.tokens_per_step >= 0, "train.tokens_per_step", "must be >= 0")
         _check(all(n > 0 for n in self.eval.lengths), "eval.lengths", "must be positive")
@@ -242,6 +247,10 @@ class Config:
             f"must be a multiple of 2^data.decompose.max_log2_len = {longest} "
             f"(got {self.tokens_per_step()})",
         )
+
+
+def _unknown(value: str, known) -> str:
+    return f"{value!r} is unknown; valid: {', '.join(known)}"
 
 
 def _check(ok: bool, key: str, msg: str) -> None:

@@ -11,10 +11,15 @@ from lmtrain.errors import ConfigError
 
 
 def coerce(value: Any, typ: Any, key: str) -> Any:
-    """Checks `value` against annotation `typ`, allowing int->float and list->tuple."""
+    """Checks `value` against annotation `typ`, allowing int->float, integral float->int,
+    "true"/"false" in any case -> bool, and list->tuple."""
     origin = typing.get_origin(typ)
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # --set train.steps=1e3
+    if typ is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"  # --set train.progress=false
     if typ in (int, float, str, bool):
         if type(value) is typ:
             return value

@@ -165,3 +165,29 @@ def test_cli_chooses_one_cpu_device_per_core_before_jax_starts(tmp_path):
     cores = os.cpu_count() or 1
     want = max(n for n in (1, 2, 4, 8) if n <= cores)
     assert f"devices {want}" in out.stdout, out.stdout + out.stderr
+
+
+def test_set_accepts_booleans_in_any_case_and_integral_floats_for_ints():
+    sets = config_lib.parse_sets(["train.progress=false", "train.steps=1e3", "eval.lengths=[]"])
+    cfg = config_lib.override(Config(), {**sets, "train.log_every": 2.0})
+    assert cfg.train.progress is False and cfg.train.steps == 1000 and cfg.train.log_every == 2
+    assert type(cfg.train.steps) is int
+    assert config_lib.override(Config(), {"train.progress": "True"}).train.progress is True
+    for key, bad in [("train.steps", 1.5), ("train.progress", "no"), ("train.steps", "1e3")]:
+        with pytest.raises(ConfigError, match=key):
+            config_lib.override(Config(), {key: bad})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("optim.name", "sgdx", "optim.name 'sgdx' is unknown; valid: adamw, lion"),
+        ("optim.schedule", "linearx", "optim.schedule 'linearx' is unknown; valid: cosine"),
+        ("model.name", "foo", "unknown model.name 'foo'"),
+        ("model.dtype", "fp8", "model.dtype must be one of float32, bfloat16, float16"),
+        ("data.packing", "zip", "data.packing must be one of"),
+    ],
+)
+def test_impossible_names_are_refused_when_the_config_is_built(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        config_lib.override(Config(), {key: value}).validate()
