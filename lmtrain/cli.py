@@ -80,18 +80,24 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "eval",
-        help="evaluate the newest checkpoint of a workdir",
+        help="evaluate a checkpoint of a workdir (default: the newest)",
         description="Print one JSON line: step, val_loss, val_bpb, val_tokens.",
     )
     e.add_argument("--workdir", required=True, help="a training run's output directory")
+    e.add_argument("--step", type=int, help="the checkpoint of this step (default: the newest)")
     e.add_argument("--set", dest="sets", **sets)
 
-    g = sub.add_parser("generate", help="sample text from the newest checkpoint of a workdir")
+    g = sub.add_parser("generate", help="sample text from a checkpoint of a workdir")
     g.add_argument("--workdir", required=True, help="a training run's output directory")
     g.add_argument("--prompt", required=True, help="text to continue")
     g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (200)")
     g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (0.8)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
+    g.add_argument(
+        "--top-p", type=float, default=1.0, help="sample from the smallest set of mass p (1: all)"
+    )
     g.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    g.add_argument("--step", type=int, help="the checkpoint of this step (default: the newest)")
     g.add_argument("--set", dest="sets", **sets)
     _add_prepare_parser(sub)
     _add_compile_parser(sub, sets)
@@ -231,7 +237,7 @@ def _cmd_eval(args) -> int:
     from lmtrain.evaluate import Evaluator
 
     sets = config_lib.parse_sets(args.sets)
-    run, params, step = run_lib.restore_params(Path(args.workdir), sets)
+    run, params, step = run_lib.restore_params(Path(args.workdir), sets, args.step)
     corpus = data.load_corpus(run.cfg.data, run.tokenizer)
     result = Evaluator(run, corpus.val)(params, run.cfg.eval.max_batches)
     print(json.dumps({"step": step, **result}))
@@ -243,9 +249,12 @@ def _cmd_generate(args) -> int:
     from lmtrain import run as run_lib
     from lmtrain.generate import sample_tokens
 
-    run, params, _ = run_lib.restore_params(Path(args.workdir), config_lib.parse_sets(args.sets))
+    sets = config_lib.parse_sets(args.sets)
+    run, params, _ = run_lib.restore_params(Path(args.workdir), sets, args.step)
     ids = run.tokenizer.encode(args.prompt)
-    out = sample_tokens(run, params, ids, args.max_new_tokens, args.temperature, args.seed)
+    out = sample_tokens(
+        run, params, ids, args.max_new_tokens, args.temperature, args.seed, args.top_k, args.top_p
+    )
     print(args.prompt + run.tokenizer.decode(out))
     return 0
 

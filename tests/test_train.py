@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny
@@ -238,6 +239,38 @@ def test_outputs_tensorboard_metrics_eval_generate(corpus, tmp_path, capsys):
     )
     text = capsys.readouterr().out
     assert text.startswith("alpha beta") and len(text) > len("alpha beta")
+    # top-k 1 at temperature 1 is greedy; an older checkpoint by --step; a missing one is exit 2
+    gen = ["generate", "--workdir", str(wd), "--prompt", "alpha beta", "--max-new-tokens", "12"]
+    assert main([*gen, "--temperature", "1", "--top-k", "1", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == text
+    assert main(["eval", "--workdir", str(wd), "--step", "4"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4
+    assert main([*gen, "--step", "5"]) == 2
+    assert "no checkpoint of step 5" in capsys.readouterr().err
+    assert main([*gen, "--top-p", "0"]) == 2
+    assert "--top-p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_top_k_and_top_p_keep_the_likeliest_tokens():
+    from lmtrain.generate import filter_logits
+
+    probs = np.array([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
+    logits = jnp.log(jnp.asarray(probs))
+
+    def kept(**kw):
+        return [np.flatnonzero(np.isfinite(row)).tolist() for row in filter_logits(logits, **kw)]
+
+    assert kept() == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    assert kept(top_k=2) == [[0, 1], [2, 3]]
+    assert kept(top_p=0.5) == [[0], [3]]  # the likeliest alone holds 0.5
+    assert kept(top_p=0.6) == [[0, 1], [2, 3]]
+    assert kept(top_p=0.81) == [[0, 1, 2], [1, 2, 3]]
+    assert kept(top_k=1, top_p=0.99) == [[0], [3]]
+    draws = jax.random.categorical(
+        jax.random.key(0), filter_logits(logits, top_p=0.6), shape=(4000, 2)
+    )
+    assert set(np.unique(draws[:, 0]).tolist()) == {0, 1}
+    assert abs(float(np.mean(draws[:, 0] == 0)) - 0.5 / 0.8) < 0.03  # renormalised within the set
 
 
 def test_bad_data_paths_exit_2(corpus, tmp_path, capsys):
