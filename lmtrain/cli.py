@@ -42,10 +42,16 @@ def _parser() -> argparse.ArgumentParser:
         "experiments/quickstart.py or experiments/quickstart.py:smoke",
     )
     t.add_argument(
+        "--config",
+        metavar="FILE",
+        help="train a config file (.json, .yaml or .yml; whole or partial, the rest default) "
+        "instead of an experiment file; default workdir: runs/<file stem>",
+    )
+    t.add_argument(
         "--config-json",
         metavar="PATH",
-        help="train the config in a JSON file (a workdir's config.json, or a sweep run's "
-        "sweep_config.json) instead of an experiment file; default workdir: its folder",
+        help="train a run's own config (a workdir's config.json, or a sweep run's "
+        "sweep_config.json); default workdir: its folder",
     )
     t.add_argument("--set", dest="sets", **sets)
     t.add_argument(
@@ -204,14 +210,31 @@ def _init_distributed(args, heartbeat_s: int) -> None:
         jax.distributed.initialize(**timeout)
 
 
+def train_workdir(args) -> Path:
+    """--workdir, else runs/<experiment>[-ARG], runs/<--config file stem>, or the folder of
+    --config-json (a run's own config)."""
+    if args.workdir:
+        return Path(args.workdir)
+    if args.config_json:
+        return Path(args.config_json).parent
+    if args.config:
+        return Path("runs") / Path(args.config).stem
+    return _default_workdir(args.experiment)
+
+
 def _cmd_train(args) -> int:
     from lmtrain import config as config_lib
     from lmtrain import train
 
-    if (args.experiment is None) == (args.config_json is None):
-        raise config_lib.ConfigError("train needs an experiment file or --config-json (one)")
+    given = [x for x in (args.experiment, args.config, args.config_json) if x is not None]
+    if len(given) != 1:
+        raise config_lib.ConfigError(
+            "train needs an experiment file, --config or --config-json (one)"
+        )
     if args.config_json:
         cfg = config_lib.load_json(Path(args.config_json))
+    elif args.config:
+        cfg = config_lib.load_file(Path(args.config))
     else:
         cfg = config_lib.load_experiment(args.experiment)
     cfg = config_lib.override(cfg, config_lib.parse_sets(args.sets)).validate()
@@ -219,12 +242,7 @@ def _cmd_train(args) -> int:
         print(json.dumps(config_lib.to_dict(cfg), indent=2))
         return 0
     _init_distributed(args, cfg.train.hang_timeout_s)
-    if args.workdir:
-        workdir = Path(args.workdir)
-    elif args.config_json:
-        workdir = Path(args.config_json).parent
-    else:
-        workdir = _default_workdir(args.experiment)
+    workdir = train_workdir(args)
     summary = train.train(cfg, workdir)
     print(json.dumps({"workdir": str(workdir), **summary}))
     return 0

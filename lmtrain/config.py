@@ -418,4 +418,35 @@ def save_json(cfg: Config, path: Path) -> None:
 def load_json(path: Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"no config.json in {path.parent}: is this an lmtrain workdir?")
-    return from_dict(json.loads(path.read_text()))
+    return load_file(path)
+
+
+def load_file(path: Path) -> Config:
+    """A config from a .json, .yaml or .yml file, whole (a workdir's config.json) or partial
+    (`{"model": {"d_model": 512}}`: the rest stays default); keys and types are checked as
+    --set's are."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise ConfigError(f"config file {path} must be .json, .yaml or .yml")
+    try:
+        text = path.read_text()
+        if suffix == ".json":
+            d = json.loads(text)
+        else:
+            import yaml
+
+            d = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - JSON, YAML and decoding errors alike
+        kind = "JSON" if suffix == ".json" else "YAML"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config file {path} is not valid {kind}: {first}") from None
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections, not a {type(d).__name__}"
+        )
+    return from_dict(d)

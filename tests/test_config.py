@@ -191,3 +191,42 @@ def test_set_accepts_booleans_in_any_case_and_integral_floats_for_ints():
 def test_impossible_names_are_refused_when_the_config_is_built(key, value, message):
     with pytest.raises(ConfigError, match=message):
         config_lib.override(Config(), {key: value}).validate()
+
+
+def test_config_file_json_or_yaml_whole_or_partial(tmp_path, capsys):
+    import argparse
+
+    from lmtrain.cli import train_workdir
+
+    (tmp_path / "small.yaml").write_text(
+        "model:\n  d_model: 48\ntrain:\n  steps: 3\n  progress: false\n"
+    )
+    whole = config_lib.to_dict(config_lib.override(Config(), {"optim.lr": 0.002}))
+    (tmp_path / "whole.json").write_text(json.dumps(whole))
+    for name, check in [
+        ("small.yaml", lambda c: c["model"]["d_model"] == 48 and c["train"]["steps"] == 3),
+        ("whole.json", lambda c: c["optim"]["lr"] == 0.002),
+    ]:
+        assert main(["train", "--config", str(tmp_path / name), "--print-config"]) == 0
+        assert check(json.loads(capsys.readouterr().out))
+    args = argparse.Namespace(workdir=None, config_json=None, config=str(tmp_path / "small.yaml"))
+    assert train_workdir(args) == Path("runs/small")
+
+    bad = {
+        "typo.yaml": ("model:\n  d_modle: 48\n", "d_modle"),
+        "broken.yaml": ("model: [1,\n", "is not valid YAML"),
+        "broken.json": ('{"model": ', "is not valid JSON"),
+        "list.yaml": ("- 1\n- 2\n", "must hold a mapping of sections, not a list"),
+        "conf.toml": ("[model]\n", "must be .json, .yaml or .yml"),
+        "type.yaml": ("train:\n  steps: many\n", "train.steps must be int"),
+    }
+    for name, (text, message) in bad.items():
+        (tmp_path / name).write_text(text)
+        assert main(["train", "--config", str(tmp_path / name), "--print-config"]) == 2
+        assert message in capsys.readouterr().err, name
+    # a YAML file given to --config-json is an error with exit 2, not a traceback
+    assert main(["train", "--config-json", str(tmp_path / "small.yaml"), "--print-config"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config-json", str(tmp_path / "broken.yaml"), "--print-config"]) == 2
+    two = ["train", "experiments/quickstart.py", "--config", str(tmp_path / "small.yaml")]
+    assert main(two) == 2 and "(one)" in capsys.readouterr().err

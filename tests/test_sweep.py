@@ -163,7 +163,7 @@ def test_child_env_sets_devices_and_gpus(monkeypatch):
 
 def test_train_needs_exactly_one_config_source(capsys):
     assert main(["train"]) == 2
-    assert "needs an experiment file or --config-json" in capsys.readouterr().err
+    assert "needs an experiment file, --config or --config-json (one)" in capsys.readouterr().err
 
 
 def test_slurm_array_script_renders(tmp_path, corpus, capsys):
