@@ -64,7 +64,10 @@ class Config(ModelConfig):
     chunk: int = 64  # chunk length C of the BASED / scalar-decay chunked form
     gla_chunk: int = 16  # GLA's own chunk: its intra-chunk decay tensor is (C, C, P) per head
     feature_dim: int = 16  # BASED: q/k projected to this dim per head before the Taylor map
-    window: int = 64  # sliding-window attention: keys per query, itself included
+    # Sliding-window attention: keys per query, itself included. Other codes count otherwise:
+    # Zoology's block_size=b attends to b+1 keys (window=b+1), BASED's window_size=W to W/2+1
+    # (its released W=256 is window=129).
+    window: int = 64
     conv_width: int = 3  # gated-convolution taps (BASED uses 3)
     gla_expand_k: float = 0.5  # GLA key width = gla_expand_k * d_model (values: d_model)
     gla_gate_rank: int = 16  # GLA: rank of the decay projection x W1 W2
