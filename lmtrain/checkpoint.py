@@ -8,6 +8,7 @@ on every process, so a checkpoint written by N processes restores on any other n
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,25 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     """Keeps the last N checkpoints of (state, data iterator, config) under `directory`."""
 
-    def __init__(self, directory: Path, keep: int = 3, async_save: bool = True):
+    def __init__(
+        self, directory: Path, keep: int = 3, async_save: bool = True, writer: bool = False
+    ):
+        """`writer`: this is the training run, which holds the workdir lock (train.workdir_lock),
+        so a partial save left by an interrupted run (`N.orbax-checkpoint-tmp*`: a kill or a
+        full disk mid-save) is no one's and is removed. Readers (eval, generate) never remove
+        anything: a running trainer may be writing it."""
         self.directory = Path(directory).absolute()
         self.keep = keep
         self.async_save = async_save
+        if writer and jax.process_index() == 0 and self.directory.is_dir():
+            for partial in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
+                size = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+                shutil.rmtree(partial, ignore_errors=True)
+                log.warning(
+                    "removed %s (%.1f MB), a save an interrupted run left unfinished",
+                    partial.name,
+                    size / 1e6,
+                )
         self._mngr = self._open()
         self._pending: int | None = None  # started, not yet known to be complete
         self._confirmed: int | None = self.latest_step()  # newest save known to be complete

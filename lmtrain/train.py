@@ -217,7 +217,7 @@ def _train(cfg: Config, workdir: Path) -> dict:
     corpus = data.load_corpus(cfg.data, run.tokenizer)
     train_data = data.make_train_data(cfg, corpus.train, jax.process_index(), jax.process_count())
     it, scored = train_data.iterator, corpus.train.targets_per_row
-    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints, writer=True)
     restored = ckpt.restore_latest(run.abstract_state, it)
     state = restored[1] if restored else run.init_state()
     start = int(state["step"])

@@ -364,3 +364,15 @@ def test_workdir_lock_refuses_a_second_holder_and_is_released(tmp_path):
                 pass
     with train.workdir_lock(tmp_path / "wd"):  # released at exit, exception or not
         pass
+
+
+def test_a_partial_save_is_removed_by_the_next_run_and_never_by_a_reader(tmp_path):
+    d = tmp_path / "checkpoints"
+    partial = d / "15.orbax-checkpoint-tmp-1764"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "blob").write_bytes(b"\0" * 4096)
+    Checkpointer(d).close()  # eval / generate: a running trainer may be writing it
+    assert partial.exists()
+    ckpt = Checkpointer(d, writer=True)
+    assert not partial.exists() and ckpt.steps() == []
+    ckpt.close()
