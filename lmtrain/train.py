@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -190,12 +191,65 @@ def workdir_lock(workdir: Path):
         os.close(fd)  # releases the lock
 
 
+LIBRARY_LOGGERS = ("absl", "orbax")  # orbax logs through absl; its async writers' failures
+
+
+@contextlib.contextmanager
+def library_noise_to(path: Path):
+    """Sends the libraries' log records and unraisable exceptions to `path` instead of the
+    console for the run. A failed async checkpoint save (a full disk) makes orbax log an error
+    per writer thread and its closed event loops raise in callbacks: hundreds of tracebacks
+    that buried lmtrain's one line saying what failed and what to do."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stream = open(path, "a")  # noqa: SIM115 - closed below
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    saved = [(lg, lg.propagate) for lg in map(logging.getLogger, LIBRARY_LOGGERS)]
+    count = {"n": 0}
+
+    class _Counting(logging.Filter):
+        def filter(self, record):
+            count["n"] += record.levelno >= logging.ERROR
+            return True
+
+    handler.addFilter(_Counting())
+    for lg, _ in saved:
+        lg.addHandler(handler)
+        lg.propagate = False
+
+    def unraisable(u):
+        count["n"] += 1
+        stream.write(f"unraisable exception in {u.object!r}:\n")
+        stream.write("".join(traceback.format_exception(u.exc_type, u.exc_value, u.exc_traceback)))
+        stream.flush()
+
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    try:
+        yield
+    finally:
+        sys.unraisablehook = old_hook
+        for lg, propagate in saved:
+            lg.removeHandler(handler)
+            lg.propagate = propagate
+        stream.close()
+        if count["n"]:
+            print(
+                f"lmtrain: {count['n']} library errors (orbax, absl) were written to {path}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
 def train(cfg: Config, workdir: Path) -> dict:
     """Trains (or resumes) the run in `workdir`; returns a summary of the last metrics. A second
     run on a busy workdir is refused (`workdir_lock`)."""
     workdir = Path(workdir).absolute()
     with workdir_lock(workdir):
-        return _train(cfg, workdir)
+        log_name = (
+            "lmtrain.log" if jax.process_index() == 0 else f"lmtrain.{jax.process_index()}.log"
+        )
+        with library_noise_to(workdir / log_name):
+            return _train(cfg, workdir)
 
 
 def _train(cfg: Config, workdir: Path) -> dict:

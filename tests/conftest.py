@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices before jax is imported, strict numpy guard rails, and the
 fixtures many test files share (a tiny text corpus and a tiny config on it)."""
 
+import logging
 import os
 import tempfile
 
@@ -20,7 +21,22 @@ import pytest  # noqa: E402
 
 # The failed-checkpoint-write test leaves orbax's write coroutines unawaited; Python reports
 # them at interpreter exit, after pytest's summary line, which must stay the last line.
-warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+NEVER_AWAITED = {"message": "coroutine .* was never awaited", "category": RuntimeWarning}
+warnings.filterwarnings("ignore", **NEVER_AWAITED)
+
+
+def pytest_unconfigure(config):
+    # At shutdown the C warnings module reads its own filter list, not the module attribute
+    # pytest's catch_warnings replaced, so the filter goes there too.
+    import _warnings
+    import re
+
+    message = re.compile(NEVER_AWAITED["message"], re.I)
+    _warnings.filters.insert(0, ("ignore", message, RuntimeWarning, None, 0))
+    # The same test's orbax writer threads time out waiting for the save that failed and log
+    # it through absl as the interpreter exits.
+    logging.getLogger("absl").disabled = True
+
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 

@@ -376,3 +376,26 @@ def test_a_partial_save_is_removed_by_the_next_run_and_never_by_a_reader(tmp_pat
     ckpt = Checkpointer(d, writer=True)
     assert not partial.exists() and ckpt.steps() == []
     ckpt.close()
+
+
+def test_library_noise_goes_to_the_workdir_log_not_the_console(tmp_path, capsys):
+    import gc
+    import logging
+    import sys
+
+    class Raises:
+        def __del__(self):
+            raise RuntimeError("Event loop is closed")
+
+    hook = sys.unraisablehook
+    with train.library_noise_to(tmp_path / "lmtrain.log"):
+        logging.getLogger("absl").error("_SignalingThread.run() raised an exception")
+        Raises()
+        gc.collect()
+        logging.getLogger("lmtrain").warning("lmtrain's own line")
+    err = capsys.readouterr().err
+    assert "_SignalingThread" not in err and "Event loop is closed" not in err
+    assert "2 library errors (orbax, absl) were written to" in err
+    text = (tmp_path / "lmtrain.log").read_text()
+    assert "_SignalingThread.run() raised" in text and "RuntimeError: Event loop is closed" in text
+    assert sys.unraisablehook is hook and logging.getLogger("absl").propagate
