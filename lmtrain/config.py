@@ -12,7 +12,10 @@ from typing import Any
 
 from lmtrain import models
 from lmtrain.config_values import coerce as _coerce
-from lmtrain.config_values import parse_sets  # noqa: F401  (lmtrain.config.parse_sets)
+from lmtrain.config_values import (
+    parse_sets,  # noqa: F401  (lmtrain.config.parse_sets)
+    read_mapping,
+)
 from lmtrain.errors import ConfigError
 from lmtrain.models.base import ModelConfig
 
@@ -183,13 +186,10 @@ class Config:
         Source-specific checks (a synthetic task's own fields) are the data layer's:
         `lmtrain.data.check_config`.
         """
-        from lmtrain import optim as optim_lib  # here: lmtrain.optim imports this module
-
         t, d, o = self.train, self.data, self.optim
         self.model.validate()
-        _check(o.name in optim_lib.OPTIMIZERS, "optim.name", _unknown(o.name, optim_lib.OPTIMIZERS))
-        schedules = optim_lib.SCHEDULES
-        _check(o.schedule in schedules, "optim.schedule", _unknown(o.schedule, schedules))
+        _check(o.name in OPTIMIZER_NAMES, "optim.name", _unknown(o.name, OPTIMIZER_NAMES))
+        _check(o.schedule in SCHEDULE_NAMES, "optim.schedule", _unknown(o.schedule, SCHEDULE_NAMES))
         _check(d.packing in PACKINGS, "data.packing", f"must be one of {', '.join(PACKINGS)}")
         _check(t.tokens_per_step >= 0, "train.tokens_per_step", "must be >= 0")
         _check(all(n > 0 for n in self.eval.lengths), "eval.lengths", "must be positive")
@@ -247,6 +247,11 @@ class Config:
             f"must be a multiple of 2^data.decompose.max_log2_len = {longest} "
             f"(got {self.tokens_per_step()})",
         )
+
+
+# lmtrain.optim's registries (it checks at import that they are exactly these names)
+OPTIMIZER_NAMES = ("adamw", "lion")
+SCHEDULE_NAMES = ("cosine", "wsd", "constant")
 
 
 def _unknown(value: str, known) -> str:
@@ -425,28 +430,4 @@ def load_file(path: Path) -> Config:
     """A config from a .json, .yaml or .yml file, whole (a workdir's config.json) or partial
     (`{"model": {"d_model": 512}}`: the rest stays default); keys and types are checked as
     --set's are."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix not in (".json", ".yaml", ".yml"):
-        raise ConfigError(f"config file {path} must be .json, .yaml or .yml")
-    try:
-        text = path.read_text()
-        if suffix == ".json":
-            d = json.loads(text)
-        else:
-            import yaml
-
-            d = yaml.safe_load(text)
-    except Exception as e:  # noqa: BLE001 - JSON, YAML and decoding errors alike
-        kind = "JSON" if suffix == ".json" else "YAML"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"config file {path} is not valid {kind}: {first}") from None
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        raise ConfigError(
-            f"config file {path} must hold a mapping of sections, not a {type(d).__name__}"
-        )
-    return from_dict(d)
+    return from_dict(read_mapping(Path(path)))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+import json
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from lmtrain.errors import ConfigError
@@ -64,3 +66,32 @@ def parse_sets(sets: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects section.key=value, got {s!r}")
         out[key.strip()] = _parse_value(text.strip())
     return out
+
+
+def read_mapping(path: Path) -> dict:
+    """The mapping in a .json, .yaml or .yml config file; a clear ConfigError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise ConfigError(f"config file {path} must be .json, .yaml or .yml")
+    try:
+        text = path.read_text()
+        if suffix == ".json":
+            d = json.loads(text)
+        else:
+            import yaml
+
+            d = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - JSON, YAML and decoding errors alike
+        kind = "JSON" if suffix == ".json" else "YAML"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config file {path} is not valid {kind}: {first}") from None
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections, not a {type(d).__name__}"
+        )
+    return d

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lmtrain.config import ConfigError, OptimConfig
+from lmtrain.config import OPTIMIZER_NAMES, SCHEDULE_NAMES, ConfigError, OptimConfig
 
 # ---------------------------------------------------------------------------- schedules
 
@@ -140,3 +140,6 @@ def make_optimizer(
     # identity() keeps the state tree identical to clip_by_global_norm's (both EmptyState).
     clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
     return optax.chain(clip, tx)
+
+
+assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES and tuple(SCHEDULES) == SCHEDULE_NAMES

@@ -46,6 +46,7 @@ from lmtrain.models.layers import (
     apply_rope,
     param,
 )
+from lmtrain.models.linear_ops import alibi_slopes  # noqa: F401  (la.alibi_slopes)
 
 CONV_FORMS = ("projected", "base")
 LETTERS = {"B": "based", "R": "retention", "L": "lightning", "G": "gla", "W": "swa", "C": "conv"}
@@ -64,10 +65,7 @@ class Config(ModelConfig):
     chunk: int = 64  # chunk length C of the BASED / scalar-decay chunked form
     gla_chunk: int = 16  # GLA's own chunk: its intra-chunk decay tensor is (C, C, P) per head
     feature_dim: int = 16  # BASED: q/k projected to this dim per head before the Taylor map
-    # Sliding-window attention: keys per query, itself included. Other codes count otherwise:
-    # Zoology's block_size=b attends to b+1 keys (window=b+1), BASED's window_size=W to W/2+1
-    # (its released W=256 is window=129).
-    window: int = 64
+    window: int = 64  # keys per query, itself included (Zoology block_size b: b+1; BASED W: W/2+1)
     conv_width: int = 3  # gated-convolution taps (BASED uses 3)
     gla_expand_k: float = 0.5  # GLA key width = gla_expand_k * d_model (values: d_model)
     gla_gate_rank: int = 16  # GLA: rank of the decay projection x W1 W2
@@ -228,15 +226,6 @@ class BasedAttention(_LinearMixer):
         return self.o(o.reshape(B, L, self.H * self.K).astype(x_BxLxD.dtype))
 
 
-def alibi_slopes(n: int) -> list[float]:
-    """ALiBi's per-head slopes, by the rule of its released code (which TransNormerLLM's reuses):
-    for n a power of two, 2^(-8(h+1)/n); otherwise the slopes of the largest power of two
-    p < n, then every other slope of 2p (6 heads: 0.25, 0.0625, 0.0156, 0.0039, 0.5, 0.125)."""
-    p = 2 ** math.floor(math.log2(n))
-    slopes = [2.0 ** (-8 * (h + 1) / p) for h in range(p)]
-    return slopes + alibi_slopes(2 * p)[0::2][: n - p] if p < n else slopes
-
-
 class ScalarDecayAttention(_LinearMixer):
     """S_t = lambda_h S_{t-1} + k_t^T v_t; out = o(norm(q S) * act(g(x)))."""
 
@@ -251,7 +240,7 @@ class ScalarDecayAttention(_LinearMixer):
             self.gate_act = "silu"
         else:  # ALiBi slopes scaled down with depth (the last layer keeps a 1e-5 sliver)
             depth = 1 - layer / max(cfg.n_layers - 1, 1) + 1e-5
-            self.log_lambda = tuple(-s * depth for s in alibi_slopes(H))
+            self.log_lambda = tuple(-s * depth for s in ops.alibi_slopes(H))
             self.gate_act = "sigmoid"
         self.q, self.k, self.v, self.g = (
             Linear(D, H * K, ("embed", "heads"), **kw) for _ in "qkvg"

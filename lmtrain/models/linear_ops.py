@@ -265,3 +265,12 @@ def sliding_window_step(
         "v": cache["v"].at[:, slots].set(v_BxTxHxK[:, T - n :].astype(cache["v"].dtype)),
     }
     return o_BxTxHxK, new
+
+
+def alibi_slopes(n: int) -> list[float]:
+    """ALiBi's per-head slopes, by the rule of its released code (which TransNormerLLM's reuses):
+    for n a power of two, 2^(-8(h+1)/n); otherwise the slopes of the largest power of two
+    p < n, then every other slope of 2p (6 heads: 0.25, 0.0625, 0.0156, 0.0039, 0.5, 0.125)."""
+    p = 2 ** math.floor(math.log2(n))
+    slopes = [2.0 ** (-8 * (h + 1) / p) for h in range(p)]
+    return slopes + alibi_slopes(2 * p)[0::2][: n - p] if p < n else slopes
