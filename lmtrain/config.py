@@ -43,6 +43,9 @@ class DecomposeConfig:
     max_log2_len: int = 13
     curriculum: str = "grow_p2"  # uniform | grow_p2 | shrink (odds per bucket)
     cycles: int = 1  # curriculum restarts per pass over the decomposed data
+    # Documents over 2^(max+1) targets: random power-of-two pieces, short ones favoured (the
+    # released make_dd_buckets.py's default), or false: as many 2^max pieces as fit.
+    randomize: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

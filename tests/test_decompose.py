@@ -47,10 +47,11 @@ def cfg_for(lo=2, hi=5, tokens=128, curriculum="grow_p2", cycles=1, seed=0) -> C
 LENGTHS = [1, 2, 3, 4, 5, 9, 17, 33, 64, 65, 100, 129, 300, 31, 7, 250, 1000, 2, 40, 77]
 
 
-def test_decompose_keeps_every_target_once_inside_one_document():
+@pytest.mark.parametrize("randomize", [True, False])
+def test_decompose_keeps_every_target_once_inside_one_document(randomize):
     lo, hi = 2, 5
     ends = np.cumsum(LENGTHS)
-    b = decompose(ends, lo, hi)
+    b = decompose(ends, lo, hi, randomize=randomize, seed=3)
     doc_of = np.searchsorted(ends, np.arange(ends[-1]), side="right")  # token -> document
     targets = []
     for k, starts in b.starts.items():
@@ -58,21 +59,111 @@ def test_decompose_keeps_every_target_once_inside_one_document():
             assert doc_of[s] == doc_of[s + (1 << k)]  # 2^k + 1 tokens inside one document
             targets.extend(range(s + 1, s + (1 << k) + 1))
     assert len(targets) == len(set(targets)) == b.stats["kept"]  # nothing duplicated
-    # What is not kept is exactly each document's tail remainder (< 2^lo targets).
+    # What is kept is a prefix of each document; what is dropped its tail (< 2^lo targets).
     begins = np.concatenate([[0], ends[:-1]])
-    expect_kept, expect_dropped = set(), 0
-    for s, e in zip(begins, ends, strict=True):
-        m = e - s - 1
-        big = (m >> hi) << hi
-        kept = big + ((m - big) >> lo << lo)
-        expect_kept |= set(range(s + 1, s + 1 + kept))
-        expect_dropped += m - kept
-    assert set(targets) == expect_kept
-    assert b.stats["dropped"] == expect_dropped
+    kept_per_doc = np.bincount(doc_of[np.array(targets)], minlength=len(LENGTHS))
+    for d, (s, e) in enumerate(zip(begins, ends, strict=True)):
+        assert set(range(s + 1, s + 1 + kept_per_doc[d])) <= set(targets)
+        assert 0 <= (e - s - 1) - kept_per_doc[d] < (1 << lo) or e - s - 1 <= 0
+    if not randomize:  # the largest-first rule: exactly the binary representation
+        for d, n in enumerate(LENGTHS):
+            m = max(n - 1, 0)
+            big = (m >> hi) << hi
+            assert kept_per_doc[d] == big + ((m - big) >> lo << lo)
+        assert len(b.starts[hi]) == sum((n - 1) >> hi for n in LENGTHS)  # 1000 tokens: 31
+    assert b.stats["dropped"] == b.stats["targets"] - len(targets)
     assert b.stats["docs_too_short"] == sum(n - 1 < (1 << lo) for n in LENGTHS)
     assert b.stats["targets"] == sum(n - 1 for n in LENGTHS)
-    # Over-long documents become 2^max pieces: the 1000-token one gives 31 of them.
-    assert len(b.starts[hi]) == sum((n - 1) >> hi for n in LENGTHS)
+    again = decompose(ends, lo, hi, randomize=randomize, seed=3)  # a pure function of the seed
+    assert all(np.array_equal(again.starts[k], b.starts[k]) for k in b.starts)
+
+
+def released_cuts(m: int, lo: int, hi: int, rng) -> list[int]:
+    """make_dd_buckets.get_binary (randomize=True) restated: the k of each piece of a document
+    with m targets. (The release drops the boundary token between pieces; lmtrain shares it, so
+    this counts targets as lmtrain does.)"""
+    ks = np.arange(hi, lo - 1, -1)
+    p = 2.0 ** np.arange(len(ks))
+    out = []
+    while m >= (1 << lo):
+        k = int(np.log2(m))
+        if k > hi:
+            k = int(rng.choice(ks, p=p / p.sum()))
+        out.append(k)
+        m -= 1 << k
+    return out
+
+
+def test_long_documents_are_cut_at_random_like_the_release():
+    """On 500 lengths up to 20k with buckets 2^6..2^13, the release's random cuts leave 50% of
+    targets in the top bucket (65.7% when cutting whole 2^13 pieces, lmtrain's old rule)."""
+    lo, hi = 6, 13
+    lengths = np.random.default_rng(0).integers(2, 20000, size=500)
+    ends = np.cumsum(lengths)
+    ref_rng = np.random.default_rng(1)
+    ref, ours = np.zeros(hi + 1), np.zeros(hi + 1)
+    seeds = 12
+    for seed in range(seeds):
+        for n in lengths:
+            for k in released_cuts(int(n) - 1, lo, hi, ref_rng):
+                ref[k] += 1
+        for k, v in decompose(ends, lo, hi, seed=seed).starts.items():
+            ours[k] += len(v)
+    top = ours[hi] * 2**hi / (ours * 2.0 ** np.arange(hi + 1)).sum()
+    assert abs(top - 0.500) < 0.02, top
+    # Pieces per bucket agree with the release's within sampling noise (5 sigma).
+    for k in range(lo, hi + 1):
+        assert abs(ours[k] - ref[k]) < 5 * np.sqrt(ref[k] + ours[k]) + 2, (k, ours[k], ref[k])
+    largest = decompose(ends, lo, hi, randomize=False)
+    t = {k: len(v) << k for k, v in largest.starts.items()}
+    assert abs(t[hi] / sum(t.values()) - 0.657) < 0.005
+
+
+def released_order(batches: dict[int, int], weight: dict[int, float], rng) -> list[int]:
+    """open_lm's RandomMix(longest=True) as the release uses it, restated: odds fixed at
+    batches x weight; a bucket drawn when empty leaves the draw, and the draw is repeated."""
+    ks = [k for k in batches if batches[k]]
+    odds = [batches[k] * weight[k] for k in ks]
+    left = [batches[k] for k in ks]
+    out = []
+    while ks:
+        i = int(np.searchsorted(np.cumsum(odds) / np.sum(odds), rng.random()))
+        if left[i] == 0:
+            del ks[i], odds[i], left[i]
+            continue
+        left[i] -= 1
+        out.append(ks[i])
+    return out
+
+
+def test_curriculum_sampler_is_as_sharp_as_the_release():
+    """grow_p2 over batches per bucket of a 500-document decomposition: where the last 2^8 batch
+    is drawn, and the mean length of the last tenth, match the released sampler (lmtrain's old
+    shrinking odds drew it at 21% of the cycle, not 10%, and the last tenth averaged 7.9k)."""
+    lo, hi, tokens = 8, 13, 1 << 13
+    batches = {8: 13, 9: 23, 10: 41, 11: 75, 12: 150, 13: 318}
+    counts = {k: n * (tokens >> k) for k, n in batches.items()}
+    weight = {k: 2.0 ** (hi - k) for k in batches}
+    rng = np.random.default_rng(0)
+
+    def figures(order):
+        order = np.asarray(order)
+        n = len(order)
+        return np.flatnonzero(order == lo).max() / n, np.mean(2.0 ** order[9 * n // 10 :])
+
+    ref = np.array([figures(released_order(batches, weight, rng)) for _ in range(300)])
+    ours = np.array(
+        [
+            figures(
+                Schedule(
+                    counts, tokens, curriculum="grow_p2", cycles=1, seed=s, min_log2=lo, max_log2=hi
+                ).cycle(0, 0)[0]
+            )
+            for s in range(300)
+        ]
+    )
+    assert abs(ref[:, 0].mean() - 0.10) < 0.02 and abs(ours[:, 0].mean() - ref[:, 0].mean()) < 0.02
+    assert ours[:, 1].mean() > 8100 and ref[:, 1].mean() > 8100
 
 
 def test_batches_have_exact_lengths_constant_tokens_and_one_document_per_row():

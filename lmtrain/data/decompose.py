@@ -1,26 +1,35 @@
 """Dataset decomposition (Pouransari et al. 2024): power-of-two buckets, one bucket per step.
 
-Each document (its tokens, trailing eod included) has n - 1 targets. They are cut greedily by
-the binary representation of that count: as many 2^max chunks as fit, then one chunk per set bit
-of the rest, largest first, down to 2^min; a remainder under 2^min is dropped. A chunk of 2^k
-targets is the 2^k + 1 tokens tokens[s : s + 2^k + 1]; the next chunk starts at s + 2^k, so
-every kept target is predicted exactly once and no sequence crosses a document boundary.
+Cutting follows the released `make_dd_buckets.py` (apple/ml-dataset-decomposition). A document
+(its tokens, trailing eod included) has m = n - 1 targets. While at least 2^(max+1) targets are
+left, the next piece has 2^k targets with k drawn from min..max with odds 2^(max-k) (short pieces
+favoured: the release's default `randomize=True`); then the rest (< 2^(max+1)) is cut by its
+binary representation, largest piece first, down to 2^min; a remainder under 2^min is dropped.
+`data.decompose.randomize=false` is the release's other rule: as many 2^max pieces as fit, then
+the binary rest. The draws are a pure function of the seed, the same on every process.
+
+One difference from the release, kept on purpose: a piece of 2^k targets is the 2^k + 1 tokens
+tokens[s : s + 2^k + 1] and the next piece starts at s + 2^k (they share the boundary token), so
+every target of a document but its dropped tail is predicted exactly once. The release starts the
+next piece after the boundary token, losing one target per cut.
 
 Bucket k holds the chunks of 2^k targets. Every step takes the whole global batch from one
 bucket with batch size tokens_per_step / 2^k, so every step trains on the same number of tokens.
 
 The order of buckets is a pure function of (seed, step), the same on every process and after a
 resume. One pass over the data (an epoch) is split into `cycles` cycles; cycle c of epoch e gets
-a c-th share of every bucket's batches, and inside a cycle the next batch comes from bucket k
-with odds proportional to (batches of k left in the cycle) x w_k, the curriculum weight:
+a c-th share of every bucket's batches (N_k of bucket k), and each step of the cycle draws bucket
+k with fixed odds N_k x w_k among the buckets not yet found empty, w_k the curriculum weight:
 
-    uniform  w_k = 1            (a uniformly shuffled order of batches)
+    uniform  w_k = 1            (batches in proportion to what each bucket holds)
     grow_p2  w_k = 2^(max - k)  (short sequences first; the paper's best)
     shrink   w_k = 2^(k - min)  (long sequences first)
 
-Drawing one batch at a time with those odds is weighted sampling without replacement of the
-cycle's batches (each batch of bucket k weighing w_k), which is exactly the order of the
-exponential clocks E_i / w_k(i), E_i ~ Exp(1) (Efraimidis & Spirakis 2006): one argsort per cycle.
+This is the released sampler (open_lm's RandomMix with the release's `--train-data-mix-weights`,
+which are tokens per bucket x curriculum): the odds do not shrink as a bucket runs low, and a
+bucket leaves the draw only when it is drawn and found empty (the draw is then repeated), so the
+curriculum is as sharp as the paper's. Between two buckets running out the draws are independent,
+so a cycle is sampled in at most (number of buckets) vectorised segments.
 Sequences of a bucket are shuffled lazily per epoch by grain's index shuffle (no permutation is
 held in memory), and a bucket's sequences left over after its whole batches wait for a later
 epoch's shuffle.
@@ -45,6 +54,7 @@ class Buckets:
 
     min_log2: int
     max_log2: int
+    randomize: bool
     starts: dict[int, np.ndarray]
     stats: dict[str, int]  # docs, docs_too_short, targets, kept, dropped
 
@@ -52,21 +62,63 @@ class Buckets:
         return {k: len(v) for k, v in self.starts.items()}
 
 
-def decompose(doc_ends: np.ndarray, min_log2: int, max_log2: int) -> Buckets:
-    """Cuts the documents ending at `doc_ends` (exclusive, ascending) into buckets (vectorised)."""
+def _random_pieces(
+    m: np.ndarray, min_log2: int, max_log2: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The release's random cuts: (document, offset, k) of each piece, and targets consumed per
+    document. A document is cut while at least 2^(max+1) targets remain."""
+    ks = np.arange(max_log2, min_log2 - 1, -1)
+    odds = 2.0 ** np.arange(len(ks))  # 2^(max - k): the shortest piece is the likeliest
+    odds /= odds.sum()
+    mean = float((odds * 2.0**ks).sum())
+    limit = 1 << (max_log2 + 1)
+    rng = np.random.default_rng([seed, 0xDD])
+    docs, offsets, sizes = [], [], []
+    used = np.zeros(len(m), np.int64)
+    for d in np.flatnonzero(m >= limit):
+        drawn = np.empty(0, np.int64)
+        while (room := int(m[d]) - int(drawn.sum()) - limit + 1) > 0:  # rest still >= 2^(max+1)
+            more = ks[rng.choice(len(ks), size=max(16, int(1.5 * room / mean)), p=odds)]
+            drawn = np.concatenate([drawn, np.int64(1) << more])
+        ends = np.cumsum(drawn)
+        n = int(np.argmax(m[d] - ends < limit)) + 1  # pieces until the rest is < 2^(max+1)
+        pieces = drawn[:n]
+        docs.append(np.full(n, d))
+        offsets.append(np.concatenate([[0], np.cumsum(pieces)[:-1]]))
+        sizes.append(pieces)
+        used[d] = int(pieces.sum())
+    if not docs:
+        empty = np.empty(0, np.int64)
+        return empty, empty, empty, used
+    size = np.concatenate(sizes)
+    return np.concatenate(docs), np.concatenate(offsets), np.log2(size).astype(np.int64), used
+
+
+def decompose(
+    doc_ends: np.ndarray, min_log2: int, max_log2: int, *, randomize: bool = True, seed: int = 0
+) -> Buckets:
+    """Cuts the documents ending at `doc_ends` (exclusive, ascending) into buckets."""
     ends = np.asarray(doc_ends, dtype=np.int64)
     begins = np.concatenate([[0], ends[:-1]]).astype(np.int64)
     m = np.maximum(ends - begins - 1, 0)  # targets per document
     top = np.int64(1) << max_log2
-    full, rest = m >> max_log2, m & (top - 1)
-    starts: dict[int, np.ndarray] = {}
-    doc = np.repeat(np.arange(len(m)), full)
-    nth = np.arange(len(doc)) - np.repeat(np.cumsum(full) - full, full)  # j-th 2^max piece
-    starts[max_log2] = begins[doc] + nth * top
-    for k in range(max_log2 - 1, min_log2 - 1, -1):
+    pieces: dict[int, list[np.ndarray]] = {k: [] for k in range(min_log2, max_log2 + 1)}
+    if randomize:
+        doc, offset, kk, used = _random_pieces(m, min_log2, max_log2, seed)
+        for k in pieces:
+            pieces[k].append(begins[doc[kk == k]] + offset[kk == k])
+    else:  # as many 2^max pieces as fit
+        full = m >> max_log2
+        doc = np.repeat(np.arange(len(m)), full)
+        nth = np.arange(len(doc)) - np.repeat(np.cumsum(full) - full, full)  # j-th 2^max piece
+        pieces[max_log2].append(begins[doc] + nth * top)
+        used = full * top
+    rest = m - used  # < 2^(max+1): one piece per set bit, largest first
+    for k in range(max_log2, min_log2 - 1, -1):
         d = np.flatnonzero((rest >> k) & 1)
-        above = (rest[d] >> (k + 1)) << (k + 1)  # the larger chunks of the rest come first
-        starts[k] = begins[d] + full[d] * top + above
+        above = (rest[d] >> (k + 1)) << (k + 1)  # the larger pieces of the rest come first
+        pieces[k].append(begins[d] + used[d] + above)
+    starts = {k: np.sort(np.concatenate(v)).astype(np.int64) for k, v in pieces.items()}
     dropped = int((rest & ((np.int64(1) << min_log2) - 1)).sum())
     targets = int(m.sum())
     stats = {
@@ -76,7 +128,7 @@ def decompose(doc_ends: np.ndarray, min_log2: int, max_log2: int) -> Buckets:
         "kept": targets - dropped,
         "dropped": dropped,
     }
-    return Buckets(min_log2, max_log2, dict(sorted(starts.items())), stats)
+    return Buckets(min_log2, max_log2, randomize, starts, stats)
 
 
 def curriculum_weight(name: str, k: int, min_log2: int, max_log2: int) -> float:
@@ -131,12 +183,29 @@ class Schedule:
     @functools.lru_cache(maxsize=4)  # noqa: B019 - a few cycles, freed with the schedule
     def cycle(self, epoch: int, c: int) -> tuple[np.ndarray, np.ndarray]:
         """(bucket k, batch index within the epoch) of every step of cycle c of `epoch`."""
-        ks = np.concatenate(
-            [np.full(self.share[k][c + 1] - self.share[k][c], k) for k in self.ks]
-        ).astype(np.int64)
+        n = {k: self.share[k][c + 1] - self.share[k][c] for k in self.ks}
+        left = dict(n)
+        active = [k for k in self.ks if n[k] > 0]
         rng = np.random.default_rng([self.seed, epoch, c, 0x5EED])
-        clocks = rng.exponential(size=len(ks)) / np.array([self.weight[k] for k in ks])
-        order = ks[np.argsort(clocks, kind="stable")]
+        parts = []
+        while active:  # one segment per bucket found empty
+            odds = np.array([n[k] * self.weight[k] for k in active], np.float64)
+            draws = rng.choice(
+                len(active), size=sum(left[k] for k in active) + 1, p=odds / odds.sum()
+            )
+            # The first draw of a bucket with nothing left ends the segment (and the bucket).
+            seen = np.zeros_like(draws)
+            for j in range(len(active)):
+                at = draws == j
+                seen[at] = np.arange(1, at.sum() + 1)
+            over = seen > np.array([left[k] for k in active])[draws]
+            t = int(np.argmax(over))  # some bucket is overdrawn: there is one more draw than left
+            taken = np.array(active, np.int64)[draws[:t]]
+            parts.append(taken)
+            for k in active:
+                left[k] -= int((taken == k).sum())
+            active.remove(active[draws[t]])
+        order = np.concatenate(parts) if parts else np.empty(0, np.int64)
         index = np.empty(len(order), np.int64)
         for k in self.ks:
             at = np.flatnonzero(order == k)
@@ -170,7 +239,13 @@ class DecomposedData:
     def __init__(self, stream: Any, cfg: Any, *, seed: int, process_index=0, process_count=1):
         d = cfg.data.decompose
         self.stream, self.eod_id = stream, stream.eod_id
-        self.buckets = decompose(stream.document_ends(), d.min_log2_len, d.max_log2_len)
+        self.buckets = decompose(
+            stream.document_ends(),
+            d.min_log2_len,
+            d.max_log2_len,
+            randomize=d.randomize,
+            seed=seed,
+        )
         self.counts = self.buckets.counts()  # sequences per bucket, read every step
         st = self.buckets.stats
         if st["kept"] == 0:
@@ -234,7 +309,8 @@ class DecomposedData:
         steps = grain.MapDataset.range(1 << 62).map(self.load)
         threads = min(max(prefetch, 0), 8)
         read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
-        return DecomposedIterator(iter(steps.to_iter_dataset(read)), self.schedule)
+        randomize = self.buckets.randomize
+        return DecomposedIterator(iter(steps.to_iter_dataset(read)), self.schedule, randomize)
 
 
 def _pack_one_document(rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -257,8 +333,8 @@ class DecomposedIterator:
     can be read, and checked on restore so a changed corpus or decomposition is caught.
     """
 
-    def __init__(self, it: Any, schedule: Schedule):
-        self._it, self.schedule = it, schedule
+    def __init__(self, it: Any, schedule: Schedule, randomize: bool):
+        self._it, self.schedule, self.randomize = it, schedule, randomize
 
     def __iter__(self) -> DecomposedIterator:
         return self
@@ -293,6 +369,11 @@ class DecomposedIterator:
         s = self.schedule
         return {
             **s.position(step),
-            "rng": {"seed": s.seed, "tokens_per_step": s.tokens_per_step, "cycles": s.cycles},
+            "rng": {
+                "seed": s.seed,
+                "tokens_per_step": s.tokens_per_step,
+                "cycles": s.cycles,
+                "cut": "random" if self.randomize else "largest",
+            },
             "steps_per_epoch": s.steps_per_epoch,
         }
