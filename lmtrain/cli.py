@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         "compile": _cmd_compile,
         "sweep": cli_sweep.cmd_sweep,
         "fit": cli_sweep.cmd_fit,
+        "launchers": cli_sweep.cmd_launchers,
     }
     try:
         return commands[args.command](args)

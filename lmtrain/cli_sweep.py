@@ -59,7 +59,7 @@ def add_parsers(sub) -> None:
     s.add_argument(
         "--slurm-template",
         default=None,
-        help="job-array template (default: launch/sweep_array.sbatch of this lmtrain)",
+        help="job-array template (default: lmtrain/launch/sweep_array.sbatch, inside the package)",
     )
     s.add_argument(
         "--devices-per-run",
@@ -126,6 +126,14 @@ def add_parsers(sub) -> None:
     f.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
     f.add_argument("--out", default=None, help="output directory (default: the sweep directory)")
 
+    lp = sub.add_parser(
+        "launchers",
+        help="where the launch scripts are (local, SLURM, TPU VM), or copy them to --out",
+        description="The launch scripts ship inside the lmtrain package. Without --out, prints "
+        "their folder; with --out DIR, copies them there (existing files are left alone).",
+    )
+    lp.add_argument("--out", default=None, help="copy the scripts into this folder")
+
 
 def cmd_sweep(args) -> int:
     """Runs, lists, collects or writes a SLURM array for a sweep."""
@@ -160,6 +168,29 @@ def cmd_sweep(args) -> int:
         report_every=args.report_every,
         echo=lambda text: print(text, flush=True),
     )
+
+
+def cmd_launchers(args) -> int:
+    """Prints the package's launch folder, or copies its scripts to --out."""
+    import shutil
+
+    from lmtrain.sweeps.workdirs import LAUNCH
+
+    scripts = sorted(p for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
+    if args.out is None:
+        print(LAUNCH)
+        for p in scripts:
+            print(f"  {p.name}")
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in scripts:
+        if (out / p.name).exists():
+            print(f"kept {out / p.name} (exists)")
+            continue
+        shutil.copy2(p, out / p.name)
+        print(f"wrote {out / p.name}")
+    return 0
 
 
 def cmd_fit(args) -> int:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "lmtrain" / "launch"  # inside the package; launch/ at the root links here
 SCRIPTS = sorted(p for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
 
 
@@ -56,3 +57,63 @@ def test_local_launcher_propagates_a_failure(tmp_path):
     )
     assert r.returncode == 2, r.stderr
     assert "experiment file not found" in r.stderr
+
+
+def test_launch_scripts_ship_in_the_package_and_the_root_link_points_there():
+    assert (REPO / "launch").resolve() == LAUNCH.resolve()
+    assert {p.name for p in SCRIPTS} == {
+        "local.sh",
+        "slurm.sbatch",
+        "sweep_array.sbatch",
+        "tpu_vm.sh",
+    }
+    text = (REPO / "pyproject.toml").read_text()
+    assert 'lmtrain = ["launch/*.sh", "launch/*.sbatch"]' in text  # package data
+
+
+def test_sweep_slurm_and_launchers_work_from_an_installed_package(tmp_path):
+    """lmtrain as `pip install .` leaves it (the package alone in site-packages, no checkout):
+    `sweep --slurm` renders the template shipped in the package, the job starts where the
+    sweep was planned, and `lmtrain launchers --out` copies the scripts."""
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(
+        REPO / "lmtrain", site / "lmtrain", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "exp.py").write_text(
+        "from lmtrain.config import Config, override\n"
+        "def get_config(arg=''):\n    return Config()\n"
+        "def get_sweep(arg=''):\n"
+        "    return [override(Config(), {'model.d_model': d}) for d in (32, 64)]\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+
+    def lmtrain(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "lmtrain", *args],
+            cwd=user,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    r = lmtrain("sweep", "exp.py", "--dir", "sw", "--slurm")
+    assert r.returncode == 0, r.stderr
+    text = (user / "sw" / "sweep_array.sbatch").read_text()
+    assert "@@" not in text and str(REPO) not in text  # nothing points at this checkout
+    assert f'cd "{user}"' in text
+    assert f'export PYTHONPATH="{site}' in text
+    assert f'sweep "{user / "exp.py"}" --dir "{user / "sw"}"' in text
+    assert subprocess.run(["bash", "-n", str(user / "sw" / "sweep_array.sbatch")]).returncode == 0
+
+    r = lmtrain("launchers")
+    assert r.returncode == 0 and r.stdout.splitlines()[0] == str(site / "lmtrain" / "launch")
+    r = lmtrain("launchers", "--out", "scripts")
+    assert r.returncode == 0, r.stderr
+    copied = sorted(p.name for p in (user / "scripts").iterdir())
+    assert copied == sorted(p.name for p in SCRIPTS)
+    assert os.access(user / "scripts" / "local.sh", os.X_OK)

@@ -36,6 +36,7 @@ from lmtrain.config import ConfigError
 from lmtrain.sweeps.planning import PlannedRun
 from lmtrain.sweeps.throughput import fmt_time
 from lmtrain.sweeps.workdirs import (
+    LAUNCH,
     ROOT,
     atomic_write,
     child_env,
@@ -315,7 +316,9 @@ def _finish(run: PlannedRun, sweep_dir: Path, rc: int) -> str:
 
 
 def render_slurm(template: str, spec: str, sweep_dir: Path, n_runs: int, parallel: int) -> str:
-    """Fills launch/sweep_array.sbatch: array task i runs plan index i (`sweep --index i`)."""
+    """Fills lmtrain/launch/sweep_array.sbatch: array task i runs plan index i (`sweep --index
+    i`); the job starts in the directory the sweep was planned from, with this lmtrain first on
+    its PYTHONPATH."""
     path, colon, arg = spec.partition(":")
     values = {
         "ARRAY": f"0-{n_runs - 1}" + (f"%{parallel}" if parallel else ""),
@@ -323,7 +326,8 @@ def render_slurm(template: str, spec: str, sweep_dir: Path, n_runs: int, paralle
         "SWEEP_DIR": str(Path(sweep_dir).absolute()),
         "JOB_NAME": f"sweep-{Path(sweep_dir).absolute().name}",
         "PYTHON": sys.executable,
-        "ROOT": str(ROOT),
+        "WORKDIR": str(Path.cwd()),
+        "PYTHONPATH": str(ROOT),
     }
     for key, value in values.items():
         template = template.replace(f"@@{key}@@", value)
@@ -337,7 +341,7 @@ def write_slurm(
     runs: Sequence[PlannedRun], spec: str, sweep_dir: Path, parallel: int, template: Path | None
 ) -> Path:
     """Renders the job-array template into SWEEP_DIR/sweep_array.sbatch."""
-    template = template or ROOT / "launch" / "sweep_array.sbatch"
+    template = template or LAUNCH / "sweep_array.sbatch"
     if not template.is_file():
         raise ConfigError(f"SLURM template not found: {template}; pass --slurm-template")
     text = render_slurm(template.read_text(), spec, sweep_dir, len(runs), parallel)

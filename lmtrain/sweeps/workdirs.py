@@ -13,7 +13,11 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout holding lmtrain/ and launch/
+# The directory holding this lmtrain package (a source checkout, or site-packages after
+# `pip install .`): put first on a run's PYTHONPATH so runs use this very lmtrain.
+ROOT = Path(__file__).resolve().parents[2]
+# The launch scripts and templates ship in the package; launch/ at a checkout's root links here.
+LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 
 
 def atomic_write(path: Path, text: str) -> None:
