@@ -4,6 +4,7 @@ checkpoint / log. Everything it shares with eval, generate and benchmarks is in 
 from __future__ import annotations
 
 import contextlib
+import gc
 import dataclasses
 import fcntl
 import logging
@@ -191,7 +192,43 @@ def workdir_lock(workdir: Path):
         os.close(fd)  # releases the lock
 
 
-LIBRARY_LOGGERS = ("absl", "orbax")  # orbax logs through absl; its async writers' failures
+# orbax logs through absl; its async writers' failures also end as asyncio's "Task exception
+# was never retrieved" records, logged when the failed tasks are garbage-collected.
+LIBRARY_LOGGERS = ("absl", "orbax", "asyncio")
+
+
+class _LogFile:
+    """An append-only log file whose write errors (the full disk that caused the noise) are
+    remembered instead of raised: the noise must not turn into tracebacks of its own."""
+
+    def __init__(self, path: Path):
+        self.error: str | None = None
+        try:
+            self._f = open(path, "a")  # noqa: SIM115 - closed by close()
+        except OSError as e:
+            self._f, self.error = None, e.strerror or str(e)
+
+    def _do(self, fn, *args) -> None:
+        if self._f is None or self.error is not None:
+            return
+        try:
+            fn(*args)
+        except OSError as e:
+            self.error = e.strerror or str(e)
+
+    def write(self, text: str) -> None:
+        self._do(lambda t: self._f.write(t), text)
+
+    def flush(self) -> None:
+        self._do(lambda: self._f.flush())
+
+    def close(self) -> None:
+        self.flush()
+        if self._f is not None:
+            try:
+                self._f.close()
+            except OSError:
+                pass
 
 
 @contextlib.contextmanager
@@ -199,9 +236,10 @@ def library_noise_to(path: Path):
     """Sends the libraries' log records and unraisable exceptions to `path` instead of the
     console for the run. A failed async checkpoint save (a full disk) makes orbax log an error
     per writer thread and its closed event loops raise in callbacks: hundreds of tracebacks
-    that buried lmtrain's one line saying what failed and what to do."""
+    that buried lmtrain's one line saying what failed and what to do. If `path` cannot be
+    written either (the same full disk), the records are dropped and counted."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    stream = open(path, "a")  # noqa: SIM115 - closed below
+    stream = _LogFile(path)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     saved = [(lg, lg.propagate) for lg in map(logging.getLogger, LIBRARY_LOGGERS)]
@@ -227,14 +265,27 @@ def library_noise_to(path: Path):
     try:
         yield
     finally:
+        # Failed writer tasks log their errors when collected: make that happen now, into the
+        # file, not at exit. The error on its way out holds them through its frames' locals.
+        exc, seen = sys.exc_info()[1], set()
+        while exc is not None and id(exc) not in seen:
+            seen.add(id(exc))
+            traceback.clear_frames(exc.__traceback__)
+            exc = exc.__cause__ or exc.__context__
+        gc.collect()
         sys.unraisablehook = old_hook
         for lg, propagate in saved:
             lg.removeHandler(handler)
             lg.propagate = propagate
         stream.close()
         if count["n"]:
+            where = (
+                f"were written to {path}"
+                if stream.error is None
+                else f"were dropped: writing them to {path} failed too ({stream.error})"
+            )
             print(
-                f"lmtrain: {count['n']} library errors (orbax, absl) were written to {path}",
+                f"lmtrain: {count['n']} library errors (orbax, absl) {where}",
                 file=sys.stderr,
                 flush=True,
             )

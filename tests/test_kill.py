@@ -108,3 +108,60 @@ def test_kill_9_then_resume(tmp_path):
     np.testing.assert_allclose(
         [b[s] for s in range(1, 13)], [a[s] for s in range(1, 13)], rtol=1e-6
     )
+
+
+FULL_DISK = """
+import resource, signal, sys
+from lmtrain import checkpoint
+# Past RLIMIT_FSIZE a write fails (EFBIG) as on a full disk, once SIGXFSZ no longer kills.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+fail_step, limit = int(sys.argv[1]), int(sys.argv[2])
+real = checkpoint.Checkpointer.save
+def save(self, step, *args, **kw):
+    if step == fail_step:
+        self.wait()  # the previous save is complete: the disk fills from here on
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    return real(self, step, *args, **kw)
+checkpoint.Checkpointer.save = save
+from lmtrain.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_is_one_line_and_the_rerun_resumes(tmp_path):
+    """The disk fills while step 6 is saved (every file stops at 16 KB, the log file too): the
+    console gets lmtrain's one error line, not the async writers' tracebacks; the partial save
+    is removed by the rerun, which resumes from step 3."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"{i}.txt").write_text("abcd efgh " * (20 + i))
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK)
+    wd = tmp_path / "w"
+    exp = _write_exp(tmp_path, corpus, 9)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
+    r = subprocess.run(
+        [sys.executable, str(script), "6", "16384", "train", exp, "--workdir", str(wd)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1, r.stderr
+    err = [x for x in r.stderr.splitlines() if "TPU" not in x and "tpu" not in x]
+    assert "Traceback" not in r.stderr and "Task exception" not in r.stderr, r.stderr[-3000:]
+    assert len(err) < 20, "\n".join(err)
+    assert "saving the checkpoint of step 6" in err[-1], err[-1]
+    assert "the last complete checkpoint is step 3" in err[-1] and "rerun to resume" in err[-1]
+    assert any("library errors (orbax, absl) were dropped" in x for x in err)
+    partial = [p.name for p in (wd / "checkpoints").iterdir()]
+    assert "3" in partial and any(n.startswith("6.orbax-checkpoint-tmp") for n in partial)
+
+    rerun = _lmtrain("train", exp, "--workdir", str(wd))
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+    err = rerun.stderr.read()
+    assert "removed 6.orbax-checkpoint-tmp" in err and "resumed at step 3" in err
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["3", "6", "9"]
