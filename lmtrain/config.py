@@ -224,6 +224,11 @@ class Config:
         )
         _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
         _check(o.lr > 0, "optim.lr", "must be positive")
+        _check(  # a typo is refused even where the value is unused (packing="concat")
+            d.decompose.curriculum in CURRICULA,
+            "data.decompose.curriculum",
+            f"must be one of {', '.join(CURRICULA)}",
+        )
         _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _check(list(self.mesh.shape).count(-1) <= 1, "mesh.shape", "allows at most one -1")
         _check(len(self.mesh.shape) == 3, "mesh.shape", "needs 3 entries (data, fsdp, tensor)")
@@ -236,11 +241,6 @@ class Config:
             "data.decompose.min_log2_len",
             f"must satisfy 0 <= min_log2_len <= max_log2_len <= 24 (got {dc.min_log2_len}, "
             f"{dc.max_log2_len})",
-        )
-        _check(
-            dc.curriculum in CURRICULA,
-            "data.decompose.curriculum",
-            f"must be one of {', '.join(CURRICULA)}",
         )
         _check(dc.cycles >= 1, "data.decompose.cycles", "must be >= 1")
         longest = 1 << dc.max_log2_len

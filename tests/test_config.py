@@ -186,6 +186,8 @@ def test_set_accepts_booleans_in_any_case_and_integral_floats_for_ints():
         ("model.name", "foo", "unknown model.name 'foo'"),
         ("model.dtype", "fp8", "model.dtype must be one of float32, bfloat16, float16"),
         ("data.packing", "zip", "data.packing must be one of"),
+        # with the default packing="concat", where the curriculum is unused: still a typo
+        ("data.decompose.curriculum", "linear", "data.decompose.curriculum must be one of"),
     ],
 )
 def test_impossible_names_are_refused_when_the_config_is_built(key, value, message):
