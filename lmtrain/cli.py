@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from lmtrain import cli_sweep, xla_flags
+from lmtrain import cli_hf, cli_sweep, xla_flags
 
 USAGE_ERROR, RUNTIME_ERROR = 2, 1
 
@@ -108,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_prepare_parser(sub)
     _add_compile_parser(sub, sets)
     cli_sweep.add_parsers(sub)
+    cli_hf.add_parsers(sub)
     return p
 
 
@@ -354,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         "sweep": cli_sweep.cmd_sweep,
         "fit": cli_sweep.cmd_fit,
         "launchers": cli_sweep.cmd_launchers,
+        "export": cli_hf.cmd_export,
+        "lm-eval": cli_hf.cmd_lm_eval,
     }
     try:
         return commands[args.command](args)

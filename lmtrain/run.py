@@ -46,22 +46,26 @@ class Run:
     abstract_state: dict | None = None  # {"step", "params", "opt_state"}, abstract and sharded
     state_shardings: dict | None = None
 
-    def init_state(self) -> dict:
-        """Materialises a fresh state directly in its shardings (never on one device first)."""
+    def init_state(self, params: Any = None) -> dict:
+        """Materialises a fresh state directly in its shardings (never on one device first);
+        `params` (e.g. model.init_from's) replace the random init."""
         if self.tx is None:
             raise ValueError("this Run was set up without an optimizer (optimizer=False)")
         cfg, tx = self.cfg, self.tx
 
-        def init() -> dict:
-            model = models.build(cfg.model, nnx.Rngs(params=cfg.train.seed))
-            params = nnx.to_pure_dict(nnx.state(model))
+        def init(params) -> dict:
+            if params is None:
+                model = models.build(cfg.model, nnx.Rngs(params=cfg.train.seed))
+                params = nnx.to_pure_dict(nnx.state(model))
             return {
                 "step": jnp.zeros((), jnp.int32),
                 "params": params,
                 "opt_state": tx.init(params),
             }
 
-        return jax.jit(init, out_shardings=self.state_shardings)()
+        if params is not None:
+            params = jax.device_put(params, self.param_shardings)
+        return jax.jit(init, out_shardings=self.state_shardings)(params)
 
 
 def resolve(cfg: Config) -> tuple[Config, data.Tokenizer]:

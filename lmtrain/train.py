@@ -4,17 +4,13 @@ checkpoint / log. Everything it shares with eval, generate and benchmarks is in 
 from __future__ import annotations
 
 import contextlib
-import gc
 import dataclasses
-import fcntl
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +21,10 @@ from lmtrain import config as config_lib
 from lmtrain import data, flops, sharding
 from lmtrain import run as run_lib
 from lmtrain.checkpoint import Checkpointer
-from lmtrain.config import Config, ConfigError
+from lmtrain.config import Config
 from lmtrain.data.sources import cache_dir
 from lmtrain.evaluate import Evaluator
+from lmtrain.runguard import LIBRARY_LOGGERS, library_noise_to, workdir_lock  # noqa: F401
 from lmtrain.tracking import Tracker
 
 log = logging.getLogger("lmtrain")
@@ -160,137 +157,6 @@ class _Profiler:
             log.info("profile of steps %d-%d written to %s", self.first, self.end - 1, self.dir)
 
 
-@contextlib.contextmanager
-def workdir_lock(workdir: Path):
-    """One run at a time in `workdir`: an exclusive flock on WORKDIR/lock for the whole run.
-
-    Only process 0 takes it (a multi-process run is one run). The kernel drops the lock when its
-    holder exits or dies, kill -9 included, so a stale lock never blocks a rerun; the file keeps
-    the holder's host and pid for the refusal's message.
-    """
-    if jax.process_index() != 0:
-        yield
-        return
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        holder = path.read_text().strip() or "holder unknown"
-        raise ConfigError(
-            f"workdir {workdir} is in use by another lmtrain run ({holder}); wait for it to "
-            "end or stop it (its checkpoints resume), or choose another --workdir"
-        ) from None
-    try:
-        since = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {since}\n".encode())
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-# orbax logs through absl; its async writers' failures also end as asyncio's "Task exception
-# was never retrieved" records, logged when the failed tasks are garbage-collected.
-LIBRARY_LOGGERS = ("absl", "orbax", "asyncio")
-
-
-class _LogFile:
-    """An append-only log file whose write errors (the full disk that caused the noise) are
-    remembered instead of raised: the noise must not turn into tracebacks of its own."""
-
-    def __init__(self, path: Path):
-        self.error: str | None = None
-        try:
-            self._f = open(path, "a")  # noqa: SIM115 - closed by close()
-        except OSError as e:
-            self._f, self.error = None, e.strerror or str(e)
-
-    def _do(self, fn, *args) -> None:
-        if self._f is None or self.error is not None:
-            return
-        try:
-            fn(*args)
-        except OSError as e:
-            self.error = e.strerror or str(e)
-
-    def write(self, text: str) -> None:
-        self._do(lambda t: self._f.write(t), text)
-
-    def flush(self) -> None:
-        self._do(lambda: self._f.flush())
-
-    def close(self) -> None:
-        self.flush()
-        if self._f is not None:
-            try:
-                self._f.close()
-            except OSError:
-                pass
-
-
-@contextlib.contextmanager
-def library_noise_to(path: Path):
-    """Sends the libraries' log records and unraisable exceptions to `path` instead of the
-    console for the run. A failed async checkpoint save (a full disk) makes orbax log an error
-    per writer thread and its closed event loops raise in callbacks: hundreds of tracebacks
-    that buried lmtrain's one line saying what failed and what to do. If `path` cannot be
-    written either (the same full disk), the records are dropped and counted."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stream = _LogFile(path)
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    saved = [(lg, lg.propagate) for lg in map(logging.getLogger, LIBRARY_LOGGERS)]
-    count = {"n": 0}
-
-    class _Counting(logging.Filter):
-        def filter(self, record):
-            count["n"] += record.levelno >= logging.ERROR
-            return True
-
-    handler.addFilter(_Counting())
-    for lg, _ in saved:
-        lg.addHandler(handler)
-        lg.propagate = False
-
-    def unraisable(u):
-        count["n"] += 1
-        stream.write(f"unraisable exception in {u.object!r}:\n")
-        stream.write("".join(traceback.format_exception(u.exc_type, u.exc_value, u.exc_traceback)))
-        stream.flush()
-
-    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable
-    try:
-        yield
-    finally:
-        # Failed writer tasks log their errors when collected: make that happen now, into the
-        # file, not at exit. The error on its way out holds them through its frames' locals.
-        exc, seen = sys.exc_info()[1], set()
-        while exc is not None and id(exc) not in seen:
-            seen.add(id(exc))
-            traceback.clear_frames(exc.__traceback__)
-            exc = exc.__cause__ or exc.__context__
-        gc.collect()
-        sys.unraisablehook = old_hook
-        for lg, propagate in saved:
-            lg.removeHandler(handler)
-            lg.propagate = propagate
-        stream.close()
-        if count["n"]:
-            where = (
-                f"were written to {path}"
-                if stream.error is None
-                else f"were dropped: writing them to {path} failed too ({stream.error})"
-            )
-            print(
-                f"lmtrain: {count['n']} library errors (orbax, absl) {where}",
-                file=sys.stderr,
-                flush=True,
-            )
-
-
 def train(cfg: Config, workdir: Path) -> dict:
     """Trains (or resumes) the run in `workdir`; returns a summary of the last metrics. A second
     run on a busy workdir is refused (`workdir_lock`)."""
@@ -324,7 +190,14 @@ def _train(cfg: Config, workdir: Path) -> dict:
     it, scored = train_data.iterator, corpus.train.targets_per_row
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints, writer=True)
     restored = ckpt.restore_latest(run.abstract_state, it)
-    state = restored[1] if restored else run.init_state()
+    if restored:
+        state = restored[1]
+    elif cfg.model.init_from:
+        from lmtrain.export import load_init
+
+        state = run.init_state(load_init(cfg.model.init_from, run))
+    else:
+        state = run.init_state()
     start = int(state["step"])
 
     train_steps, compile_s = run_lib.compile_train_steps(run, train_data.shapes, scored)
@@ -352,7 +225,13 @@ def _train(cfg: Config, workdir: Path) -> dict:
         f"process(es) | data {cfg.data.source}: {corpus.stats['train']['tokens']:,} train tokens, "
         f"{tokens_per_step:,} tokens/step | peak {peak / 1e9:.0f} GFLOP/s ({peak_src}) | "
         f"compile {sum(compile_s.values()):.1f}s | "
-        + (f"resumed at step {start}" if restored else "fresh start")
+        + (
+            f"resumed at step {start}"
+            if restored
+            else f"fresh start from {cfg.model.init_from}"
+            if cfg.model.init_from
+            else "fresh start"
+        )
     )
     if start == 0 and jax.process_index() == 0:
         tracker.text("config", "```\n" + cfg_path.read_text() + "\n```")

@@ -41,6 +41,10 @@ class ModelConfig:
     # Taps of every short convolution: "uniform" (PyTorch's Conv1d) or "identity" (see
     # lmtrain.models.layers.conv_init).
     conv_init: str = "uniform"
+    # Start a fresh run from these weights instead of a random init (continued pretraining):
+    # "hf:DIR" an HF model directory (Llama, Mamba-2), or DIR from `lmtrain export` in either
+    # format. Checked against this config; ignored when the workdir resumes from a checkpoint.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.remat, bool):
