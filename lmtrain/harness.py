@@ -1,0 +1,214 @@
+"""lm-evaluation-harness on the JAX model: an `lm_eval.api.model.LM` adapter (`lmtrain lm-eval`).
+
+Every family works (nothing is exported): requests are scored by the model's own forward pass
+and generated with its own decode cache. The conventions are those of lm-eval's `hf` backend,
+so its numbers on an exported model are this adapter's numbers:
+
+- no BOS; an empty context is conditioned on the end-of-document token (lm-eval's
+  `prefix_token_id` falls back to EOS when there is no BOS);
+- `max_length` is the run's `data.seq_len`; a longer context + continuation keeps its last
+  max_length + 1 tokens (the input is all but the last);
+- rolling loglikelihoods use lm-eval's own disjoint windows of max_length tokens;
+- generation is greedy unless a task asks to sample, stops at EOS or a stop string, and keeps
+  the last max_length - max_gen_toks tokens of the context.
+
+Shapes: score batches are padded on the right to `batch_size` rows and to the next power of two
+in length (at most max_length), so a whole evaluation compiles a handful of programs; generation
+feeds one token at a time into a cache of max_length tokens (one program).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lmtrain.errors import ConfigError
+
+
+def _lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.api.model import TemplateLM
+    except ImportError:
+        raise ConfigError(
+            "lmtrain lm-eval needs the lm-eval extra: pip install 'lmtrain[lm-eval]'"
+        ) from None
+    return TemplateLM
+
+
+def make_adapter(run: Any, params: Any, batch_size: int = 8):
+    """An lm_eval LM over (run, params)."""
+    TemplateLM = _lm_eval()
+    from lm_eval import utils
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+
+    graphdef = run.graphdef
+    max_length = run.cfg.data.seq_len
+    eod = run.tokenizer.eod_id
+
+    @jax.jit
+    def score(params, tokens_BxL):
+        """log-softmax of the next token at every position, and the argmax."""
+        logits = nnx.merge(graphdef, params)(tokens_BxL)
+        return jax.nn.log_softmax(logits, axis=-1), jnp.argmax(logits, axis=-1)
+
+    @jax.jit
+    def step(params, token_1x1, cache):
+        logits, cache = nnx.merge(graphdef, params).decode(token_1x1, cache)
+        return logits[:, -1], cache
+
+    class LmtrainLM(TemplateLM):
+        def __init__(self):
+            super().__init__()
+            self.batch_size_per_gpu = batch_size
+            self.max_length, self.max_gen_toks = max_length, 256
+            self.requests_scored = 0
+
+        @property
+        def eot_token_id(self) -> int:
+            return eod
+
+        def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
+            return run.tokenizer.encode(string)
+
+        def tok_decode(self, ids) -> str:
+            return run.tokenizer.decode(ids)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            """(sum of continuation log-probs, whether greedy decoding gives it) per request."""
+            rows = []
+            for _, context_enc, continuation_enc in requests:
+                if not continuation_enc or len(continuation_enc) > max_length:
+                    raise ValueError(f"continuation of {len(continuation_enc)} tokens")
+                full = (list(context_enc) + list(continuation_enc))[-(max_length + 1) :]
+                rows.append((full[:-1], continuation_enc))
+            out: list[tuple[float, bool]] = [None] * len(rows)  # type: ignore[list-item]
+            order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                length = _bucket(max(len(rows[i][0]) for i in chunk), max_length)
+                tokens = np.full((batch_size, length), eod, np.int32)
+                for r, i in enumerate(chunk):
+                    tokens[r, : len(rows[i][0])] = rows[i][0]
+                logp, greedy = jax.device_get(score(params, jnp.asarray(tokens)))
+                for r, i in enumerate(chunk):
+                    inp, cont = rows[i]
+                    n, c = len(inp), len(cont)
+                    at = np.arange(n - c, n)
+                    lp = logp[r, at, np.asarray(cont)]
+                    out[i] = (float(lp.sum(dtype=np.float64)), bool((greedy[r, at] == cont).all()))
+            self.requests_scored += len(rows)
+            return out
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+            totals = []
+            for (string,) in [req.args for req in requests]:
+                windows = map(
+                    utils.make_disjoint_window,
+                    utils.get_rolling_token_windows(
+                        token_list=self.tok_encode(string),
+                        prefix_token=self.prefix_token_id,
+                        max_seq_len=max_length,
+                        context_len=1,
+                    ),
+                )
+                scored = self._loglikelihood_tokens([(None, *w) for w in windows])
+                totals.append(sum(lp for lp, _ in scored))
+            return totals
+
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            eos = run.tokenizer.decode([eod]) or None
+            results = []
+            for context, gen_kwargs in [req.args for req in requests]:
+                kw = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+                until = handle_stop_sequences(kw.pop("until", None), eos=eos)
+                max_gen = int(kw.pop("max_gen_toks"))
+                if kw.get("do_sample") and kw.get("temperature", 0) > 0:
+                    raise ConfigError("lmtrain lm-eval generates greedily; a task asked to sample")
+                if max_gen >= max_length:
+                    raise ConfigError(f"max_gen_toks {max_gen} >= the model's context {max_length}")
+                ids = self.tok_encode(context)[-(max_length - max_gen) :] or [eod]
+                results.append(self._greedy(ids, max_gen, [u for u in until if u]))
+            return results
+
+        def _greedy(self, ids: list[int], max_gen: int, until: list[str]) -> str:
+            model = nnx.merge(graphdef, params)
+            cache = model.init_cache(1, max_length)
+            for t in ids[:-1]:
+                _, cache = step(params, jnp.asarray([[t]], jnp.int32), cache)
+            token, out = ids[-1], []
+            for _ in range(max_gen):
+                logits, cache = step(params, jnp.asarray([[token]], jnp.int32), cache)
+                token = int(np.argmax(np.asarray(logits[0])))
+                if token == eod:
+                    break
+                out.append(token)
+                text = run.tokenizer.decode(out)
+                if any(u in text for u in until):
+                    break
+            text = run.tokenizer.decode(out)
+            for u in until:  # cut at the first stop string, as lm-eval's hf backend
+                text = text.split(u)[0]
+            return text
+
+    return LmtrainLM()
+
+
+def _bucket(n: int, max_length: int) -> int:
+    """The padded length of a batch whose longest row has n tokens: a power of two (>= 16)."""
+    b = 16
+    while b < n:
+        b *= 2
+    return min(b, max_length) if n <= max_length else n
+
+
+def evaluate(
+    workdir: Path,
+    tasks: list[str],
+    *,
+    include_path: str | None = None,
+    limit: float | None = None,
+    batch_size: int = 8,
+    step: int | None = None,
+    num_fewshot: int | None = None,
+    seed: int = 0,
+) -> tuple[dict, str]:
+    """(lm-eval's results dict, its printed table) for a checkpoint of `workdir`."""
+    _lm_eval()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    from lmtrain import run as run_lib
+
+    if batch_size < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    run, params, s = run_lib.restore_params(Path(workdir), step=step)
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(
+            f"unknown lm-eval task(s) {', '.join(unknown)}"
+            + ("" if include_path else "; local task YAMLs need --include-path DIR")
+        )
+    adapter = make_adapter(run, params, batch_size)
+    results = lm_eval.simple_evaluate(
+        model=adapter,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=int(limit) if limit is not None and limit >= 1 else limit,
+        task_manager=manager,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        log_samples=True,
+    )
+    results["lmtrain"] = {"workdir": str(workdir), "step": s, "model": run.cfg.model.name}
+    table = make_table(results)
+    return results, table

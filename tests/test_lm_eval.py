@@ -1,0 +1,91 @@
+"""lmtrain lm-eval: the JAX adapter against lm-evaluation-harness's own `hf` backend run on the
+exported model (per-request loglikelihoods to 1e-4, identical metrics and generations)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny
+
+from lmtrain import train
+from lmtrain.cli import main
+
+TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
+TASKS = ["lmtrain_mc", "lmtrain_rolling", "lmtrain_gen"]
+
+
+def local_tasks(tmp_path: Path) -> Path:
+    """The task YAMLs of tests/lm_eval_tasks with absolute data paths."""
+    d = tmp_path / "tasks"
+    d.mkdir()
+    for y in TASKS_DIR.glob("*.yaml"):
+        (d / y.name).write_text(y.read_text().replace("tests/lm_eval_tasks/", f"{TASKS_DIR}/"))
+    return d
+
+
+def per_request(results: dict, task: str) -> list:
+    """Each document's responses: (loglikelihood, greedy) pairs, rolling sums or generations."""
+    return [s["resps"] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+
+
+def _flat_numbers(resps) -> np.ndarray:
+    out = []
+    for doc in resps:
+        for r in doc:
+            r = r[0] if isinstance(r, list) and len(r) == 1 else r
+            out.append(r[0] if isinstance(r, (list, tuple)) else r)
+    return np.asarray(out, np.float64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["transformer", "mamba2"])
+def test_adapter_equals_lm_evals_hf_backend_on_the_export(family, corpus, tmp_path, capsys):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    sets = {"train.steps": 30, "data.seq_len": 64, "model.name": family}
+    wd = tmp_path / "run"
+    train.train(tiny(corpus, **sets), wd)
+    tasks = local_tasks(tmp_path)
+    out = tmp_path / "ours.json"
+    code = main(
+        ["lm-eval", "--workdir", str(wd), "--tasks", ",".join(TASKS), "--include-path"]
+        + [str(tasks), "--batch-size", "4", "--output", str(out)]
+    )
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "lmtrain_mc" in table and "acc_norm" in table and "bits_per_byte" in table
+    ours = json.loads(out.read_text())
+
+    hf_dir = tmp_path / "hf"
+    assert main(["export", "--workdir", str(wd), "--out", str(hf_dir)]) == 0
+    theirs = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu"},
+        tasks=TASKS,
+        batch_size=3,
+        task_manager=TaskManager(include_path=str(tasks)),
+        log_samples=True,
+    )
+    for task in ("lmtrain_mc", "lmtrain_rolling"):
+        a, b = _flat_numbers(per_request(ours, task)), _flat_numbers(per_request(theirs, task))
+        assert len(a) == len(b) > 0
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+        assert np.ptp(a) > 1e-2  # the requests really differ
+    assert per_request(ours, "lmtrain_gen") == per_request(theirs, "lmtrain_gen")
+    for task, metrics in {
+        "lmtrain_mc": ("acc,none", "acc_norm,none"),
+        "lmtrain_rolling": ("bits_per_byte,none", "byte_perplexity,none", "word_perplexity,none"),
+        "lmtrain_gen": ("exact_match,none",),
+    }.items():
+        for m in metrics:
+            assert ours["results"][task][m] == pytest.approx(theirs["results"][task][m], rel=1e-5)
+
+
+def test_lm_eval_usage_errors(corpus, tmp_path, capsys):
+    wd = tmp_path / "run"
+    train.train(tiny(corpus, **{"train.steps": 2, "train.checkpoint_every": 2}), wd)
+    assert main(["lm-eval", "--workdir", str(wd), "--tasks", "no_such_task"]) == 2
+    assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
+    assert main(["lm-eval", "--workdir", str(tmp_path / "none"), "--tasks", "x"]) == 2
