@@ -133,6 +133,11 @@ class TrainConfig:
     # (TensorBoard's profile plugin or Perfetto read it); (0, 0): no trace.
     profile_steps: tuple[int, int] = (0, 0)
     profile_process: int = 0  # which process traces; -1: every process
+    # Weights & Biases (the wandb extra): a project logs the same scalars as TensorBoard and the
+    # config; "" = off. A resumed run continues the same W&B run (its id is in WORKDIR/wandb_id).
+    wandb_project: str = ""
+    wandb_entity: str = ""
+    wandb_run_name: str = ""  # "": the workdir's name
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +15,24 @@ import jax
 class Tracker:
     """Writes metrics rows to `workdir/metrics.jsonl` and `workdir/tb/`; a no-op off process 0."""
 
-    def __init__(self, workdir: Path, total_steps: int, start_step: int, progress: bool = True):
+    def __init__(
+        self,
+        workdir: Path,
+        total_steps: int,
+        start_step: int,
+        progress: bool = True,
+        wandb: dict[str, Any] | None = None,
+    ):
+        """`wandb`: {"project", "entity", "name", "config"} to log to Weights & Biases too."""
         self.enabled = jax.process_index() == 0
-        self._bar = None
+        self._bar = self._wandb = None
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
 
         workdir.mkdir(parents=True, exist_ok=True)
+        if wandb and wandb.get("project"):
+            self._wandb = _wandb_run(workdir, **wandb)
         self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
         self._tb = SummaryWriter(str(workdir / "tb"))
         if progress:
@@ -49,6 +60,13 @@ class Tracker:
                 tag = k if "/" in k else f"{prefix}/{k}"
                 self._tb.add_scalar(tag, v, int(step))
         self._tb.flush()
+        if self._wandb is not None:
+            scalars = {
+                (k if "/" in k else f"{prefix}/{k}"): v
+                for k, v in row.items()
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)
+            }
+            self._wandb.log(scalars, step=int(step))
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.enabled:
@@ -83,6 +101,32 @@ class Tracker:
             self._bar.close()
         self._tb.close()
         self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _wandb_run(workdir: Path, project: str, entity: str, name: str, config: dict) -> Any:
+    """A W&B run for `workdir`; the same run again when the workdir resumes."""
+    from lmtrain.errors import ConfigError
+
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(
+            "train.wandb_project needs the wandb extra: pip install 'lmtrain[wandb]'"
+        ) from None
+    id_file = workdir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    return wandb.init(
+        project=project,
+        entity=entity or None,
+        name=name or workdir.name,
+        id=run_id,
+        resume="allow",
+        config=config,
+        dir=str(workdir),
+    )
 
 
 def _plain(v: Any) -> Any:

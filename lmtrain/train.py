@@ -208,7 +208,14 @@ def _train(cfg: Config, workdir: Path) -> dict:
     )
     tokens_per_step = cfg.tokens_per_step()
 
-    tracker = Tracker(workdir, cfg.train.steps, start, cfg.train.progress)
+    t = cfg.train
+    wandb = dict(
+        project=t.wandb_project,
+        entity=t.wandb_entity,
+        name=t.wandb_run_name,
+        config=config_lib.to_dict(cfg),
+    )
+    tracker = Tracker(workdir, t.steps, start, t.progress, wandb)
     if train_data.report:
         tracker.print("data | " + ", ".join(f"{k} {v:,}" for k, v in train_data.report.items()))
         if start == 0:
