@@ -65,9 +65,7 @@ class Config(ModelConfig):
     chunk: int = 64  # chunk length C of the BASED / scalar-decay chunked form
     gla_chunk: int = 16  # GLA's own chunk: its intra-chunk decay tensor is (C, C, P) per head
     feature_dim: int = 16  # BASED: q/k projected to this dim per head before the Taylor map
-    # Keys per query, itself included: Zoology's block_size=b is b+1, BASED's window_size=W is
-    # W/2+1. 129 = the released BASED configs' window_size=256.
-    window: int = 129
+    window: int = 129  # keys/query incl. itself (Zoology block_size b: b+1; BASED W=256: W/2+1)
     conv_width: int = 3  # gated-convolution taps (BASED uses 3)
     gla_expand_k: float = 0.5  # GLA key width = gla_expand_k * d_model (values: d_model)
     gla_gate_rank: int = 16  # GLA: rank of the decay projection x W1 W2
