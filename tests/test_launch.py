@@ -71,6 +71,7 @@ def test_launch_scripts_ship_in_the_package_and_the_root_link_points_there():
     assert 'lmtrain = ["launch/*.sh", "launch/*.sbatch"]' in text  # package data
 
 
+@pytest.mark.slow
 def test_sweep_slurm_and_launchers_work_from_an_installed_package(tmp_path):
     """lmtrain as `pip install .` leaves it (the package alone in site-packages, no checkout):
     `sweep --slurm` renders the template shipped in the package, the job starts where the

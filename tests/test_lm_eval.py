@@ -44,7 +44,7 @@ def test_adapter_equals_lm_evals_hf_backend_on_the_export(family, corpus, tmp_pa
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    sets = {"train.steps": 30, "data.seq_len": 64, "model.name": family}
+    sets = {"train.steps": 12, "data.seq_len": 64, "model.name": family}
     wd = tmp_path / "run"
     train.train(tiny(corpus, **sets), wd)
     tasks = local_tasks(tmp_path)
