@@ -89,3 +89,35 @@ def test_lm_eval_usage_errors(corpus, tmp_path, capsys):
     assert main(["lm-eval", "--workdir", str(wd), "--tasks", "no_such_task"]) == 2
     assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
     assert main(["lm-eval", "--workdir", str(tmp_path / "none"), "--tasks", "x"]) == 2
+
+
+@pytest.mark.slow
+def test_adapter_scores_any_family_as_its_own_forward_pass(corpus, tmp_path):
+    """A hybrid (Mamba-2 + attention + GLA) has no transformers equivalent; its rolling
+    loglikelihood through the adapter is the model's own log-probability of the document."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from lm_eval.api.instance import Instance
+
+    from lmtrain import run as run_lib
+    from lmtrain.harness import make_adapter
+
+    sets = {"model.name": "hybrid", "model.pattern": "MAG", "model.n_layers": 3}
+    wd = tmp_path / "run"
+    train.train(tiny(corpus, **{**sets, "train.steps": 4, "train.checkpoint_every": 4}), wd)
+    run, params, _ = run_lib.restore_params(wd)
+    lm = make_adapter(run, params, batch_size=4)
+    docs = ["alpha beta gamma delta", "zeta eta " * 30]  # the second is longer than seq_len 32
+    reqs = [Instance("loglikelihood_rolling", {}, (d,), i) for i, d in enumerate(docs)]
+    got = lm.loglikelihood_rolling(reqs)
+    model = nnx.merge(run.graphdef, params)
+    eod = run.tokenizer.eod_id
+    ids = [eod, *run.tokenizer.encode(docs[0])]
+    logp = jax.nn.log_softmax(model(jnp.asarray([ids[:-1]])), axis=-1)[0]
+    want = float(sum(logp[i, t] for i, t in enumerate(ids[1:])))
+    assert got[0] == pytest.approx(want, abs=1e-4)
+    assert got[1] < got[0] < 0
+    # Multiple choice on the same model: the likelier continuation is the greedy one.
+    ((ll, greedy),) = lm.loglikelihood([Instance("loglikelihood", {}, ("alpha beta", " gamma"), 0)])
+    assert ll < 0 and isinstance(greedy, bool)
