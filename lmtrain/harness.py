@@ -52,10 +52,13 @@ def make_adapter(run: Any, params: Any, batch_size: int = 8):
     eod = run.tokenizer.eod_id
 
     @jax.jit
-    def score(params, tokens_BxL):
-        """log-softmax of the next token at every position, and the argmax."""
-        logits = nnx.merge(graphdef, params)(tokens_BxL)
-        return jax.nn.log_softmax(logits, axis=-1), jnp.argmax(logits, axis=-1)
+    def score(params, tokens_BxL, targets_BxL):
+        """log p(target) at every position and whether the target is the argmax (only these
+        B x L numbers leave the device, not the B x L x V log-probabilities)."""
+        logits_BxLxV = nnx.merge(graphdef, params)(tokens_BxL)
+        logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+        logp_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+        return logp_BxL, jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
 
     @jax.jit
     def step(params, token_1x1, cache):
@@ -86,22 +89,21 @@ def make_adapter(run: Any, params: Any, batch_size: int = 8):
                 if not continuation_enc or len(continuation_enc) > max_length:
                     raise ValueError(f"continuation of {len(continuation_enc)} tokens")
                 full = (list(context_enc) + list(continuation_enc))[-(max_length + 1) :]
-                rows.append((full[:-1], continuation_enc))
+                rows.append((full, len(continuation_enc)))
             out: list[tuple[float, bool]] = [None] * len(rows)  # type: ignore[list-item]
             order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                length = _bucket(max(len(rows[i][0]) for i in chunk), max_length)
-                tokens = np.full((batch_size, length), eod, np.int32)
+                length = _bucket(max(len(rows[i][0]) - 1 for i in chunk), max_length)
+                tokens = np.full((batch_size, length + 1), eod, np.int32)
                 for r, i in enumerate(chunk):
                     tokens[r, : len(rows[i][0])] = rows[i][0]
-                logp, greedy = jax.device_get(score(params, jnp.asarray(tokens)))
+                inputs, targets = jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:])
+                logp, greedy = jax.device_get(score(params, inputs, targets))
                 for r, i in enumerate(chunk):
-                    inp, cont = rows[i]
-                    n, c = len(inp), len(cont)
-                    at = np.arange(n - c, n)
-                    lp = logp[r, at, np.asarray(cont)]
-                    out[i] = (float(lp.sum(dtype=np.float64)), bool((greedy[r, at] == cont).all()))
+                    n, c = len(rows[i][0]) - 1, rows[i][1]
+                    lp, ok = logp[r, n - c : n], greedy[r, n - c : n]
+                    out[i] = (float(lp.sum(dtype=np.float64)), bool(ok.all()))
             self.requests_scored += len(rows)
             return out
 
