@@ -72,8 +72,10 @@ CURRICULA = ("uniform", "grow_p2", "shrink")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "stdlib"  # "stdlib" (embedded corpus), a .txt/.jsonl path, directory or glob,
-    #                         a directory written by `lmtrain prepare`, or a synthetic task ("mqar")
+    # "stdlib" (embedded corpus); a corpus file, directory or glob (.txt, .jsonl, .json,
+    # .parquet, each optionally .gz/.zst/.xz/.bz2: lmtrain/data/formats.py); a directory
+    # written by `lmtrain prepare`; or a synthetic task ("mqar")
+    source: str = "stdlib"
     seq_len: int = 256
     tokenizer: str = "bpe:4096"  # "bytes" | "bpe:N" | path to tokenizer.json or a .model file
     val_fraction: float = 0.05

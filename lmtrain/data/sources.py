@@ -1,4 +1,5 @@
-"""Document sources (embedded stdlib corpus, .txt/.jsonl files), the train/val split, cache keys.
+"""Document sources (embedded stdlib corpus, corpus files: see formats.py), the train/val split,
+cache keys.
 
 A directory written by `lmtrain prepare` is a source too, but it holds tokens, not documents:
 lmtrain.data.prepare reads it, and the functions here that read text refuse it.
@@ -14,17 +15,18 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from lmtrain.config import DataConfig
+from lmtrain.data import formats
 from lmtrain.errors import DataError
 
 STDLIB = "stdlib"
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages"})
-_DIR_SUFFIXES = (".txt", ".jsonl")
 
 
 # ---------------------------------------------------------------------------- files
@@ -70,12 +72,18 @@ def resolve_files(source: str) -> list[tuple[Path, str]]:
         pairs = [(p, p.relative_to(base).as_posix()) for p in found]
     elif Path(expanded).is_dir():
         base = Path(expanded)
-        found = [p for p in base.rglob("*") if p.suffix in _DIR_SUFFIXES and p.is_file()]
+        files = [p for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        found = [p for p in files if formats.readable_name(p.name)]
         if not found:
             # prepare's lock or token files but no meta.json: it stopped before the end
             unfinished = (base / ".meta.json.lock").exists() or any(base.glob("*.bin*"))
             hint = " (an unfinished lmtrain prepare? run it again)" if unfinished else ""
-            raise DataError(f"data source directory {source!r} holds no .txt or .jsonl files{hint}")
+            seen = ", ".join(p.name for p in files[:5]) or "nothing"
+            raise DataError(
+                f"data source directory {source!r} holds no file lmtrain reads{hint}: it "
+                f"takes {formats.ACCEPTED}; found {seen}"
+            )
+        _note_skipped(source, [p for p in files if not formats.readable_name(p.name)])
         pairs = [(p, p.relative_to(base).as_posix()) for p in found]
     elif Path(expanded).is_file():
         pairs = [(Path(expanded), Path(expanded).name)]
@@ -95,38 +103,28 @@ def _glob_base(pattern: str) -> str:
     return str(Path(*fixed)) if fixed else "."
 
 
+_noted: set[str] = set()
+
+
+def _note_skipped(source: str, skipped: list[Path]) -> None:
+    """Says once per process which files of a directory source are not corpus files."""
+    if skipped and source not in _noted:
+        _noted.add(source)
+        names = ", ".join(p.name for p in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        print(
+            f"lmtrain.data: {source}: skipped {len(skipped)} files that are not "
+            f"{formats.ACCEPTED} ({names})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def _read_text(path: Path) -> str:
     # Bytes in, exact text out: no newline translation, so byte counts match the file.
     try:
         return path.read_bytes().decode("utf-8", errors="replace")
     except OSError as e:
         raise DataError(f"cannot read data file {path}: {e.strerror}") from None
-
-
-def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line) for each non-blank line."""
-    try:
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    yield lineno, line
-    except OSError as e:
-        raise DataError(f"cannot read data file {path}: {e.strerror}") from None
-
-
-def _jsonl_text(path: Path, lineno: int, line: bytes, text_key: str) -> str:
-    try:
-        record = json.loads(line.decode("utf-8", errors="replace"))
-    except json.JSONDecodeError:
-        raise DataError(f"{path} line {lineno} is not valid JSON") from None
-    if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-        raise DataError(f"{path} line {lineno} has no string field {text_key!r}")
-    text = record[text_key]
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates from "\\ud800"-style escapes
-        text = text.encode("utf-8", errors="replace").decode("utf-8")
-    return text
 
 
 # ---------------------------------------------------------------------------- documents
@@ -141,13 +139,7 @@ def _keyed_docs(cfg: DataConfig, want: Callable[[str], bool]) -> Iterator[tuple[
                 yield rel, _read_text(root / rel)
         return
     for path, rel in resolve_files(cfg.source):
-        if path.suffix == ".jsonl":
-            for lineno, line in _jsonl_lines(path):
-                key = f"{rel}:{lineno}"
-                if want(key):
-                    yield key, _jsonl_text(path, lineno, line, cfg.text_key)
-        elif want(rel):
-            yield rel, _read_text(path)
+        yield from formats.documents(path, rel, cfg.text_key, want)
 
 
 def _has_one_document(cfg: DataConfig) -> bool:
@@ -165,10 +157,7 @@ def _document_keys(cfg: DataConfig) -> Iterator[str]:
         yield from stdlib_files()[1]
         return
     for path, rel in resolve_files(cfg.source):
-        if path.suffix == ".jsonl":
-            yield from (f"{rel}:{lineno}" for lineno, _ in _jsonl_lines(path))
-        else:
-            yield rel
+        yield from (k for k, _ in formats.documents(path, rel, cfg.text_key, keys_only=True))
 
 
 def val_fraction(value: float) -> fractions.Fraction:
