@@ -121,17 +121,21 @@ def _add_prepare_parser(sub) -> None:
         help="tokenise a corpus once into a directory to train on",
         description="Tokenise SOURCE into DIR: train/val token files (.bin), document-end "
         "indexes (.idx), meta.json and the tokenizer. Re-running on unchanged input does "
-        "nothing. Train on it with --set data.source=DIR --set data.tokenizer=SPEC.",
+        "nothing. Train on it with --set data.source=DIR (it brings its tokenizer).",
     )
     p.add_argument(
-        "source", metavar="SOURCE", help="'stdlib', or a .txt/.jsonl file, a directory or a glob"
+        "source",
+        metavar="SOURCE",
+        help="'stdlib'; a .txt/.jsonl/.json/.parquet file (optionally .gz/.zst/.xz/.bz2), a "
+        "directory or a glob; or hf:DIR / hf:BUILDER:FILES (an HF dataset)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument(
         "--tokenizer",
         default=d.tokenizer,
         metavar="SPEC",
-        help=f"'bytes', 'bpe:N' (trained on SOURCE), or a tokenizer file ({d.tokenizer})",
+        help="'bytes', 'bpe:N' (trained on SOURCE), a tokenizer.json / .model file, a "
+        "directory holding one, or an HF hub name in the local cache (default: bpe:4096)",
     )
     p.add_argument(
         "--val-fraction",

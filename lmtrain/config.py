@@ -77,7 +77,10 @@ class DataConfig:
     # written by `lmtrain prepare`; or a synthetic task ("mqar")
     source: str = "stdlib"
     seq_len: int = 256
-    tokenizer: str = "bpe:4096"  # "bytes" | "bpe:N" | path to tokenizer.json or a .model file
+    # "bytes" | "bpe:N" (trained on the training split) | a tokenizer.json or sentencepiece
+    # .model file | a directory holding one | an HF hub name in the local HF cache;
+    # "" = a prepared directory's own tokenizer, otherwise bpe:4096
+    tokenizer: str = ""
     val_fraction: float = 0.05
     text_key: str = "text"  # field holding the text in .jsonl records
     cache_dir: str = ""  # tokenizers and tokenised corpora; "" means ~/.cache/lmtrain

@@ -134,3 +134,77 @@ def test_record_errors_name_the_file_and_the_record(tmp_path):
     cfg = DataConfig(source=str(tmp_path / "p.parquet"), val_fraction=0.0, text_key="body")
     with pytest.raises(DataError, match="has no column 'body' \\(columns: id, text\\)"):
         list(iter_documents(cfg, "train"))
+
+
+# ---------------------------------------------------------------------------- hf: datasets
+
+
+def test_hf_datasets_saved_to_disk_or_from_local_files(tmp_path):
+    import datasets
+
+    datasets.disable_progress_bars()
+    ds = datasets.Dataset.from_list(DOCS)
+    datasets.DatasetDict({"train": ds, "validation": ds.select(range(3))}).save_to_disk(
+        tmp_path / "dd"
+    )
+    ds.save_to_disk(tmp_path / "one")
+    jsonl = _write(tmp_path / "c.jsonl", "jsonl", ".gz")
+    want = [d["text"] for d in DOCS]
+    assert _all_texts(f"hf:{tmp_path / 'dd'}") == want
+    assert _all_texts(f"hf:{tmp_path / 'dd'}#validation") == want[:3]
+    assert _all_texts(f"hf:{tmp_path / 'one'}") == want
+    assert _all_texts(f"hf:json:{jsonl}") == want
+    with pytest.raises(DataError, match="has splits train, validation; choose one"):
+        _all_texts(f"hf:{tmp_path / 'dd'}#test")
+    with pytest.raises(DataError, match="is not a dataset saved with save_to_disk"):
+        _all_texts(f"hf:{tmp_path / 'missing'}")
+    cfg = DataConfig(source=f"hf:{tmp_path / 'one'}", text_key="body", val_fraction=0.0)
+    with pytest.raises(DataError, match="has no column 'body'"):
+        list(iter_documents(cfg, "train"))
+
+
+# ---------------------------------------------------------------------------- tokenizers
+
+
+def _bpe_json(tmp_path) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator([d["text"] for d in DOCS], trainer)
+    return tk.to_str()
+
+
+def test_tokenizer_directory_and_hub_name_from_the_local_cache(tmp_path, monkeypatch):
+    from lmtrain import data
+
+    text = _bpe_json(tmp_path)
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.json").write_text(text)
+    (tok_dir / "tokenizer_config.json").write_text("{}")
+    src = str(_write(tmp_path / "c.jsonl", "jsonl", ""))
+    by_dir = data.make_tokenizer(DataConfig(source=src, tokenizer=str(tok_dir)))
+    by_file = data.make_tokenizer(DataConfig(source=src, tokenizer=str(tok_dir / "tokenizer.json")))
+    assert by_dir.name == by_file.name and by_dir.vocab_size == 300
+    assert by_dir.encode(DOCS[3]["text"]) == by_file.encode(DOCS[3]["text"])
+
+    hub = tmp_path / "hub"
+    snap = hub / "models--someorg--tiny-bpe" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "tokenizer.json").write_text(text)
+    (hub / "models--someorg--tiny-bpe" / "refs").mkdir()
+    (hub / "models--someorg--tiny-bpe" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    by_name = data.make_tokenizer(DataConfig(source=src, tokenizer="someorg/tiny-bpe"))
+    assert by_name.name == by_file.name
+    with pytest.raises(
+        DataError, match=f"not .* HF hub name in the local cache \\(looked in {hub}"
+    ):
+        data.make_tokenizer(DataConfig(source=src, tokenizer="someorg/absent"))

@@ -113,7 +113,7 @@ def test_cli_prepare_writes_layout_then_is_a_no_op(src, tmp_path, capsys, monkey
     assert (
         f"prepared {out} in" in printed.out and f"--set data.source={out.resolve()}" in printed.out
     )
-    assert "data.tokenizer=bytes" in printed.out and "tokenising" not in printed.err  # no TTY
+    assert "it brings its tokenizer, bytes" in printed.out and "tokenising" not in printed.err
 
     mtime = (out / "train.bin").stat().st_mtime_ns
 
@@ -178,10 +178,11 @@ def test_training_on_prepared_dir_matches_cache_path(src, cache, tmp_path, capsy
     fp = sources.source_fingerprint(prepared)
     assert fp.startswith("prepared-") and fp == sources.source_fingerprint(prepared)
 
-    with pytest.raises(
-        DataError, match=r"prepared with tokenizer bpe:300; set data\.tokenizer=bpe:300"
-    ):
+    with pytest.raises(DataError, match=r"prepared with tokenizer bpe:300, not bytes; leave"):
         data.make_tokenizer(dataclasses.replace(prepared, tokenizer="bytes"))
+    # Unset, the tokenizer is the prepared directory's own.
+    own = data.make_tokenizer(dataclasses.replace(prepared, tokenizer=""))
+    assert own.name == tok_p.name and own.encode_batch(RECORDS) == tok_p.encode_batch(RECORDS)
     with pytest.raises(DataError, match="prepared corpus of tokens"):
         list(data.iter_documents(prepared, "train"))
 

@@ -13,7 +13,7 @@ from lmtrain.data.pipeline import (
     pack_rows,
     train_iterator,
 )
-from lmtrain.data.sources import iter_documents, source_fingerprint
+from lmtrain.data.sources import iter_documents, prepared_meta, source_fingerprint
 from lmtrain.data.tasks import check_config, make_tokenizer, targets_per_row
 from lmtrain.data.tokenizers import Tokenizer
 from lmtrain.errors import DataError
@@ -33,6 +33,7 @@ __all__ = [
     "make_tokenizer",
     "make_train_data",
     "pack_rows",
+    "prepared_meta",
     "source_fingerprint",
     "targets_per_row",
     "train_iterator",

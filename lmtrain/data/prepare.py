@@ -279,7 +279,7 @@ def _up_to_date(meta: dict[str, Any] | None, cfg: DataConfig, fingerprint: str) 
         and meta.get("tokenizer") == normal_tokenizer_spec(cfg.tokenizer)
         and val_fraction(meta.get("val_fraction", -1)) == val_fraction(cfg.val_fraction)
     )
-    if not same or cfg.tokenizer.startswith("bpe:"):
+    if not same or normal_tokenizer_spec(cfg.tokenizer).startswith("bpe:"):
         # A BPE is a function of the spec, the source and the split, all compared above; building
         # it again could mean retraining it.
         return same
@@ -310,7 +310,8 @@ def prepare(cfg: DataConfig, out: Path, *, progress: bool = True) -> str:
         raise DataError(f"--val-fraction {cfg.val_fraction} must be in [0, 1)")
     fingerprint = source_fingerprint(cfg)  # fails first if the source does not exist
     spec = normal_tokenizer_spec(cfg.tokenizer)
-    source = cfg.source if cfg.source == STDLIB else os.path.abspath(os.path.expanduser(cfg.source))
+    keep = cfg.source == STDLIB or cfg.source.startswith("hf:")
+    source = cfg.source if keep else os.path.abspath(os.path.expanduser(cfg.source))
     _usable_out(out)
     with cache_lock(out / "meta.json"):  # two prepares into one directory take turns
         meta = read_meta(out)
@@ -347,5 +348,5 @@ def prepare(cfg: DataConfig, out: Path, *, progress: bool = True) -> str:
     secs = time.perf_counter() - t0
     return (
         f"prepared {out} in {secs:.1f} s: {_summary(meta)}\n"
-        f"train on it with: --set data.source={out.resolve()} --set data.tokenizer={spec}"
+        f"train on it with: --set data.source={out.resolve()} (it brings its tokenizer, {spec})"
     )

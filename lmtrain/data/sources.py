@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtrain.config import DataConfig
-from lmtrain.data import formats
+from lmtrain.data import formats, hf_source
 from lmtrain.errors import DataError
 
 STDLIB = "stdlib"
@@ -47,7 +47,7 @@ def stdlib_files() -> tuple[Path, list[str]]:
 def prepared_meta(source: str) -> dict[str, Any] | None:
     """meta.json of `source` if it is a directory written by `lmtrain prepare`, else None."""
     meta_path = Path(os.path.expanduser(source)) / "meta.json"
-    if source == STDLIB or not meta_path.is_file():
+    if source == STDLIB or hf_source.is_hf(source) or not meta_path.is_file():
         return None
     try:
         meta = json.loads(meta_path.read_text())
@@ -138,6 +138,9 @@ def _keyed_docs(cfg: DataConfig, want: Callable[[str], bool]) -> Iterator[tuple[
             if want(rel):
                 yield rel, _read_text(root / rel)
         return
+    if hf_source.is_hf(cfg.source):
+        yield from hf_source.documents(cfg.source, cfg.text_key, want)
+        return
     for path, rel in resolve_files(cfg.source):
         yield from formats.documents(path, rel, cfg.text_key, want)
 
@@ -155,6 +158,9 @@ def _document_keys(cfg: DataConfig) -> Iterator[str]:
     """Document keys only (cheap: .txt files are not opened)."""
     if cfg.source == STDLIB:
         yield from stdlib_files()[1]
+        return
+    if hf_source.is_hf(cfg.source):
+        yield from (k for k, _ in hf_source.documents(cfg.source, cfg.text_key, keys_only=True))
         return
     for path, rel in resolve_files(cfg.source):
         yield from (k for k, _ in formats.documents(path, rel, cfg.text_key, keys_only=True))
@@ -204,6 +210,9 @@ def source_fingerprint(cfg: DataConfig) -> str:
         version = platform.python_version()
         digest = hashlib.sha1(f"{version}|{root}|{len(rels)}".encode()).hexdigest()
         return f"stdlib-py{version}-{digest[:12]}"
+    if hf_source.is_hf(cfg.source):
+        key = f"{hf_source.fingerprint(cfg.source)}|text_key={cfg.text_key}"
+        return f"hf-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     h = hashlib.sha1(f"text_key={cfg.text_key}\n".encode())
     for path, _ in resolve_files(cfg.source):
         st = path.stat()
@@ -216,6 +225,8 @@ def source_bytes(cfg: DataConfig) -> int:
     if cfg.source == STDLIB:
         root, rels = stdlib_files()
         return sum((root / rel).stat().st_size for rel in rels)
+    if hf_source.is_hf(cfg.source):
+        return hf_source.nbytes(cfg.source)
     return sum(path.stat().st_size for path, _ in resolve_files(cfg.source))
 
 

@@ -236,20 +236,78 @@ def _bpe(cfg: DataConfig, vocab_size: int) -> HFTokenizer:
     return HFTokenizer(tk, name=name, where=str(path))
 
 
+DEFAULT_SPEC = "bpe:4096"  # what data.tokenizer="" means, but for a prepared directory
+
+
 def normal_tokenizer_spec(spec: str) -> str:
-    """`spec` with a tokenizer file path made absolute, so it compares equal from any directory."""
+    """`spec` with "" resolved and a tokenizer path made absolute (the tokenizer.json of a
+    tokenizer directory, the cached file of an HF hub name), so it compares equal anywhere."""
+    spec = spec or DEFAULT_SPEC
     if spec == "bytes" or spec.startswith("bpe:"):
         return spec
-    return str(Path(spec).expanduser().resolve())
+    return str(tokenizer_file(spec))
 
 
 def check_prepared_tokenizer(source: str, meta: dict[str, Any], spec: str) -> None:
-    """Raises DataError unless the prepared directory `source` was tokenised with `spec`."""
-    if meta.get("tokenizer") != normal_tokenizer_spec(spec):
+    """Raises DataError unless the prepared directory `source` was tokenised with `spec`
+    ("" = whatever it was tokenised with)."""
+    if spec and meta.get("tokenizer") != normal_tokenizer_spec(spec):
         raise DataError(
-            f"{source} was prepared with tokenizer {meta.get('tokenizer')}; "
-            f"set data.tokenizer={meta.get('tokenizer')}"
+            f"{source} was prepared with tokenizer {meta.get('tokenizer')}, not {spec}; leave "
+            "data.tokenizer unset (a prepared directory brings its own) or set it to that"
         )
+
+
+def tokenizer_file(spec: str) -> Path:
+    """The tokenizer file a spec names: a tokenizer.json or sentencepiece .model file, a
+    directory holding one (an HF tokenizer directory), or an HF hub name ("gpt2",
+    "org/name") found in the local HF cache. Nothing is downloaded."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.resolve()
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            return (path / "tokenizer.json").resolve()
+        models = sorted(path.glob("*.model"))
+        if len(models) == 1:
+            return models[0].resolve()
+        raise DataError(
+            f"data.tokenizer {spec!r} is a directory without tokenizer.json or one .model file"
+        )
+    looked = _hub_cache_dirs(spec)
+    for snapshot in looked:
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (snapshot / name).is_file():
+                return (snapshot / name).resolve()
+    where = (
+        ", ".join(str(d) for d in looked) or f"{_hub_root()} (no models--{spec.replace('/', '--')})"
+    )
+    raise DataError(
+        f"data.tokenizer {spec!r} is not 'bytes', 'bpe:N', a tokenizer file or directory, nor an "
+        f"HF hub name in the local cache (looked in {where}); download it where there is "
+        "network (huggingface-cli download NAME tokenizer.json) or pass the file's path"
+    )
+
+
+def _hub_root() -> Path:
+    env = os.environ
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _hub_cache_dirs(name: str) -> list[Path]:
+    """Snapshot folders of hub model `name` in the local cache, the one refs/main names first."""
+    if name.count("/") > 1 or not name or name.startswith((".", "/")):
+        return []
+    repo = _hub_root() / f"models--{name.replace('/', '--')}"
+    snaps = sorted((repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
+    main = repo / "refs" / "main"
+    if main.is_file():
+        first = repo / "snapshots" / main.read_text().strip()
+        snaps = [first] + [s for s in snaps if s != first]
+    return snaps
 
 
 def _prepared_tokenizer(cfg: DataConfig, meta: dict[str, Any]) -> Tokenizer:
@@ -282,12 +340,13 @@ def _load_file(path: Path) -> Tokenizer:
 
 
 def make_tokenizer(cfg: DataConfig) -> Tokenizer:
-    """The text tokenizer `cfg.tokenizer` names ("bytes", "bpe:N", a file), or a prepared
-    dir's own (synthetic tasks bring theirs: lmtrain.data.tasks.make_tokenizer)."""
-    spec = cfg.tokenizer
+    """The text tokenizer `cfg.tokenizer` names ("bytes", "bpe:N", a file, a tokenizer
+    directory, a cached HF hub name; "" = bpe:4096), or a prepared dir's own (synthetic tasks
+    bring theirs: lmtrain.data.tasks.make_tokenizer)."""
     meta = prepared_meta(cfg.source)
     if meta is not None:
         return _prepared_tokenizer(cfg, meta)
+    spec = cfg.tokenizer or DEFAULT_SPEC
     if spec == "bytes":
         return ByteTokenizer()
     if spec.startswith("bpe:"):
@@ -295,9 +354,4 @@ def make_tokenizer(cfg: DataConfig) -> Tokenizer:
         if not n.isdigit() or int(n) < 258:
             raise DataError(f"data.tokenizer {spec!r}: N in 'bpe:N' must be an integer >= 258")
         return _bpe(cfg, int(n))
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise DataError(
-            f"data.tokenizer {spec!r} is not 'bytes', 'bpe:N', or an existing tokenizer file"
-        )
-    return _load_file(path)
+    return _load_file(tokenizer_file(spec))

@@ -40,6 +40,8 @@ def resolved_vocab(cfg: Config) -> int:
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
     spec = cfg.data.tokenizer
+    if not spec and data.prepared_meta(cfg.data.source) is None:
+        spec = "bpe:4096"  # what "" means for a corpus that is not prepared
     if spec.startswith("bpe:") and spec[4:].isdigit():
         return int(spec[4:])
     return data.make_tokenizer(cfg.data).vocab_size
