@@ -4,4 +4,5 @@ import sys
 
 from lmtrain.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a spawned worker (lmtrain prepare --workers) imports it
+    sys.exit(main())

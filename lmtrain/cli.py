@@ -131,6 +131,13 @@ def _add_prepare_parser(sub) -> None:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="tokenising processes (0: one per core); the output is the same for any N",
+    )
+    p.add_argument(
         "--tokenizer",
         default=d.tokenizer,
         metavar="SPEC",
@@ -283,12 +290,15 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from lmtrain.config import DataConfig
+    from lmtrain.config import ConfigError, DataConfig
     from lmtrain.data import prepare
 
     fields = ("source", "tokenizer", "val_fraction", "text_key", "cache_dir")
     cfg = DataConfig(**{k: getattr(args, k) for k in fields})
-    print(prepare.prepare(cfg, Path(args.out), progress=not args.no_progress))
+    if args.workers < 0:
+        raise ConfigError("--workers must be >= 0 (0: one per core)")
+    out = prepare.prepare(cfg, Path(args.out), progress=not args.no_progress, workers=args.workers)
+    print(out)
     return 0
 
 

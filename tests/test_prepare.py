@@ -13,7 +13,7 @@ import pytest
 from lmtrain import data
 from lmtrain.cli import main
 from lmtrain.config import DataConfig
-from lmtrain.data import pipeline, prepare, sources, tokenizers
+from lmtrain.data import pipeline, prepare, shards, sources, tokenizers
 
 DataError = data.DataError
 TEXTS = {
@@ -235,7 +235,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, monkey
     src, out = _corpus(tmp_path / "src"), tmp_path / "out"
     assert _prepare(src, out, tmp_path / "cache", "--tokenizer", "bytes") == 0
     (src / "a.txt").write_text("changed, so the next prepare rebuilds\n")
-    monkeypatch.setattr(prepare, "_FLUSH_CHARS", 1)  # one write per document
+    monkeypatch.setattr(shards, "_FLUSH_CHARS", 1)  # one write per document
     real, calls = tokenizers.ByteTokenizer.encode_arrays, []
 
     def fail_midway(self, texts):
@@ -245,8 +245,8 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, monkey
         return real(self, texts)
 
     monkeypatch.setattr(tokenizers.ByteTokenizer, "encode_arrays", fail_midway)
-    with pytest.raises(KeyboardInterrupt):
-        _prepare(src, out, tmp_path / "cache", "--tokenizer", "bytes")
+    with pytest.raises(KeyboardInterrupt):  # in this process (--workers 1), where the patch is
+        _prepare(src, out, tmp_path / "cache", "--tokenizer", "bytes", "--workers", "1")
     assert not (out / "meta.json").exists()  # the old meta.json no longer vouches for the files
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
     with pytest.raises(DataError, match="unfinished lmtrain prepare"):
@@ -260,3 +260,84 @@ def test_source_bytes_is_the_progress_total(src):
     files = [p for p in src.rglob("*") if p.is_file()]
     assert sources.source_bytes(DataConfig(source=str(src))) == sum(p.stat().st_size for p in files)
     assert sources.source_bytes(DataConfig(source="stdlib")) > 1_000_000
+
+
+def _big_corpus(d, files=8, docs=300):
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "ünï", "✓", "x" * 20, "\n"]
+    for f in range(files):
+        rows = [
+            {"text": " ".join(rng.choice(words, size=int(rng.integers(5, 200))))}
+            for _ in range(docs)
+        ]
+        (d / f"part{f:02d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def _files(out):
+    return {n: (out / n).read_bytes() for n in ("train.bin", "train.idx", "val.bin", "val.idx")}
+
+
+def test_prepare_output_is_the_same_for_any_number_of_workers(tmp_path, monkeypatch, capsys):
+    src = _big_corpus(tmp_path / "src")
+    monkeypatch.setattr(shards, "UNIT_BYTES", 30_000)  # several files per unit, many units
+    outs = {}
+    for workers in (1, 2, 3):
+        out = tmp_path / f"w{workers}"
+        args = ("--tokenizer", "bpe:300", "--workers", str(workers))
+        assert _prepare(src, out, tmp_path / "cache", *args) == 0
+        outs[workers] = _files(out)
+        assert not (out / ".shards").exists()
+    assert len(shards.plan(DataConfig(source=str(src)))) >= 4
+    assert outs[1] == outs[2] == outs[3]
+    # The one-process stream of documents gives the same files: units change nothing.
+    monkeypatch.setattr(shards, "UNIT_BYTES", 1 << 40)
+    assert len(shards.plan(DataConfig(source=str(src)))) == 1
+    assert _prepare(src, tmp_path / "one", tmp_path / "cache", "--tokenizer", "bpe:300") == 0
+    assert _files(tmp_path / "one") == outs[1]
+    capsys.readouterr()
+
+
+KILL_AFTER_UNITS = """
+import os, signal, sys
+from lmtrain.data import shards
+real, done = shards.run_unit, []
+def run_unit(*args, **kw):
+    out = real(*args, **kw)
+    done.append(1)
+    if len(done) == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 in the middle of the corpus
+    return out
+shards.run_unit = run_unit
+from lmtrain.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_prepare_resumes_after_kill_9_without_redoing_finished_units(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    src = _big_corpus(tmp_path / "src")
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_AFTER_UNITS)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "LMTRAIN_UNIT_BYTES": "30000"}
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    args = ["prepare", str(src), "--tokenizer", "bytes", "--workers", "1", "--no-progress"]
+
+    def run(*cmd):
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    killed = run(sys.executable, str(script), "3", *args, "--out", str(out))
+    assert killed.returncode == -9, killed.stderr
+    assert len(list((out / ".shards").glob("*.done.json"))) == 3
+    assert not (out / "meta.json").exists()
+    again = run(sys.executable, "-m", "lmtrain", *args, "--out", str(out))
+    assert again.returncode == 0, again.stderr
+    assert "resuming: 3 of" in again.stderr
+    fresh = run(sys.executable, "-m", "lmtrain", *args[:-3], "--workers", "2", "--out", str(ref))
+    assert fresh.returncode == 0, fresh.stderr
+    assert _files(out) == _files(ref)

@@ -31,12 +31,11 @@ import numpy as np
 from tqdm import tqdm
 
 from lmtrain.config import DataConfig
-from lmtrain.data import tasks
+from lmtrain.data import shards, tasks
 from lmtrain.data.sources import (
     STDLIB,
     DataError,
     cache_lock,
-    iter_documents,
     prepared_meta,
     source_bytes,
     source_fingerprint,
@@ -57,7 +56,14 @@ _SPLIT_NAMES = {"train": "training", "val": "validation"}
 _IDX_DTYPE = np.dtype("<i8")
 _SPLIT_FILES = {f"{s}.{ext}" for s in _SPLIT_NAMES for ext in ("bin", "idx")}
 # Every name a prepare writes; an --out holding anything else is not ours to overwrite.
-_OURS = {"meta.json", ".meta.json.lock", "tokenizer.json", "tokenizer.model", *_SPLIT_FILES}
+_OURS = {
+    "meta.json",
+    ".meta.json.lock",
+    ".shards",
+    "tokenizer.json",
+    "tokenizer.model",
+    *_SPLIT_FILES,
+}
 _TMP = re.compile(r"\.tmp\d+$")
 
 
@@ -73,80 +79,8 @@ def _token_dtype(tok: Tokenizer) -> np.dtype:
 # ---------------------------------------------------------------------------- writer
 
 
-def _pieces(text: str) -> list[str]:
-    """`text` cut after newlines into pieces of about _PIECE_CHARS (one piece if short)."""
-    out, start = [], 0
-    while len(text) - start > _PIECE_CHARS:
-        cut = text.find("\n", start + _PIECE_CHARS) + 1 or len(text)
-        out.append(text[start:cut])
-        start = cut
-    if start < len(text):
-        out.append(text[start:])
-    return out
-
-
 def _tmp(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp{os.getpid()}")
-
-
-def _write_split(
-    cfg: DataConfig,
-    tok: Tokenizer,
-    split: str,
-    path: Path,
-    dtype: np.dtype,
-    advance: Callable[[int], Any] = lambda n: None,
-) -> dict[str, int]:
-    """Tokenises `split` into `path` and its .idx (each document followed by eod); its stats."""
-    stats = {"docs": 0, "tokens": 0, "bytes": 0}
-    texts: list[str] = []
-    last: list[bool] = []  # whether texts[i] is the last piece of its document
-    eod = np.array([tok.eod_id])
-
-    def flush(bin_f, idx_f) -> None:
-        arrays = tok.encode_arrays(texts)
-        parts = [p for ids, end in zip(arrays, last, strict=True) for p in (ids, eod)[: 1 + end]]
-        out = np.concatenate(parts).astype(dtype)
-        out.tofile(bin_f)
-        # A document ends just after its eod, which follows its last piece.
-        lengths = np.array([len(a) for a in arrays], dtype=np.int64) + np.array(last)
-        ends = stats["tokens"] + np.cumsum(lengths)[np.array(last)]
-        ends.astype(_IDX_DTYPE).tofile(idx_f)
-        stats["tokens"] += len(out)
-        texts.clear()
-        last.clear()
-
-    idx_path = path.with_suffix(".idx")
-    tmps = [_tmp(path), _tmp(idx_path)]
-    try:
-        with open(tmps[0], "wb") as bin_f, open(tmps[1], "wb") as idx_f:
-            pending = 0
-            for _, text in iter_documents(cfg, split):
-                if not text:
-                    continue  # an empty document would only add a lone eod
-                nbytes = len(text.encode("utf-8"))
-                stats["docs"] += 1
-                stats["bytes"] += nbytes
-                pieces = _pieces(text)
-                texts.extend(pieces)
-                last.extend([False] * (len(pieces) - 1) + [True])
-                pending += len(text)
-                if pending >= _FLUSH_CHARS:
-                    flush(bin_f, idx_f)
-                    pending = 0
-                advance(nbytes)
-            if texts:
-                flush(bin_f, idx_f)
-        os.replace(tmps[0], path)
-        os.replace(tmps[1], idx_path)
-    finally:
-        for t in tmps:
-            t.unlink(missing_ok=True)  # only left behind if tokenising failed
-    return stats
-
-
-def _has_text(cfg: DataConfig) -> bool:
-    return any(text for split in ("train", "val") for _, text in iter_documents(cfg, split))
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -162,29 +96,41 @@ def build(
     extra: dict[str, Any] | None = None,
     knob: str = "data.val_fraction",
     advance: Callable[[int], Any] = lambda n: None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Tokenises cfg.source into `where`, meta.json (with `extra`) last; returns the meta."""
     (where / "meta.json").unlink(missing_ok=True)  # the old meta must not vouch for new files
     dtype = _token_dtype(tok)
-    splits: dict[str, dict[str, int]] = {}
-    # Validation first: it is small, and an empty one should fail before hours of tokenising.
-    for split in ("val", "train") if val_fraction(cfg.val_fraction) > 0 else ("train",):
-        t0 = time.perf_counter()
-        s = _write_split(cfg, tok, split, where / f"{split}.bin", dtype, advance)
-        if s["docs"] == 0 and not _has_text(cfg):
-            raise DataError(f"data source {cfg.source!r} is an empty corpus (no text in it)")
+    t0 = time.perf_counter()
+    key = {
+        "source_fingerprint": source_fingerprint(cfg),
+        "tokenizer": tok.name,
+        "val_fraction": str(val_fraction(cfg.val_fraction)),
+        "text_key": cfg.text_key,
+        "dtype": dtype.name,
+    }
+    got = shards.tokenise(cfg, tok, where, dtype, workers=workers, key=key, advance=advance)
+    with_val = val_fraction(cfg.val_fraction) > 0
+    splits = {s: got[s] for s in (("val", "train") if with_val else ("train",))}
+    if all(s["docs"] == 0 for s in got.values()):
+        raise DataError(f"data source {cfg.source!r} is an empty corpus (no text in it)")
+    for split, s in splits.items():
         if s["docs"] == 0:
             fix = f"raise {knob}" if split == "val" else f"lower {knob}"
             raise DataError(
                 f"the {_SPLIT_NAMES[split]} split of {cfg.source!r} is empty with "
                 f"{knob}={cfg.val_fraction}; {fix} or add documents"
             )
-        secs = time.perf_counter() - t0
+    if not with_val:
+        for ext in ("bin", "idx"):
+            (where / f"val.{ext}").unlink(missing_ok=True)
+    secs = time.perf_counter() - t0
+    for split, s in splits.items():
         _log(
             f"tokenised {split} split of {cfg.source} with {tok.name}: {s['docs']} docs, "
-            f"{s['bytes'] / 1e6:.1f} MB -> {s['tokens']} tokens in {secs:.1f} s"
+            f"{s['bytes'] / 1e6:.1f} MB -> {s['tokens']} tokens ({secs:.1f} s for both splits, "
+            f"{workers} worker{'s' if workers > 1 else ''})"
         )
-        splits[split] = s
     meta = {"format": _FORMAT, **(extra or {}), "dtype": dtype.name, "splits": splits}
     _write_json(where / "meta.json", meta)
     return meta
@@ -300,8 +246,10 @@ def _summary(meta: dict[str, Any]) -> str:
     )
 
 
-def prepare(cfg: DataConfig, out: Path, *, progress: bool = True) -> str:
-    """Tokenises cfg.source into `out` unless it is up to date there; returns what to print."""
+def prepare(cfg: DataConfig, out: Path, *, progress: bool = True, workers: int = 0) -> str:
+    """Tokenises cfg.source into `out` unless it is up to date there, with `workers` processes
+    (0: one per core); returns what to print."""
+    workers = workers or os.cpu_count() or 1
     if tasks.task(cfg.source) is not None:
         raise DataError(f"data source {cfg.source!r} is synthetic; there is nothing to prepare")
     if prepared_meta(cfg.source) is not None:
@@ -319,8 +267,8 @@ def prepare(cfg: DataConfig, out: Path, *, progress: bool = True) -> str:
             return f"{out} is up to date ({_summary(meta)}); nothing to do"
         t0 = time.perf_counter()
         tok = make_tokenizer(cfg)
-        for p in out.iterdir():  # stale files of an earlier or interrupted prepare
-            if p.name != ".meta.json.lock":
+        for p in out.iterdir():  # stale files of an earlier prepare (.shards: see shards.py)
+            if p.name not in (".meta.json.lock", ".shards"):
                 p.unlink()
         extra: dict[str, Any] = {
             "prepared": True,
@@ -343,7 +291,9 @@ def prepare(cfg: DataConfig, out: Path, *, progress: bool = True) -> str:
             def advance(n: int) -> None:
                 bar.update(min(n, total - bar.n))
 
-            meta = build(cfg, tok, out, extra=extra, knob="--val-fraction", advance=advance)
+            meta = build(
+                cfg, tok, out, extra=extra, knob="--val-fraction", advance=advance, workers=workers
+            )
             bar.update(total - bar.n)
     secs = time.perf_counter() - t0
     return (

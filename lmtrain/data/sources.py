@@ -72,11 +72,16 @@ def resolve_files(source: str) -> list[tuple[Path, str]]:
         pairs = [(p, p.relative_to(base).as_posix()) for p in found]
     elif Path(expanded).is_dir():
         base = Path(expanded)
-        files = [p for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        files = [  # hidden files and folders (.git, prepare's .shards) are not corpus files
+            p
+            for p in base.rglob("*")
+            if p.is_file() and not any(x.startswith(".") for x in p.relative_to(base).parts)
+        ]
         found = [p for p in files if formats.readable_name(p.name)]
         if not found:
             # prepare's lock or token files but no meta.json: it stopped before the end
             unfinished = (base / ".meta.json.lock").exists() or any(base.glob("*.bin*"))
+            unfinished = unfinished or (base / ".shards").is_dir()
             hint = " (an unfinished lmtrain prepare? run it again)" if unfinished else ""
             seen = ", ".join(p.name for p in files[:5]) or "nothing"
             raise DataError(
