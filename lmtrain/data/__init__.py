@@ -1,40 +1,41 @@
 """Data: sources behind one contract (contract.py), tokenizers, tokenised corpora on disk
 (`lmtrain prepare`), grain iterators for concat-and-chunk and dataset decomposition, and
-synthetic tasks (tasks.py)."""
+synthetic tasks (tasks.py).
 
-from lmtrain.data.contract import Batch, RowSource
-from lmtrain.data.pipeline import (
-    Corpus,
-    TokenStream,
-    TrainData,
-    eval_batches,
-    load_corpus,
-    make_train_data,
-    pack_rows,
-    train_iterator,
-)
-from lmtrain.data.sources import iter_documents, prepared_meta, source_fingerprint
-from lmtrain.data.tasks import check_config, make_tokenizer, targets_per_row
-from lmtrain.data.tokenizers import Tokenizer
+The names below load their module on first use, so a process that only reads corpus files
+(a `lmtrain prepare --workers` worker) does not import grain and jax.
+"""
+
+import importlib
+
 from lmtrain.errors import DataError
 
-__all__ = [
-    "Batch",
-    "Corpus",
-    "DataError",
-    "RowSource",
-    "TokenStream",
-    "Tokenizer",
-    "TrainData",
-    "check_config",
-    "eval_batches",
-    "iter_documents",
-    "load_corpus",
-    "make_tokenizer",
-    "make_train_data",
-    "pack_rows",
-    "prepared_meta",
-    "source_fingerprint",
-    "targets_per_row",
-    "train_iterator",
-]
+_WHERE = {
+    "Batch": "contract",
+    "RowSource": "contract",
+    "Corpus": "pipeline",
+    "TokenStream": "pipeline",
+    "TrainData": "pipeline",
+    "eval_batches": "pipeline",
+    "load_corpus": "pipeline",
+    "make_train_data": "pipeline",
+    "pack_rows": "pipeline",
+    "train_iterator": "pipeline",
+    "iter_documents": "sources",
+    "prepared_meta": "sources",
+    "source_fingerprint": "sources",
+    "check_config": "tasks",
+    "make_tokenizer": "tasks",
+    "targets_per_row": "tasks",
+    "Tokenizer": "tokenizers",
+}
+
+__all__ = ["DataError", *_WHERE]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"lmtrain.data.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lmtrain.data' has no attribute {name!r}")

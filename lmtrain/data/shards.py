@@ -23,13 +23,13 @@ import multiprocessing
 import os
 import shutil
 import sys
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmtrain.config import DataConfig
 from lmtrain.data import formats, hf_source
 from lmtrain.data.sources import (
     STDLIB,
@@ -41,6 +41,9 @@ from lmtrain.data.sources import (
     stdlib_files,
     val_fraction,
 )
+
+if TYPE_CHECKING:  # lmtrain.config imports the models (jax); spawned workers need not
+    from lmtrain.config import DataConfig
 
 # Input bytes per unit (files are never split); LMTRAIN_UNIT_BYTES overrides it (tests, tuning).
 UNIT_BYTES = int(os.environ.get("LMTRAIN_UNIT_BYTES", 16 << 20))
@@ -248,7 +251,11 @@ def tokenise(
             advance(units[i]["bytes"])
     elif todo:
         tok_file = None if tok.file is None else str(tok.file)
-        jobs = [(cfg, tok_file, dtype.name, str(shards), i, units[i]) for i in todo]
+        # The fields a unit reads, in a plain namespace: unpickling a DataConfig would import
+        # lmtrain.config and with it jax, seconds per worker.
+        fields = ("source", "text_key", "val_fraction", "cache_dir", "tokenizer")
+        light = types.SimpleNamespace(**{f: getattr(cfg, f) for f in fields})
+        jobs = [(light, tok_file, dtype.name, str(shards), i, units[i]) for i in todo]
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(min(workers, len(todo)), initializer=_worker_init) as pool:
             for _, nbytes in pool.imap_unordered(_worker, jobs):

@@ -19,11 +19,13 @@ import sys
 import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmtrain.config import DataConfig
 from lmtrain.data import formats, hf_source
 from lmtrain.errors import DataError
+
+if TYPE_CHECKING:  # lmtrain.config imports the models (jax); spawned workers need not
+    from lmtrain.config import DataConfig
 
 STDLIB = "stdlib"
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages"})

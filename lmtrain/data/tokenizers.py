@@ -8,11 +8,10 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmtrain.config import DataConfig
 from lmtrain.data.sources import (
     DataError,
     cache_dir,
@@ -22,6 +21,9 @@ from lmtrain.data.sources import (
     source_fingerprint,
     val_fraction,
 )
+
+if TYPE_CHECKING:  # lmtrain.config imports the models (jax); spawned workers need not
+    from lmtrain.config import DataConfig
 
 EOD_TOKEN = "<|eod|>"
 PAD_TOKEN = "<|pad|>"
