@@ -59,6 +59,15 @@ def test_every_format_and_compression_gives_the_plain_jsonl_documents(fmt, comp,
     want = [d["text"] for d in DOCS]
     path = _write(tmp_path / f"corpus.{fmt}", fmt, comp)
     assert _all_texts(str(path)) == want
+    # And so exactly the tokens of the plain .jsonl (all documents in the training split).
+    plain = _write(tmp_path / "plain.jsonl", "jsonl", "")
+    bins = []
+    for src in (plain, path):
+        out = tmp_path / f"prep-{src.name}"
+        args = ["--tokenizer", "bytes", "--val-fraction", "0", "--workers", "1", "--no-progress"]
+        assert main(["prepare", str(src), "--out", str(out), *args]) == 0
+        bins.append((out / "train.bin").read_bytes() + (out / "train.idx").read_bytes())
+    assert bins[0] == bins[1] and len(bins[0]) > 1000
     # Compression is read from the magic bytes: the same bytes under a plain name read alike.
     if comp:
         renamed = tmp_path / f"renamed.{fmt}"
