@@ -59,6 +59,7 @@ def test_wandb_logs_the_tensorboard_scalars_and_the_config_and_resumes_the_run(
     corpus, tmp_path, monkeypatch
 ):
     import wandb  # noqa: F401 - the dev extra has it: fail loudly, never skip
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONSOLE", "off")
