@@ -147,16 +147,29 @@ def param_specs(abstract_state: nnx.State, mesh: Mesh) -> dict:
 
 
 def state_specs(param_spec: dict, tx: optax.GradientTransformation, abstract_params: Any) -> dict:
-    """Specs for the train state {step, params, opt_state}; optimizer moments follow the params."""
+    """Specs for the train state {step, params, opt_state}: every optimizer-state leaf that
+    sits under a parameter's own key path, with that parameter's shape, is sharded like it
+    (Adam's moments, Muon's momentum); everything else (counts, factored statistics) is
+    replicated. Matching key paths, not tree structures, works for any optax state, including
+    the masked and partitioned ones of `optax.partition` / `optax.masked`, whose MaskedNode
+    placeholders hold no arrays."""
     opt_abstract = jax.eval_shape(tx.init, abstract_params)
-    opt_spec = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        opt_abstract,
-        param_spec,
-        transform_non_params=lambda _: P(),
-        is_leaf=lambda x: isinstance(x, P),
-    )
+    flat_spec = jax.tree_util.tree_flatten_with_path(param_spec, is_leaf=lambda x: isinstance(x, P))
+    specs = {tuple(path): spec for path, spec in flat_spec[0]}
+    shapes = {
+        tuple(path): leaf.shape
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    }
+    lengths = sorted({len(k) for k in specs}, reverse=True)
+
+    def spec_for(path, leaf) -> P:
+        for n in lengths:
+            tail = tuple(path[-n:])
+            if len(path) >= n and tail in specs and shapes[tail] == leaf.shape:
+                return specs[tail]
+        return P()
+
+    opt_spec = jax.tree_util.tree_map_with_path(spec_for, opt_abstract)
     return {"step": P(), "params": param_spec, "opt_state": opt_spec}
 
 

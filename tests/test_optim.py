@@ -306,3 +306,58 @@ def test_decay_mask_follows_param_metadata():
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
     assert moved == mask
+
+
+def test_partitioned_and_masked_optimizer_states_shard_like_the_params():
+    """optax.partition / optax.masked states (MaskedNode placeholders, e.g. optax.contrib's
+    Muon) get their moments sharded like the params, and a sharded init compiles; before, the
+    mapping from param specs to state specs failed on them."""
+    import optax.contrib
+
+    from lmtrain import models, sharding
+    from lmtrain.config import MeshConfig
+
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 fake CPU devices from conftest.py")
+    from flax import nnx
+
+    cfg = models.family("transformer").Config(vocab_size=64, d_model=32, n_layers=2, n_heads=4)
+    abstract = nnx.eval_shape(lambda: models.build(cfg, nnx.Rngs(params=0)))
+    mesh = sharding.make_mesh(MeshConfig(shape=(2, 4, 1)))
+    specs = sharding.param_specs(nnx.state(abstract), mesh)
+    params = nnx.to_pure_dict(nnx.state(abstract))
+    hidden = jax.tree.map(lambda p: p.ndim == 2 and p.shape[0] != 64 and p.shape[1] != 64, params)
+    dims = jax.tree.map(lambda h: optax.contrib.MuonDimensionNumbers(0, 1) if h else None, hidden)
+    labels = jax.tree.map(lambda h: "a" if h else "b", hidden)
+    for tx in (
+        optax.chain(optax.identity(), optax.contrib.muon(0.02, muon_weight_dimension_numbers=dims)),
+        optax.partition({"a": optax.sgd(0.1, momentum=0.9), "b": optax.adamw(1e-3)}, labels),
+        optax.masked(optax.adam(1e-3), hidden),
+    ):
+        state = sharding.state_specs(specs, tx, params)["opt_state"]
+        flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, jax.P))[
+            0
+        ]
+        param_paths = {
+            tuple(p): s
+            for p, s in jax.tree_util.tree_flatten_with_path(
+                specs, is_leaf=lambda x: isinstance(x, jax.P)
+            )[0]
+        }
+        moments = 0
+        for path, spec in flat:
+            tail = next(
+                (tuple(path[-n:]) for n in (5, 4, 3, 2) if tuple(path[-n:]) in param_paths), None
+            )
+            if tail is not None:
+                assert spec == param_paths[tail], (path, spec)
+                moments += spec != jax.P()
+            else:
+                assert spec == jax.P(), (path, spec)  # counts and other scalars
+        assert moments >= 8  # sharded moments really exist
+        shardings = sharding.named(mesh, state)
+        out = jax.jit(tx.init, out_shardings=shardings)(
+            jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params)
+        )
+        leaves = jax.tree.leaves(out)
+        assert leaves and all(isinstance(x, jax.Array) for x in leaves)
