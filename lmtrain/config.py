@@ -77,9 +77,8 @@ class DataConfig:
     # written by `lmtrain prepare`; or a synthetic task ("mqar")
     source: str = "stdlib"
     seq_len: int = 256
-    # "bytes" | "bpe:N" (trained on the training split) | a tokenizer.json or sentencepiece
-    # .model file | a directory holding one | an HF hub name in the local HF cache;
-    # "" = a prepared directory's own tokenizer, otherwise bpe:4096
+    # "bytes" | "bpe:N" (trained on the train split) | tokenizer.json or sentencepiece .model |
+    # a directory holding one | a local-cache HF hub name; "" = a prepared dir's own, else bpe:4096
     tokenizer: str = ""
     val_fraction: float = 0.05
     text_key: str = "text"  # field holding the text in .jsonl records
@@ -94,7 +93,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"  # adamw | lion
+    name: str = "adamw"  # adamw | lion | muon (Muon on hidden matrices, AdamW on the rest)
     lr: float = 3e-3
     weight_decay: float = 0.1
     b1: float = 0.9
@@ -106,6 +105,12 @@ class OptimConfig:
     decay_frac: float = 0.2  # wsd: the final fraction of steps spent decaying
     clip_norm: float = 1.0  # 0 disables global-norm clipping
     z_loss: float = 0.0  # PaLM z-loss coefficient (1e-4 is typical)
+    # muon: AdamW (embeddings, head, norms, biases, SSM) at adam_lr_ratio x lr (Muon's lr);
+    # muon_consistent_rms 0: optax's width scaling sqrt(max(1, fan_out / fan_in)) instead.
+    adam_lr_ratio: float = 0.1
+    muon_beta: float = 0.95
+    muon_nesterov: bool = True
+    muon_consistent_rms: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +143,7 @@ class TrainConfig:
     # (TensorBoard's profile plugin or Perfetto read it); (0, 0): no trace.
     profile_steps: tuple[int, int] = (0, 0)
     profile_process: int = 0  # which process traces; -1: every process
-    # Weights & Biases (the wandb extra): a project logs the same scalars as TensorBoard and the
-    # config; "" = off. A resumed run continues the same W&B run (its id is in WORKDIR/wandb_id).
+    # W&B (wandb extra): the TensorBoard scalars and the config; "" = off; resumes continue the run
     wandb_project: str = ""
     wandb_entity: str = ""
     wandb_run_name: str = ""  # "": the workdir's name
@@ -263,7 +267,7 @@ class Config:
 
 
 # lmtrain.optim's registries (it checks at import that they are exactly these names)
-OPTIMIZER_NAMES = ("adamw", "lion")
+OPTIMIZER_NAMES = ("adamw", "lion", "muon")
 SCHEDULE_NAMES = ("cosine", "wsd", "constant")
 
 

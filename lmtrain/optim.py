@@ -103,40 +103,97 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def muon_mask(params: Any) -> Any:
+    """True for the parameters optim.name="muon" orthogonalises: the hidden weight matrices.
+
+    A tree of `nnx.Variable`s uses each Param's `muon` metadata (`lmtrain.models.layers.param`:
+    2-D decayed weights that are not embeddings, output heads or convolution taps); a tree of
+    arrays uses ndim == 2, optax's own default.
+    """
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    if any(is_var(x) for x in jax.tree.leaves(params, is_leaf=is_var)):
+
+        def hidden(v: nnx.Variable) -> bool:
+            return bool(v.get_metadata().get("muon", False))
+
+        return nnx.to_pure_dict(jax.tree.map(hidden, params, is_leaf=is_var))
+    return jax.tree.map(lambda p: p.ndim == 2, params)
+
+
 Mask = Any  # a pytree of bools matching the params, or a function params -> such a tree
 
 
-def _adamw(cfg: OptimConfig, lr: optax.Schedule, mask: Mask) -> optax.GradientTransformation:
+def _resolve(mask: Mask, params: Any) -> Any:
+    return mask(params) if callable(mask) else mask
+
+
+def _adamw(
+    cfg: OptimConfig, lr: optax.Schedule, mask: Mask, hidden: Mask
+) -> optax.GradientTransformation:
     return optax.adamw(
         lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask
     )
 
 
-def _lion(cfg: OptimConfig, lr: optax.Schedule, mask: Mask) -> optax.GradientTransformation:
+def _lion(
+    cfg: OptimConfig, lr: optax.Schedule, mask: Mask, hidden: Mask
+) -> optax.GradientTransformation:
     # optax.lion defaults to weight_decay=1e-3, so ours is always passed; Lion has no eps.
     return optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask)
 
 
-# optim.name -> builder(cfg, schedule, weight-decay mask)
+def _muon(
+    cfg: OptimConfig, lr: optax.Schedule, mask: Mask, hidden: Mask
+) -> optax.GradientTransformation:
+    """optax.contrib's Muon (momentum, Newton-Schulz orthogonalisation, width scaling or
+    consistent RMS, decoupled weight decay) on the hidden weight matrices; AdamW at
+    adam_lr_ratio x the learning rate, with lmtrain's decay mask, on everything else."""
+    import optax.contrib
+
+    def adam_lr(step: jax.Array) -> jax.Array:
+        return cfg.adam_lr_ratio * lr(step)
+
+    muon = optax.contrib.muon(
+        lr,
+        beta=cfg.muon_beta,
+        nesterov=cfg.muon_nesterov,
+        weight_decay=cfg.weight_decay,
+        consistent_rms=cfg.muon_consistent_rms or None,
+        # Inside the partition below it only ever sees the 2-D hidden matrices, (in, out).
+        muon_weight_dimension_numbers=optax.contrib.MuonDimensionNumbers(0, 1),
+    )
+    adam = optax.adamw(
+        adam_lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask
+    )
+
+    def labels(params: Any) -> Any:
+        return jax.tree.map(lambda h: "muon" if h else "adam", _resolve(hidden, params))
+
+    return optax.partition({"muon": muon, "adam": adam}, labels)
+
+
+# optim.name -> builder(cfg, schedule, weight-decay mask, Muon mask)
 OPTIMIZERS: dict[
-    str, Callable[[OptimConfig, optax.Schedule, Mask], optax.GradientTransformation]
+    str, Callable[[OptimConfig, optax.Schedule, Mask, Mask], optax.GradientTransformation]
 ] = {
     "adamw": _adamw,
     "lion": _lion,
+    "muon": _muon,
 }
 
 
 def make_optimizer(
-    cfg: OptimConfig, total_steps: int, mask: Mask = decay_mask
+    cfg: OptimConfig, total_steps: int, mask: Mask = decay_mask, hidden: Mask = muon_mask
 ) -> optax.GradientTransformation:
     """Global-norm clipping (if clip_norm > 0), then the named optimizer on `make_schedule`.
 
     `mask` says which parameters get weight decay: the run passes `decay_mask(abstract
     variables)` so Param metadata decides; the default applies ndim >= 2 to the arrays.
+    `hidden` says which parameters Muon orthogonalises (`muon_mask`, likewise).
     """
     if cfg.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name {cfg.name!r} is unknown; valid: {', '.join(OPTIMIZERS)}")
-    tx = OPTIMIZERS[cfg.name](cfg, make_schedule(cfg, total_steps), mask)
+    tx = OPTIMIZERS[cfg.name](cfg, make_schedule(cfg, total_steps), mask, hidden)
     # identity() keeps the state tree identical to clip_by_global_norm's (both EmptyState).
     clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
     return optax.chain(clip, tx)

@@ -117,7 +117,8 @@ def setup(cfg: Config, *, optimizer: bool = True, devices: list | None = None) -
     )
     if not optimizer:
         return run
-    tx = optim.make_optimizer(cfg.optim, cfg.train.steps, optim.decay_mask(abstract_vars))
+    masks = optim.decay_mask(abstract_vars), optim.muon_mask(abstract_vars)
+    tx = optim.make_optimizer(cfg.optim, cfg.train.steps, *masks)
     shardings = sharding.named(mesh, sharding.state_specs(param_specs, tx, params))
     shapes = {
         "step": jax.ShapeDtypeStruct((), jnp.int32),

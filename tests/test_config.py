@@ -181,7 +181,7 @@ def test_set_accepts_booleans_in_any_case_and_integral_floats_for_ints():
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("optim.name", "sgdx", "optim.name 'sgdx' is unknown; valid: adamw, lion"),
+        ("optim.name", "sgdx", "optim.name 'sgdx' is unknown; valid: adamw, lion, muon"),
         ("optim.schedule", "linearx", "optim.schedule 'linearx' is unknown; valid: cosine"),
         ("model.name", "foo", "unknown model.name 'foo'"),
         ("model.dtype", "fp8", "model.dtype must be one of float32, bfloat16, float16"),

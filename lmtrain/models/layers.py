@@ -37,18 +37,25 @@ def param(
     axes: Sequence[str | None],
     *,
     weight_decay: bool | None = None,
+    muon: bool | None = None,
 ) -> nnx.Param:
     """A float32 `nnx.Param` initialised by `init`, tagged with one logical axis name per dim.
 
     `weight_decay` (metadata read by `lmtrain.optim.decay_mask`) defaults to "is a matrix":
     weights decay, norm scales and biases do not. Pass False for matrices that are not weights
-    (SSM decay rates, discretisation steps, state readouts).
+    (SSM decay rates, discretisation steps, state readouts). `muon` (read by
+    `lmtrain.optim.muon_mask`: which parameters optim.name="muon" orthogonalises) defaults to
+    "a hidden weight matrix": 2-D, decayed, and neither a vocabulary (embedding, output head)
+    nor a convolution's taps.
     """
     shape, axes = tuple(shape), tuple(axes)
     if len(shape) != len(axes) or any(a is not None and a not in AXIS_NAMES for a in axes):
         raise ValueError(f"bad logical axes {axes} for shape {shape}; names: {AXIS_NAMES}")
     decay = len(shape) >= 2 if weight_decay is None else weight_decay
-    return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes, weight_decay=decay)
+    if muon is None:
+        muon = len(shape) == 2 and decay and not {"vocab", "conv"} & set(axes)
+    value = init(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, logical_axes=axes, weight_decay=decay, muon=muon)
 
 
 def normal(std: float) -> Init:
