@@ -105,7 +105,9 @@ def test_sweep_slurm_and_launchers_work_from_an_installed_package(tmp_path):
     r = lmtrain("sweep", "exp.py", "--dir", "sw", "--slurm")
     assert r.returncode == 0, r.stderr
     text = (user / "sw" / "sweep_array.sbatch").read_text()
-    assert "@@" not in text and str(REPO) not in text  # nothing points at this checkout
+    assert "@@" not in text
+    # Nothing points into this checkout (a path prefix, not a substring: /repo vs /repo-venv).
+    assert f"{REPO}/" not in text and f'"{REPO}"' not in text
     assert f'cd "{user}"' in text
     assert f'export PYTHONPATH="{site}' in text
     assert f'sweep "{user / "exp.py"}" --dir "{user / "sw"}"' in text
