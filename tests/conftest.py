@@ -25,6 +25,53 @@ NEVER_AWAITED = {"message": "coroutine .* was never awaited", "category": Runtim
 warnings.filterwarnings("ignore", **NEVER_AWAITED)
 
 
+# Out of the fast lane (`-m "not slow"`, ~4 min) for time, still in the full suite: the
+# slowest 5-30 s tests whose kind keeps a cheaper representative in the fast lane (e.g.
+# segment isolation stays fast for the transformer variants, the sharded step for one mesh).
+SLOW_FOR_TIME = {
+    "test_lm_eval.py::test_lm_eval_usage_errors",
+    *(
+        f"test_models.py::test_segment_isolation[{f}]"
+        for f in ("hybrid-HGWS", "s4d", "hybrid", "mamba2", "h3", "gla", "retnet", "lightning")
+    ),
+    "test_models.py::test_segment_isolation[based]",
+    "test_models.py::test_causality[hybrid-HGWS]",
+    "test_models.py::test_causality[s4d]",
+    "test_models.py::test_causality[hybrid]",
+    "test_models.py::test_shapes_and_dtype[hybrid-HGWS]",
+    "test_models.py::test_remat_same_loss_and_grads",
+    "test_models.py::test_bfloat16_close_to_float32",
+    "test_mqar.py::test_scored_positions_step_equals_dense_step[transformer]",
+    "test_mqar.py::test_train_on_mqar_reports_accuracy",
+    "test_scale.py::test_remat_policies_and_scan_keep_loss_and_grads[transformer]",
+    "test_scale.py::test_fsdp_uses_less_memory_than_data_parallel",
+    "test_scale.py::test_remat_policy_saves_less_under_full",
+    "test_scale.py::test_splash_matches_xla_forward_and_gradient_with_packed_documents",
+    "test_scale.py::test_splash_in_a_sharded_model_matches_xla",
+    "test_linear_attention.py::test_all_mixers_in_one_model_decode_matches_forward",
+    "test_linear_attention.py::test_decays_follow_the_papers_and_matter",
+    "test_linear_attention.py::test_base_conv_is_zoologys_baseconv_and_starts_with_random_taps",
+    *(
+        f"test_hybrid.py::test_single_letter_pattern_is_the_pure_family[{c}]"
+        for c in ("MM-mamba2", "HH-h3", "AA-transformer", "GG-gla")
+    ),
+    "test_prepare.py::test_prepare_resumes_after_kill_9_without_redoing_finished_units",
+    "test_optim.py::test_decay_mask_follows_param_metadata",
+    "test_scaling.py::test_fit_without_matplotlib_still_writes_json_and_report",
+    "test_decompose.py::test_loss_at_each_length_is_the_loss_of_evaluating_at_that_length",
+    "test_launch.py::test_local_launcher_propagates_a_failure",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.removeprefix("tests/") in SLOW_FOR_TIME:
+            item.add_marker(pytest.mark.slow)
+    unknown = SLOW_FOR_TIME - {i.nodeid.removeprefix("tests/") for i in items}
+    if unknown and len(items) > 400:  # a whole-suite collection: every name must still exist
+        raise pytest.UsageError(f"SLOW_FOR_TIME names tests that do not exist: {sorted(unknown)}")
+
+
 def pytest_unconfigure(config):
     # At shutdown the C warnings module reads its own filter list, not the module attribute
     # pytest's catch_warnings replaced, so the filter goes there too.
