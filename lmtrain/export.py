@@ -105,7 +105,7 @@ def export(workdir: Path, out: Path, step: int | None = None, fmt: str = "hf") -
     if not cfg_path.is_file():
         raise ConfigError(f"{workdir} holds no run (no config.json)")
     if fmt == "hf":  # refuse before reading the checkpoint
-        hf.architecture(_model_config(config_lib.load_json(cfg_path)))
+        hf.architecture(config_lib.load_json(cfg_path).model)
     run, params, s = run_lib.restore_params(Path(workdir), step=step)
     m, max_len = run.cfg.model, run.cfg.data.seq_len
     files = tokenizer_files(run.tokenizer, max_len)
@@ -138,10 +138,6 @@ def export(workdir: Path, out: Path, step: int | None = None, fmt: str = "hf") -
     n = sum(int(np.prod(t.shape)) for t in tensors.values())
     arch = hf.architecture(m) if fmt == "hf" else f"lmtrain {m.name}"
     return {"out": str(out), "format": fmt, "architecture": arch, "step": s, "parameters": n}
-
-
-def _model_config(cfg: Any) -> Any:
-    return cfg.model
 
 
 # ------------------------------------------------------------------ import (model.init_from)

@@ -50,8 +50,6 @@ from lmtrain.data.tokenizers import (
 )
 
 _FORMAT = 2  # bump when the on-disk layout changes, so old caches are rebuilt (2: {split}.idx)
-_PIECE_CHARS = 1 << 20  # long documents are encoded in pieces so encode_batch stays parallel
-_FLUSH_CHARS = 8 << 20  # text per encode_batch call: bounds memory for any corpus size
 _SPLIT_NAMES = {"train": "training", "val": "validation"}
 _IDX_DTYPE = np.dtype("<i8")
 _SPLIT_FILES = {f"{s}.{ext}" for s in _SPLIT_NAMES for ext in ("bin", "idx")}
