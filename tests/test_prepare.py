@@ -86,8 +86,8 @@ def test_token_stream_document_ends_without_index():
 
 
 def test_long_documents_get_one_index_entry(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "_PIECE_CHARS", 10)
-    monkeypatch.setattr(prepare, "_FLUSH_CHARS", 25)  # pieces span several flushes, too
+    monkeypatch.setattr(shards, "_PIECE_CHARS", 10)
+    monkeypatch.setattr(shards, "_FLUSH_CHARS", 25)  # pieces span several flushes, too
     for i, n in enumerate([50, 3, 20]):
         (tmp_path / "src").mkdir(exist_ok=True)
         (tmp_path / "src" / f"doc{i}.txt").write_text("".join(f"line {j} ü\n" for j in range(n)))
