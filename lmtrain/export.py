@@ -150,6 +150,7 @@ _FREE = {
     "scan_layers",
     "attention_impl",
     "init_std",
+    "zero_init",
     "init_from",
     "conv_init",
     "chunk_size",

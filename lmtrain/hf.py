@@ -61,8 +61,14 @@ def architecture(m: Any) -> str:
             why = f"model.activation={m.activation!r} (Llama's MLP is SwiGLU)"
         elif m.qkv_conv:
             why = f"Primer's q/k/v convolutions (model.qkv_conv={m.qkv_conv})"
+        elif m.qk_norm:
+            why = "QK-norm (model.qk_norm=true; Llama has none)"
+        elif m.logit_softcap:
+            why = f"a logit soft cap (model.logit_softcap={m.logit_softcap}; Llama has none)"
         else:
             return LLAMA
+    elif m.name == "mamba2" and m.logit_softcap:
+        why = f"a logit soft cap (model.logit_softcap={m.logit_softcap}; Mamba-2 has none)"
     elif m.name == "mamba2":
         return MAMBA2
     else:
@@ -137,6 +143,7 @@ def model_overrides(hf: dict[str, Any]) -> dict[str, Any]:
         "model.d_model": hf["hidden_size"],
         "model.n_layers": hf["num_hidden_layers"],
         "model.tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "model.logit_softcap": 0.0,
     }
     if arch == LLAMA:
         heads = hf["num_attention_heads"]
@@ -163,6 +170,7 @@ def model_overrides(hf: dict[str, Any]) -> dict[str, Any]:
             "model.rope_theta": float(rope),
             "model.activation": "swiglu",
             "model.qkv_conv": 0,
+            "model.qk_norm": False,
             "intermediate_size": hf["intermediate_size"],  # checked against ffn_width
         }
     if arch == MAMBA2:

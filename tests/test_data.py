@@ -336,18 +336,6 @@ def test_cache_dir_setting_and_env(tmp_path, monkeypatch):
     assert sources.cache_dir(DataConfig()) == Path.home() / ".cache" / "lmtrain"
 
 
-def test_long_document_encoded_in_pieces_keeps_one_eod(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "_PIECE_CHARS", 10)
-    monkeypatch.setattr(prepare, "_FLUSH_CHARS", 25)  # several flushes, too
-    text = "".join(f"line {i} ü\n" for i in range(50))
-    for name in _names(0.5, want_val=False, n=2):
-        _write(tmp_path / "src" / name, text)
-    cfg = _cfg(tmp_path, source=str(tmp_path / "src"), val_fraction=0.0)
-    c = data.load_corpus(cfg, data.make_tokenizer(cfg))
-    doc = list(text.encode()) + [256]
-    np.testing.assert_array_equal(np.asarray(c.train), doc + doc)
-
-
 # ---------------------------------------------------------------------------- tokenizers
 
 

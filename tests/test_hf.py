@@ -1,6 +1,7 @@
 """Models out to HF transformers and back: logits, greedy text and tokenizers against the real
 library (torch CPU), import round trips, refusals."""
 
+import dataclasses
 import json
 
 import jax
@@ -206,3 +207,22 @@ def test_bytes_tokenizer_json_is_lmtrains_bytes_tokenizer():
             assert tk.decode(ids) == text
     assert tk.token_to_id("<|eod|>") == 256 and tk.token_to_id("<|pad|>") == 257
     assert tk.get_vocab_size() == 258
+
+
+def test_options_llama_and_mamba2_lack_are_refused_by_name():
+    from lmtrain import hf, models
+
+    base = models.family("transformer").Config(d_model=32, n_heads=4)
+    assert hf.architecture(base) == "LlamaForCausalLM"
+    assert hf.architecture(dataclasses.replace(base, zero_init=True)) == "LlamaForCausalLM"
+    for change, why in [
+        (dict(qk_norm=True), "QK-norm"),
+        (dict(logit_softcap=15.0), "logit soft cap"),
+        (dict(activation="relu2"), "model.activation='relu2'"),
+    ]:
+        with pytest.raises(ConfigError, match=f"{why}.*not representable in transformers"):
+            hf.architecture(dataclasses.replace(base, **change))
+    ssm = models.family("mamba2").Config(name="mamba2", d_model=32, n_heads=4)
+    assert hf.architecture(ssm) == "Mamba2ForCausalLM"
+    with pytest.raises(ConfigError, match="soft cap.*Mamba-2 has none"):
+        hf.architecture(dataclasses.replace(ssm, logit_softcap=30.0))

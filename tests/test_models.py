@@ -27,6 +27,8 @@ TRANSFORMER_OPTIONS = {
     "tied": dict(tie_embeddings=True),
     "relu2": dict(activation="relu2"),
     "qkv_conv3": dict(qkv_conv=3),
+    # Speedrun options; init_std 0.5 makes the logits large enough for the cap to bite.
+    "qknorm-softcap": dict(qk_norm=True, logit_softcap=2.0, init_std=0.5),
 }
 
 
@@ -282,12 +284,15 @@ def test_flops_per_token_hand_count():
     assert relu2.flops_per_token(seq) == 6 * (n_layers * (qo + kv + 2 * D * 128) + head) + 6144
 
 
-@pytest.mark.parametrize("case", ["transformer", "transformer-tied", "transformer-qkv_conv3"])
+@pytest.mark.parametrize(
+    "case",
+    ["transformer", "transformer-tied", "transformer-qkv_conv3", "transformer-qknorm-softcap"],
+)
 def test_param_count_matches_formula(case):
     cfg = CASES[case]
     n_params = sum(v.size for _, v in params_of(harness(case).model))
     embed = cfg.vocab_size * cfg.d_model
-    norms = (2 * cfg.n_layers + 1) * cfg.d_model
+    norms = (2 * cfg.n_layers + 1) * cfg.d_model + 2 * cfg.n_layers * cfg.head_dim * cfg.qk_norm
     head_shared = embed if cfg.tie_embeddings else 0  # a tied head is the embedding table
     expected = cfg.matmul_params() - head_shared + embed + norms + cfg.conv_params()
     assert n_params == expected
@@ -326,3 +331,71 @@ def test_rope_depends_only_on_relative_position():
 
     assert math.isclose(score(7, 3), score(104, 100), rel_tol=1e-4)
     assert not math.isclose(score(7, 3), score(3, 7), rel_tol=1e-3)
+
+
+# ------------------------------------------------------------------------------ speedrun options
+
+
+def _logits(cfg, tok, edit=None):
+    """Float32 logits of a fresh model of `cfg` (seed 0), after `edit(model)` if given."""
+    model = models.build(cfg, nnx.Rngs(0))
+    if edit is not None:
+        edit(model)
+    return np.asarray(model(tok))
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_q_and_k():
+    def scale_qk(model):
+        for block in model.blocks:
+            block.attn.q.kernel[...] = 7.0 * block.attn.q.kernel[...]
+            block.attn.k.kernel[...] = 0.3 * block.attn.k.kernel[...]
+
+    tok = tokens(2, L)
+    plain = tiny_config("transformer", init_std=0.3)
+    # Without QK-norm the scale of q and k sets the attention's sharpness: logits move.
+    assert np.abs(_logits(plain, tok, scale_qk) - _logits(plain, tok)).max() > 0.1
+    normed = dataclasses.replace(plain, qk_norm=True)
+    np.testing.assert_allclose(_logits(normed, tok, scale_qk), _logits(normed, tok), atol=2e-4)
+
+
+def test_logit_softcap_is_a_tanh_of_the_uncapped_logits():
+    tok = tokens(2, L)
+    plain = tiny_config("transformer", init_std=0.5)
+    raw = _logits(plain, tok)
+    assert np.abs(raw).max() > 4.0  # large enough that a cap of 2 changes them
+    capped = _logits(dataclasses.replace(plain, logit_softcap=2.0), tok)  # same params
+    assert np.abs(capped).max() < 2.0
+    np.testing.assert_allclose(capped, 2.0 * np.tanh(raw / 2.0), atol=1e-5)
+    with pytest.raises(ConfigError, match="model.logit_softcap"):
+        tiny_config("transformer", logit_softcap=-1.0).validate()
+
+
+OUTPUTS = ("o", "out", "down", "head")  # residual-branch output matrices and the head
+
+
+@pytest.mark.parametrize("name", ["transformer", "mamba2", "gla"])
+def test_zero_init_starts_every_residual_output_and_the_head_at_zero(name):
+    cfg = tiny_config(name, zero_init=True)
+    model = models.build(cfg, nnx.Rngs(0))
+
+    def zeros(m):
+        return {p for p, v in params_of(m) if not np.asarray(v[...]).any()}
+
+    newly = zeros(model) - zeros(models.build(tiny_config(name), nnx.Rngs(0)))
+    outputs = {p for p, _ in params_of(model) if p[-2:] in {(n, "kernel") for n in OUTPUTS}}
+    assert newly == outputs and ("head", "kernel") in outputs and len(outputs) > cfg.n_layers
+    # A fresh model predicts the uniform distribution; gradients first reach the head only,
+    # and after one step on the head they reach the blocks.
+    tok = tokens(2, L + 1)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss_fn(params):
+        logp = jax.nn.log_softmax(nnx.merge(graphdef, params)(tok[:, :-1]), axis=-1)
+        return -jnp.take_along_axis(logp, tok[:, 1:, None], axis=-1).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    np.testing.assert_allclose(loss, math.log(VOCAB), rtol=1e-6)
+    moved = lambda g: {p for p, v in nnx.to_flat_state(g) if np.asarray(v[...]).any()}
+    assert moved(grads) == {("head", "kernel")}
+    params["head"]["kernel"][...] = -0.1 * grads["head"]["kernel"][...]
+    assert moved(jax.grad(loss_fn)(params)) >= outputs  # now every output matrix learns

@@ -93,8 +93,9 @@ def test_long_documents_get_one_index_entry(tmp_path, monkeypatch):
         (tmp_path / "src" / f"doc{i}.txt").write_text("".join(f"line {j} ü\n" for j in range(n)))
     cfg = DataConfig(source=str(tmp_path / "src"), tokenizer="bytes", val_fraction=0.0)
     c = data.load_corpus(cfg, data.make_tokenizer(cfg))
-    sizes = [len("".join(f"line {j} ü\n" for j in range(n)).encode()) + 1 for n in (50, 3, 20)]
-    np.testing.assert_array_equal(c.train.document_ends(), np.cumsum(sizes))
+    docs = [list("".join(f"line {j} ü\n" for j in range(n)).encode()) + [256] for n in (50, 3, 20)]
+    np.testing.assert_array_equal(np.asarray(c.train), sum(docs, []))  # one EOD per document
+    np.testing.assert_array_equal(c.train.document_ends(), np.cumsum([len(d) for d in docs]))
 
 
 def test_cli_prepare_writes_layout_then_is_a_no_op(src, tmp_path, capsys, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from lmtrain.errors import ConfigError
 
@@ -37,6 +38,11 @@ class ModelConfig:
     scan_layers: bool = False
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # modded-nanogpt's init: every residual branch's output matrix (attention/mixer out, MLP
+    # down) and an untied output head start at zero, so a fresh model is its embeddings alone.
+    zero_init: bool = False
+    # > 0: logits = c * tanh(logits / c) (Gemma 2's final soft cap; modded-nanogpt uses 15-30).
+    logit_softcap: float = 0.0
     norm_eps: float = 1e-6
     # Taps of every short convolution: "uniform" (PyTorch's Conv1d) or "identity" (see
     # lmtrain.models.layers.conv_init).
@@ -49,6 +55,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.remat, bool):
             object.__setattr__(self, "remat", "full" if self.remat else "none")
+
+    def out_std(self) -> float:
+        """Init std of a residual branch's output matrix: GPT-2's init_std / sqrt(2 n_layers)
+        (two branches per layer, so the residual stream's variance does not grow with depth),
+        or 0 under zero_init."""
+        return 0.0 if self.zero_init else self.init_std / math.sqrt(2 * self.n_layers)
 
     def layer_kinds(self) -> tuple[str, ...]:
         """One label per layer; equal labels mean structurally equal blocks (what a stack that
@@ -88,6 +100,7 @@ class ModelConfig:
                     "model.remat",
                     f"must be one of {', '.join(REMAT_POLICIES)}",
                 ),
+                (self.logit_softcap >= 0, "model.logit_softcap", "must be >= 0 (0: off)"),
                 (self.conv_init in CONV_INITS, "model.conv_init", f"must be one of {CONV_INITS}"),
             ]
         )

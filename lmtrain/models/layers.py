@@ -111,8 +111,10 @@ class Embed(nnx.Module):
 class RMSNorm(nnx.Module):
     """RMS normalisation with a learned scale; statistics in float32 whatever the input dtype."""
 
-    def __init__(self, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-6, dtype: jnp.dtype):
-        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("embed",))
+    def __init__(
+        self, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-6, dtype: jnp.dtype, axis: str = "embed"
+    ):
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), (axis,))
         self.eps = eps
         self.dtype = dtype
 

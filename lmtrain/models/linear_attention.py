@@ -152,11 +152,6 @@ class Config(ModelConfig):
         check_all(checks)
 
 
-def _out_std(cfg: Config) -> float:
-    # GPT-2: residual-branch outputs start smaller so the stream's variance does not grow.
-    return cfg.init_std / math.sqrt(2 * cfg.n_layers)
-
-
 def _linear_kw(cfg: Config, rngs: nnx.Rngs) -> dict:
     return dict(rngs=rngs, std=cfg.init_std, dtype=jnp.dtype(cfg.dtype))
 
@@ -210,7 +205,7 @@ class BasedAttention(_LinearMixer):
         self.q = Linear(D, H * self.f, ("embed", "heads"), **kw)
         self.k = Linear(D, H * self.f, ("embed", "heads"), **kw)
         self.v = Linear(D, H * K, ("embed", "heads"), **kw)
-        self.o = Linear(H * K, D, ("heads", "embed"), **{**kw, "std": _out_std(cfg)})
+        self.o = Linear(H * K, D, ("heads", "embed"), **{**kw, "std": cfg.out_std()})
 
     def _qkv(self, x_BxLxD, positions_BxL):
         q = ops.taylor_feature_map(self._heads(self.q(x_BxLxD), self.f))
@@ -246,7 +241,7 @@ class ScalarDecayAttention(_LinearMixer):
             Linear(D, H * K, ("embed", "heads"), **kw) for _ in "qkvg"
         )
         self.norm = HeadNorm(H, K, rngs=rngs, eps=cfg.norm_eps)
-        self.o = Linear(H * K, D, ("heads", "embed"), **{**kw, "std": _out_std(cfg)})
+        self.o = Linear(H * K, D, ("heads", "embed"), **{**kw, "std": cfg.out_std()})
 
     def _qkv(self, x_BxLxD, positions_BxL):
         B, L, _ = x_BxLxD.shape
@@ -295,7 +290,7 @@ class GatedLinearAttention(_LinearMixer):
         self.gate_up = Linear(r, Dk, (None, "heads"), **kw)
         self.gate_bias = param(rngs, nnx.initializers.zeros, (Dk,), ("heads",))
         self.norm = HeadNorm(self.H, self.K, rngs=rngs, eps=cfg.norm_eps)
-        self.o = Linear(D, D, ("heads", "embed"), **{**kw, "std": _out_std(cfg)})
+        self.o = Linear(D, D, ("heads", "embed"), **{**kw, "std": cfg.out_std()})
 
     def _qkv(self, x_BxLxD, positions_BxL):
         q = self._heads(self.q(x_BxLxD), self.P) * self.P**-0.5
@@ -314,7 +309,7 @@ class SlidingWindowAttention(nnx.Module):
         self.H, self.K, self.window, self.rope_theta = H, K, cfg.window, cfg.rope_theta
         self.dtype = jnp.dtype(cfg.dtype)
         self.q, self.k, self.v = (Linear(D, H * K, ("embed", "heads"), **kw) for _ in "qkv")
-        self.o = Linear(H * K, D, ("heads", "embed"), **{**kw, "std": _out_std(cfg)})
+        self.o = Linear(H * K, D, ("heads", "embed"), **{**kw, "std": cfg.out_std()})
 
     def _qkv(self, x_BxLxD, positions_BxL):
         B, L, _ = x_BxLxD.shape
@@ -364,7 +359,7 @@ class GatedConv(nnx.Module):
             self.gate_bias = param(rngs, nnx.initializers.zeros, (D,), ("heads",))
         else:
             self.inp = Linear(D, D, ("embed", "heads"), **kw)
-            self.o = Linear(D, D, ("heads", "embed"), **{**kw, "std": _out_std(cfg)})
+            self.o = Linear(D, D, ("heads", "embed"), **{**kw, "std": cfg.out_std()})
 
     def _mix(self, x_BxLxD, conv_BxLxD) -> jax.Array:
         if self.base:
@@ -409,7 +404,7 @@ class Block(nnx.Module):
         self.mlp_norm = self.mlp = nnx.data(None)
         if cfg.block_mlp:
             self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
-            std, out_std = cfg.init_std, _out_std(cfg)
+            std, out_std = cfg.init_std, cfg.out_std()
             self.mlp = SwiGLU(
                 cfg.d_model, cfg.ffn_width, rngs=rngs, std=std, out_std=out_std, dtype=dtype
             )

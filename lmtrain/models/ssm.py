@@ -10,7 +10,6 @@ The scan and kernel math lives in `ssm_ops`; the SSM cores run in float32 whatev
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -124,11 +123,6 @@ class Config(ModelConfig):
         check_all(checks)
 
 
-def _out_std(cfg: Config) -> float:
-    """GPT-2 scaled init for residual-branch outputs (2 branches per layer)."""
-    return cfg.init_std / math.sqrt(2 * cfg.n_layers)
-
-
 class S4D(nnx.Module):
     """S4D per channel (D independent complex diagonal SSMs), GELU, output projection.
 
@@ -141,7 +135,7 @@ class S4D(nnx.Module):
         D, self.dtype = cfg.d_model, jnp.dtype(cfg.dtype)
         self.chunk, self.fft = cfg.chunk_size, cfg.s4d_fft
         self.ssm = ssm_ops.DiagonalSSM(D, cfg.state_size, "heads", rngs=rngs)
-        self.out = Linear(D, D, ("heads", "embed"), rngs=rngs, std=_out_std(cfg), dtype=self.dtype)
+        self.out = Linear(D, D, ("heads", "embed"), rngs=rngs, std=cfg.out_std(), dtype=self.dtype)
 
     def _finish(self, y_BxLxD: jax.Array, u_BxLxD: jax.Array) -> jax.Array:
         y_BxLxD = y_BxLxD + self.ssm.d[...][None, None, :] * u_BxLxD
@@ -189,7 +183,7 @@ class H3(nnx.Module):
         self.q = Linear(D, D, ("embed", "heads"), rngs=rngs, std=std, dtype=dtype)
         self.k = Linear(D, D, ("embed", "heads"), rngs=rngs, std=std, dtype=dtype)
         self.v = Linear(D, D, ("embed", "heads"), rngs=rngs, std=std, dtype=dtype)
-        self.o = Linear(D, D, ("heads", "embed"), rngs=rngs, std=_out_std(cfg), dtype=dtype)
+        self.o = Linear(D, D, ("heads", "embed"), rngs=rngs, std=cfg.out_std(), dtype=dtype)
         conv = dict(rngs=rngs, init=cfg.conv_init, std=std, dtype=dtype)
         self.shift = ShortConv(D, cfg.conv_width, "heads", **conv)
         self.ssm = ssm_ops.DiagonalSSM(H, cfg.state_size, "heads", rngs=rngs)
@@ -258,7 +252,7 @@ class Mamba2(nnx.Module):
         self.dt_bias = param(rngs, _dt_bias_init, (H,), ("heads",))
         self.d = param(rngs, nnx.initializers.ones, (H,), ("heads",))
         self.norm_scale = param(rngs, nnx.initializers.ones, (E,), ("heads",))
-        self.out = Linear(E, D, ("heads", "embed"), rngs=rngs, std=_out_std(cfg), dtype=dtype)
+        self.out = Linear(E, D, ("heads", "embed"), rngs=rngs, std=cfg.out_std(), dtype=dtype)
 
     def _ssd_inputs(self, x_BxLxD: jax.Array, xs, b, c):
         """float32 (x_BxLxHxP, dt_BxLxH, a_H, b_BxLxN, c_BxLxN) from conv outputs."""
@@ -330,7 +324,7 @@ class Block(nnx.Module):
                 cfg.ffn_width,
                 rngs=rngs,
                 std=cfg.init_std,
-                out_std=_out_std(cfg),
+                out_std=cfg.out_std(),
                 dtype=dtype,
             )
         else:  # Mamba-style block: the mixer alone

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +31,9 @@ class Config(ModelConfig):
     rope_theta: float = 10000.0
     activation: str = "swiglu"  # "swiglu" | "relu2" (Primer squared ReLU)
     qkv_conv: int = 0  # Primer depthwise causal conv width after Q, K, V projections; 0 = off
+    # RMSNorm over each head's query and key (learned scale per head channel, shared by heads)
+    # before RoPE: OLMo 2 / Qwen 3 / modded-nanogpt's QK-norm, which bounds the attention logits.
+    qk_norm: bool = False
     attention_impl: str = "xla"  # xla | cudnn (GPU) | splash (TPU); see models/attention.py
 
     @property
@@ -71,7 +73,8 @@ class Config(ModelConfig):
         + 6 * n_layers * seq_len * d_model  (causal attention scores and values: half of
                                              12 * n_layers * seq_len * d_model)
         + 6 * conv_params()                 (each Primer conv tap is a multiply-add per token)
-        Norms, RoPE, activations and softmax are not counted.
+        Norms (QK-norm included), RoPE, activations, the logit soft cap and softmax are not
+        counted: they are O(d_model) or O(vocab) elementwise work per token, not matmuls.
         """
         attention = 6 * self.n_layers * seq_len * self.d_model
         return float(6 * self.matmul_params() + attention + 6 * self.conv_params())
@@ -131,12 +134,20 @@ class Attention(nnx.Module):
             self.conv_v = ShortConv(G * K, cfg.qkv_conv, "kv", **conv)
         else:
             self.conv_q = self.conv_k = self.conv_v = None
+        if cfg.qk_norm:
+            norm = dict(rngs=rngs, eps=cfg.norm_eps, dtype=dtype, axis="head_dim")
+            self.q_norm, self.k_norm = RMSNorm(K, **norm), RMSNorm(K, **norm)
+        else:
+            self.q_norm = self.k_norm = None
 
     def _heads(self, q, k, v, positions_BxL):
-        """Splits heads and applies RoPE to q and k."""
+        """Splits heads, applies QK-norm (if on), then RoPE to q and k."""
         B, L, _ = q.shape
-        q_BxLxHxK = apply_rope(q.reshape(B, L, self.H, self.K), positions_BxL, self.rope_theta)
-        k_BxLxGxK = apply_rope(k.reshape(B, L, self.G, self.K), positions_BxL, self.rope_theta)
+        q_BxLxHxK, k_BxLxGxK = q.reshape(B, L, self.H, self.K), k.reshape(B, L, self.G, self.K)
+        if self.q_norm is not None:
+            q_BxLxHxK, k_BxLxGxK = self.q_norm(q_BxLxHxK), self.k_norm(k_BxLxGxK)
+        q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, self.rope_theta)
+        k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, self.rope_theta)
         return q_BxLxHxK, k_BxLxGxK, v.reshape(B, L, self.G, self.K)
 
     def __call__(
@@ -201,9 +212,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
-        # GPT-2: residual-branch outputs start smaller so the residual stream's variance does
-        # not grow with depth (2 branches per layer).
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        out_std = cfg.out_std()  # GPT-2's scaled init of residual-branch outputs, or zero
         self.dtype = dtype
         self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
         self.attn = Attention(cfg, rngs=rngs, out_std=out_std)
@@ -236,8 +245,9 @@ class Model(nnx.Module):
 
     Init: embeddings, Q/K/V, MLP input matrices and an untied head ~ N(0, init_std^2); each
     block's attention-out and MLP-down matrices ~ N(0, (init_std / sqrt(2 n_layers))^2); norm
-    scales 1; Primer convs as model.conv_init (layers.conv_init). Parameters are float32;
-    compute runs in cfg.dtype; logits are float32.
+    scales 1; Primer convs as model.conv_init (layers.conv_init). model.zero_init starts the
+    attention-out, MLP-down and untied head matrices at zero. Parameters are float32; compute
+    runs in cfg.dtype; logits are float32 (soft-capped by model.logit_softcap when it is > 0).
     """
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
@@ -256,8 +266,9 @@ class Model(nnx.Module):
             self.head = None  # logits come from token_embed.attend
         else:
             head_axes = ("embed", "vocab")
+            head_std = 0.0 if cfg.zero_init else std
             self.head = Linear(
-                cfg.d_model, cfg.vocab_size, head_axes, rngs=rngs, std=std, dtype=self.dtype
+                cfg.d_model, cfg.vocab_size, head_axes, rngs=rngs, std=head_std, dtype=self.dtype
             )
 
     def embed(self, tokens_BxL: jax.Array) -> jax.Array:
@@ -270,6 +281,9 @@ class Model(nnx.Module):
             logits_BxLxV = self.token_embed.attend(x_BxLxD)
         else:
             logits_BxLxV = self.head(x_BxLxD, out_dtype=jnp.float32)
+        cap = self.cfg.logit_softcap
+        if cap > 0:
+            logits_BxLxV = cap * jnp.tanh(logits_BxLxV / cap)
         return constrain(logits_BxLxV, "batch", "length", "vocab")
 
     def blocks_forward(
