@@ -15,7 +15,7 @@ import pytest
 
 from lmtrain import data
 from lmtrain.config import ConfigError, DataConfig
-from lmtrain.data import pipeline, prepare, shards, sources, tokenizers
+from lmtrain.data import pipeline, shards, sources, tokenizers
 
 DataError = data.DataError
 E = 99  # eod id in hand-made streams
