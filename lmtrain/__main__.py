@@ -1,8 +1,6 @@
 """`python -m lmtrain ...` is the same as the `lmtrain` console script."""
 
-import sys
-
-from lmtrain.cli import main
+from lmtrain.cli import entry
 
 if __name__ == "__main__":  # not when a spawned worker (lmtrain prepare --workers) imports it
-    sys.exit(main())
+    entry()

@@ -350,6 +350,16 @@ def _cpu_devices_default() -> None:
     os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={n}".strip()
 
 
+def entry() -> None:
+    """The console script and `python -m lmtrain`: main()'s status is the exit status, without
+    waiting minutes for the threads of a failed checkpoint save (runguard.exit_now_if_orphaned)."""
+    code = main()
+    from lmtrain import runguard
+
+    runguard.exit_now_if_orphaned(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lmtrain` console script; returns the exit status."""
     _cpu_devices_default()  # before the parser: building it imports lmtrain.config, and jax

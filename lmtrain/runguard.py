@@ -148,3 +148,30 @@ def library_noise_to(path: Path):
                 file=sys.stderr,
                 flush=True,
             )
+
+
+def orphaned_save_threads() -> list:
+    """Orbax's writer threads still alive (non-daemon) from a save that failed.
+
+    Each waits up to orbax's barrier timeout (300 s) for a signal the failed save never sends,
+    and the interpreter joins non-daemon threads at exit: the process would sit there for
+    minutes after printing its error.
+    """
+    import threading
+
+    return [
+        t
+        for t in threading.enumerate()
+        if t.is_alive() and not t.daemon and type(t).__module__.startswith("orbax.")
+    ]
+
+
+def exit_now_if_orphaned(code: int) -> None:
+    """Ends the process with `code` at once (streams and logs flushed) when a failed save left
+    orbax threads behind; otherwise returns and the interpreter exits normally."""
+    if not orphaned_save_threads():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

@@ -39,7 +39,7 @@ def _flat_numbers(resps) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["transformer", "mamba2"])
+@pytest.mark.parametrize("family", ["transformer"])  # the adapter runs any family's forward
 def test_adapter_equals_lm_evals_hf_backend_on_the_export(family, corpus, tmp_path, capsys):
     import lm_eval
     from lm_eval.tasks import TaskManager

@@ -107,10 +107,16 @@ def wait_for_checkpoint(wd: Path, step: int, proc: subprocess.Popen, limit: floa
         time.sleep(0.2)
 
 
-def test_two_processes_match_one_and_resume_across_topologies(exp, tmp_path):
-    rc, err = finish(launch(1, 4, exp, 12, tmp_path / "ref"))
+@pytest.fixture(scope="module")
+def ref(exp, tmp_path_factory) -> dict[int, float]:
+    """The losses of the 12-step run by one process on 4 devices (every test's reference)."""
+    wd = tmp_path_factory.mktemp("ref")
+    rc, err = finish(launch(1, 4, exp, 12, wd))
     assert rc == 0, err
-    ref = losses(tmp_path / "ref")
+    return losses(wd)
+
+
+def test_two_processes_match_one_and_resume_across_topologies(exp, ref, tmp_path):
     wd = tmp_path / "mp"
     rc, err = finish(launch(2, 2, exp, 6, wd))  # 2 processes x 2 devices
     assert rc == 0, err
@@ -138,9 +144,7 @@ def test_decomposition_two_processes_match_one(exp, tmp_path):
     np.testing.assert_allclose([x for _, x in rows["two"]], [x for _, x in rows["one"]], rtol=1e-5)
 
 
-def test_sigterm_to_both_saves_the_same_step_and_resumes(exp, tmp_path):
-    rc, err = finish(launch(1, 4, exp, 12, tmp_path / "ref"))
-    assert rc == 0, err
+def test_sigterm_to_both_saves_the_same_step_and_resumes(exp, ref, tmp_path):
     wd = tmp_path / "term"
     p = launch(2, 2, exp, 100000, wd)
     wait_for_checkpoint(wd, 3, p)
@@ -153,7 +157,7 @@ def test_sigterm_to_both_saves_the_same_step_and_resumes(exp, tmp_path):
     assert Checkpointer(wd / "checkpoints").latest_step() == stopped  # one checkpoint, all hosts
     rc, err = finish(launch(2, 2, exp, stopped + 3, wd))
     assert rc == 0 and f"resumed at step {stopped}" in err, err
-    ref, got = losses(tmp_path / "ref"), losses(wd)
+    got = losses(wd)
     steps = [s for s in range(1, stopped + 4) if s in ref]
     np.testing.assert_allclose([got[s] for s in steps], [ref[s] for s in steps], rtol=1e-5)
 
