@@ -2,6 +2,9 @@
 
     python benchmarks/step_throughput.py            # the sweep, one subprocess per device count
     python benchmarks/step_throughput.py --child 8  # one device count (used by the sweep)
+    # the quickstart's shape and optimizer, f32 vs bf16 on 2 devices:
+    python benchmarks/step_throughput.py --models d192-L3:192:3:3 --vocab 8192 --batch 16 \
+        --optim muon --devices 2
 
 Each configuration runs the real compiled train step (lmtrain.step) on synthetic batches of the
 quickstart shape; figures are medians of timed steps after warm-up. On a shared, noisy machine
@@ -51,7 +54,9 @@ def time_steps(fn, state, batch, steps: int, warmup: int = 2):
     return float(np.median(times)), state, m
 
 
-def child(n_devices: int, steps: int, batch: int, seq_len: int, vocab: int) -> list[dict]:
+def child(
+    n_devices: int, steps: int, batch: int, seq_len: int, vocab: int, models=MODELS, optim="adamw"
+) -> list[dict]:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
     import jax
 
@@ -60,7 +65,7 @@ def child(n_devices: int, steps: int, batch: int, seq_len: int, vocab: int) -> l
 
     peak, _ = flops.peak_flops(jax.devices()[:1], "float32")
     rows = []
-    for name, d, n_layers, n_heads in MODELS:
+    for name, d, n_layers, n_heads in models:
         for dtype in DTYPES:
             cfg = config.override(
                 config.Config(),
@@ -75,6 +80,7 @@ def child(n_devices: int, steps: int, batch: int, seq_len: int, vocab: int) -> l
                     "data.seq_len": seq_len,
                     "train.batch_size": batch,
                     "eval.batch_size": batch,
+                    "optim.name": optim,
                 },
             )
             run = run_lib.setup(cfg)
@@ -108,38 +114,38 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument(
+        "--models",
+        default=",".join(f"{m[0]}:{m[1]}:{m[2]}:{m[3]}" for m in MODELS),
+        help="NAME:D_MODEL:N_LAYERS:N_HEADS,... (default: the three of MODELS)",
+    )
+    p.add_argument("--devices", default=",".join(map(str, DEVICE_COUNTS)))
+    p.add_argument("--optim", default="adamw", help="optim.name: adamw, lion, muon")
     a = p.parse_args()
+    models = [(m.split(":")[0], *map(int, m.split(":")[1:])) for m in a.models.split(",")]
     if a.child:
-        print(json.dumps(child(a.child, a.steps, a.batch, a.seq_len, a.vocab)))
+        rows = child(a.child, a.steps, a.batch, a.seq_len, a.vocab, models, a.optim)
+        print(json.dumps(rows))
         return
     rows = []
-    for n in DEVICE_COUNTS:
+    for n in map(int, a.devices.split(",")):
+        flags = ["--steps", str(a.steps), "--batch", str(a.batch), "--seq-len", str(a.seq_len)]
+        flags += ["--vocab", str(a.vocab), "--models", a.models, "--optim", a.optim]
         out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--child",
-                str(n),
-                "--steps",
-                str(a.steps),
-                "--batch",
-                str(a.batch),
-                "--seq-len",
-                str(a.seq_len),
-                "--vocab",
-                str(a.vocab),
-            ],
+            [sys.executable, __file__, "--child", str(n), *flags],
             check=True,
             capture_output=True,
             text=True,
         )
         rows += json.loads(out.stdout.strip().splitlines()[-1])
-    base = {(r["model"], r["dtype"]): r["tokens_per_sec"] for r in rows if r["devices"] == 1}
+    first = min(r["devices"] for r in rows)
+    base = {(r["model"], r["dtype"]): r["tokens_per_sec"] for r in rows if r["devices"] == first}
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"batch {a.batch} x seq {a.seq_len}, vocab {a.vocab}; median of {a.steps} steps\n"
+        f"batch {a.batch} x seq {a.seq_len}, vocab {a.vocab}, {a.optim}; median of {a.steps} "
+        f"steps\n"
     )
-    print("| model | params | dtype | CPU devices | step s | tokens/s | vs 1 device | MFU |")
+    print(f"| model | params | dtype | CPU devices | step s | tokens/s | vs {first} dev | MFU |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["tokens_per_sec"] / base[(r["model"], r["dtype"])]

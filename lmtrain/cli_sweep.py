@@ -122,6 +122,25 @@ def add_parsers(sub) -> None:
         metavar="DIR",
         help="another sweep directory whose finished runs are predicted and compared",
     )
+    f.add_argument(
+        "--by",
+        choices=["family", "optimizer"],
+        default="family",
+        help="fit each model family (default) or each optimizer separately",
+    )
+    f.add_argument(
+        "--best-lr",
+        action="store_true",
+        help="of the runs that differ only in lr, fit the best one (an lr sweep per cell); "
+        "fit.md lists every lr tried next to Step Law's",
+    )
+    f.add_argument(
+        "--reference",
+        default=None,
+        metavar="GROUP",
+        help="report each other group's compute multiplier at equal loss over this one "
+        "(e.g. --by optimizer --reference adamw)",
+    )
     f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (200)")
     f.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
     f.add_argument("--out", default=None, help="output directory (default: the sweep directory)")
@@ -207,5 +226,8 @@ def cmd_fit(args) -> int:
         bootstrap=args.bootstrap,
         seed=args.seed,
         out=Path(args.out) if args.out else None,
+        by=args.by,
+        best_lr=args.best_lr,
+        reference=args.reference,
     )
     return 0

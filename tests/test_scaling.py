@@ -211,3 +211,62 @@ def test_fit_errors_are_clear(tmp_path, capsys):
     assert "--predict expects" in _fit_error([ok, "--predict", "N=1M"], capsys)
     assert "not a number" in _fit_error([ok, "--predict", "N=1Q,D=2"], capsys)
     assert "--metric" in _fit_error([ok, "--metric", "val_acc"], capsys)
+
+
+# ---------------------------------------------------------------------------- optimizer comparison
+
+
+def _optimizer_rows(name: str, multiplier: float, lrs: tuple[float, ...]) -> list[dict]:
+    """Noise-free runs of an optimizer that reaches at D what the reference law reaches at
+    multiplier * D; the first lr is the best, the others lose 1% and 3%."""
+    n, d, _ = synthetic(noise=0.0)
+    best = scaling.chinchilla_loss(TRUE, n, multiplier * d)
+    rows = []
+    for lr, worse in zip(lrs, (1.0, 1.01, 1.03), strict=False):
+        rows += [
+            {"name": f"{name}-{i}-{lr:g}", "family": "transformer", "optimizer": name,
+             "lr": lr, "status": "done", "params": int(x * 1.1), "params_nonembed": int(x),
+             "tokens": int(y), "seq_len": 2048, "final_val_loss": float(z * worse)}
+            for i, (x, y, z) in enumerate(zip(n, d, best, strict=True))
+        ]  # fmt: skip
+    return rows
+
+
+def test_fit_by_optimizer_keeps_the_best_lr_and_recovers_the_compute_multiplier(tmp_path, capsys):
+    rows = (
+        _optimizer_rows("adamw", 1.0, (3e-3, 1e-3, 1e-2))  # best lr in the middle
+        + _optimizer_rows("muon", 2.0, (0.1, 0.03))  # best at the top edge
+        + _optimizer_rows("lion", 0.5, (3e-4,))
+    )
+    sweep = _write(tmp_path / "opt", rows)
+    args = ["fit", sweep, "--by", "optimizer", "--best-lr", "--reference", "adamw"]
+    assert main([*args, "--bootstrap", str(N_BOOT)]) == 0
+    out = capsys.readouterr().out
+    fit = json.loads((tmp_path / "opt" / "fit.json").read_text())
+    assert set(fit["families"]) == {"adamw", "lion", "muon"}
+    for fam in fit["families"].values():
+        assert fam["n_runs"] == 56  # one run per (N, D) cell: the best lr's
+    cells = {(c["family"], c["N"], c["D"]): c for c in fit["best_lr"]}
+    some = next(c for c in cells.values() if c["family"] == "adamw")
+    assert some["best_lr"] == 3e-3 and not some["edge"] and len(some["tried"]) == 3
+    assert all(c["best_lr"] == 0.1 and c["edge"] for c in cells.values() if c["family"] == "muon")
+    assert some["step_law_lr"] == pytest.approx(scaling.step_law(some["N"], some["D"])["lr"])
+    # Muon's runs reach what AdamW's law reaches with 2x the tokens; Lion's, with half.
+    for name, m in (("muon", 2.0), ("lion", 0.5)):
+        c = fit["compare"][name]
+        assert c["median"] == pytest.approx(m, rel=1e-3)
+        lo, hi = c["interval"]  # noise-free runs: the bootstrap fits agree to roundoff
+        assert lo <= m * (1 + 1e-4) and hi >= m * (1 - 1e-4)
+        assert f"{name} over adamw: compute multiplier at equal loss {m:.3g}" in out
+    report = (tmp_path / "opt" / "fit.md").read_text()
+    assert "## Optimizer `muon`" in report and "Compute multiplier over `adamw`" in report
+    assert "| muon | 2 |" in report and "0.1*" in report
+
+
+def test_fit_by_optimizer_errors_are_clear(tmp_path, capsys):
+    rows = _optimizer_rows("adamw", 1.0, (3e-3,))
+    sweep = _write(tmp_path / "a", rows)
+    err = _fit_error([sweep, "--by", "optimizer", "--reference", "sgd"], capsys)
+    assert "--reference 'sgd' is not a group of this sweep: adamw" in err
+    old = _write(tmp_path / "old", [{k: v for k, v in r.items() if k != "optimizer"} for r in rows])
+    assert "have no 'optimizer' column" in _fit_error([old, "--by", "optimizer"], capsys)

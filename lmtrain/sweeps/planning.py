@@ -161,7 +161,8 @@ def si(x: float) -> str:
 
 
 def plan(configs: Sequence[Config]) -> list[PlannedRun]:
-    """Runs with names family-N<non-embedding params>-D<tokens>-s<seed> (+ a hash if needed)."""
+    """Runs named family-N<non-embedding params>-D<tokens>-s<seed>, then -<optimizer>-lr<lr>
+    where that is not unique, then a hash of the config where even that is not."""
     cfgs = [
         config_lib.override(config_lib.with_family_config(c), {"train.progress": False}).validate()
         for c in configs
@@ -171,9 +172,13 @@ def plan(configs: Sequence[Config]) -> list[PlannedRun]:
         f"{c.model.name}-N{si(n)}-D{si(tokens(c))}-s{c.train.seed}"
         for c, (_, n) in zip(cfgs, counts, strict=True)
     ]
+    first = list(names)
+    for i, name in enumerate(first):
+        if first.count(name) > 1:  # an optimizer or lr sweep: say which
+            names[i] = f"{name}-{cfgs[i].optim.name}-lr{cfgs[i].optim.lr:g}"
     plain = list(names)
     for i, name in enumerate(plain):
-        if plain.count(name) > 1:  # same family, N, D and seed: the config's hash tells apart
+        if plain.count(name) > 1:  # same family, N, D, seed, optimizer, lr: the config's hash
             digest = json.dumps(config_lib.to_dict(cfgs[i]), sort_keys=True).encode()
             names[i] = f"{name}-{hashlib.sha1(digest).hexdigest()[:6]}"
     if len(set(names)) < len(names):

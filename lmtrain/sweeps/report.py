@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmtrain.config import ConfigError
+from lmtrain.sweeps import compare, plots
 from lmtrain.sweeps import fit as laws
-from lmtrain.sweeps import plots
 from lmtrain.sweeps.planning import si
 
 METRICS = ("final_val_loss", "best_val_loss", "final_val_bpb", "best_val_bpb", "train_loss")
@@ -93,19 +93,29 @@ def fit_sweep(
     bootstrap: int = 200,
     seed: int = 0,
     out: Path | None = None,
+    by: str = "family",
+    best_lr: bool = False,
+    reference: str | None = None,
 ) -> dict:
     """Fits the laws of a sweep's finished runs; writes fit.json, fit.md and plots into `out`
     (default: the sweep directory), prints a summary, and returns the fit.
 
     `params`: "nonembed" or "total" parameters as N; `predict`: points "N=...,D=..." (or C=);
     `target_flops`: budgets for N*, D* (default 10x and 100x the largest); `holdout`: another
-    sweep directory whose runs are predicted and compared.
+    sweep directory whose runs are predicted and compared; `by`: the column that splits the
+    runs into separately fitted groups ("family" or "optimizer"); `best_lr`: fit only the best
+    lr of each (group, N, D) cell; `reference`: a group to report compute multipliers against
+    (lmtrain.sweeps.compare).
     """
     sweep_dir = Path(sweep_dir)
     n_key = "params_nonembed" if params == "nonembed" else "params"
-    rows = finished_rows(sweep_dir, metric)
+    rows = compare.group_rows(finished_rows(sweep_dir, metric), by)
+    lr_table = None
+    if best_lr:
+        rows, lr_table = compare.best_lr(rows, metric, n_key)
     points = [parse_point(p) for p in predict]
     families = laws.fit_rows(rows, metric, n_key, bootstrap, seed)
+    compared = compare.compare(families, rows, reference, metric, n_key) if reference else None
     max_c = max(6 * r[n_key] * r["tokens"] for r in rows)
     budgets = list(target_flops) or [10 * max_c, 100 * max_c]
     for name, fam in families.items():
@@ -116,7 +126,7 @@ def fit_sweep(
         fam["predictions"] = [laws.predict(fam, n, d) for n, d in points]
         for t in fam["targets"] + fam["predictions"]:
             t["step_law"]["batch_seqs"] = t["step_law"]["batch_tokens"] / seq_len
-    held = _holdout(Path(holdout), families, metric, n_key) if holdout else None
+    held = _holdout(Path(holdout), families, metric, n_key, by) if holdout else None
     out = Path(out) if out else sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -127,8 +137,12 @@ def fit_sweep(
         + ("non-embedding" if n_key != "params" else "total")
         + " parameters, D = training tokens",
         "n_runs": len(rows),
+        "by": by,
         "families": families,
         "holdout": held,
+        "best_lr": lr_table,
+        "reference": reference,
+        "compare": compared,
     }
     (out / "fit.json").write_text(json.dumps(result, indent=1) + "\n")
     try:
@@ -145,10 +159,10 @@ def fit_sweep(
     return result
 
 
-def _holdout(path: Path, families: dict, metric: str, n_key: str) -> list[dict]:
+def _holdout(path: Path, families: dict, metric: str, n_key: str, by: str) -> list[dict]:
     """Predictions for another sweep's finished runs, next to what they measured."""
     out = []
-    for r in finished_rows(path, metric):
+    for r in compare.group_rows(finished_rows(path, metric), by):
         fam = families.get(r.get("family", ""))
         if fam is None or "error" in fam:
             continue
@@ -185,6 +199,11 @@ def summary(fit: dict) -> str:
                 f"  predict N={si(p['N'])} D={si(p['D'])} (C={p['C']:.3g}): {fit['metric']} "
                 f"{p['loss']:.4f}, 90% interval {_iv(p['interval'], '{:.4f}')}"
             )
+    for name, c in (fit.get("compare") or {}).items():
+        lines.append(
+            f"{name} over {fit['reference']}: compute multiplier at equal loss "
+            f"{c['median']:.3g}, 90% interval {_iv(c['interval'])} ({len(c['runs'])} runs)"
+        )
     for h in fit["holdout"] or []:
         lines.append(
             f"  held-out {h['name']}: observed {h['observed']:.4f}, predicted "
@@ -207,7 +226,7 @@ def report(fit: dict, plot_note: str) -> str:
         "",
     ]
     for name, fam in fit["families"].items():
-        out += [f"## Family `{name}`", ""]
+        out += [f"## {fit.get('by', 'family').capitalize()} `{name}`", ""]
         if "error" in fam:
             out += [f"Not fitted: {fam['error']}", ""]
             continue
@@ -281,4 +300,5 @@ def report(fit: dict, plot_note: str) -> str:
                 f"{h['predicted']:.4f} | {_iv(h['interval'], '{:.4f}')} |"
             )
         out.append("")
+    out += compare.report_lines(fit)
     return "\n".join(out)

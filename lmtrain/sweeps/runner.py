@@ -70,6 +70,7 @@ def result_row(run: PlannedRun, run_dir: Path, status: str | None = None) -> dic
         "index": run.index,
         "name": run.name,
         "family": c.model.name,
+        "optimizer": c.optim.name,
         "status": status,
         "seed": c.train.seed,
         "params": run.params,
