@@ -11,58 +11,33 @@ lmtrain fit runs/optimizers --by optimizer --best-lr --reference adamw
 lmtrain sweep experiments/optimizers.py:smoke --dir /tmp/optimizers-smoke --parallel 2
 """
 
-from lmtrain.config import (
-    Config,
-    DataConfig,
-    EvalConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-    override,
-)
+from pathlib import Path
+
+from lmtrain.config import Config, load_module, override
 from lmtrain.sweeps import size_token_grid
 
-# name -> (d_model, n_layers, n_heads); non-embedding parameters in the comment
-MODELS = {
-    "d48": (48, 2, 2),  # 55k
-    "d64": (64, 2, 2),  # 106k
-    "d96": (96, 3, 3),  # 332k
-    "d16": (16, 1, 2),  # smoke
-    "d32": (32, 2, 2),  # smoke
-}
+# The scaling-law sweep's base config and model sizes (bytes, batch 16 x 128, the same 40
+# validation batches for every run), so the two sweeps' losses compare directly.
+SCALING, _ = load_module(str(Path(__file__).with_name("scaling.py")), "get_config")
 # Three lrs per optimizer, a factor ~3 apart around its usual value at this scale. Muon's lr is
-# its hidden matrices'; its embeddings, head and norms get AdamW at 0.3 x that (the quickstart's
-# ratio). Lion's lr is ~10x below AdamW's (its update has unit size per coordinate).
+# its hidden matrices'; its embeddings, head and norms get AdamW at 0.3 x that lr. Lion's lr is
+# ~10x below AdamW's (its update has unit size per coordinate).
 LRS = {
     "adamw": (1e-3, 3e-3, 1e-2),
     "lion": (1e-4, 3e-4, 1e-3),
     "muon": (0.01, 0.03, 0.1),
 }
-SIZES = ("d48", "d64", "d96")
+SIZES = ("d48", "d64", "d96")  # 55.5k, 107k, 332k non-embedding parameters
 TOKENS = (0.5e6, 1.5e6)
 VARIANTS = ("", "smoke")
 SWEEPS = ("", "smoke")
 
 
-def _size(name: str) -> dict:
-    d, n_layers, n_heads = MODELS[name]
-    return {"model.d_model": d, "model.n_layers": n_layers, "model.n_heads": n_heads}
-
-
 def get_config(arg: str = "") -> Config:
-    """The base config every run starts from (`arg` "smoke" shrinks it)."""
+    """The base config every run starts from: scaling.py's (`arg` "smoke" shrinks it)."""
     if arg not in VARIANTS:
         raise ValueError(f"unknown optimizers variant {arg!r}; choose '' or 'smoke'")
-    smoke = arg == "smoke"
-    seq_len, batch = (32, 8) if smoke else (128, 16)
-    return Config(
-        model=ModelConfig(name="transformer", d_model=64, n_layers=2, n_heads=2),
-        data=DataConfig(source="stdlib", seq_len=seq_len, tokenizer="bytes"),
-        optim=OptimConfig(name="adamw", lr=3e-3, warmup_steps=5 if smoke else 20),
-        train=TrainConfig(steps=100, batch_size=batch, log_every=5 if smoke else 50),
-        # The same validation rows for every run: 40 x 16 x 128 = 82k bytes.
-        eval=EvalConfig(batch_size=batch, max_batches=2 if smoke else 40),
-    )
+    return SCALING.get_config(arg)
 
 
 def get_sweep(arg: str = "") -> list[Config]:
@@ -70,7 +45,7 @@ def get_sweep(arg: str = "") -> list[Config]:
     base = get_config(arg)
     smoke = arg == "smoke"
     per_step = base.train.batch_size * base.data.seq_len
-    sizes = [_size(s) for s in (("d16", "d32") if smoke else SIZES)]
+    sizes = [SCALING._size(s) for s in (("d16", "d32") if smoke else SIZES)]
     tokens = [per_step * s for s in (8, 16)] if smoke else list(TOKENS)
     out = []
     for name, lrs in LRS.items():
