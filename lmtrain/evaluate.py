@@ -69,6 +69,11 @@ class Evaluator:
         totals = None
         for local in batches:
             res = self._steps[seq_len](params, sharding.global_batch(local, self.run.mesh))
+            # At most two batches in flight, as in the train loop: with a whole split queued at
+            # once, XLA:CPU's host devices were seen to deadlock in an all-reduce rendezvous
+            # (the quickstart's final whole-split eval hung once in ~10 runs).
+            if totals is not None:
+                jax.block_until_ready(totals)
             # Sum on device; one fetch at the end keeps the host out of the way.
             totals = res if totals is None else jax.tree.map(lambda a, b: a + b, totals, res)
             if on_batch is not None:
