@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_prepare_parser(sub)
     _add_compile_parser(sub, sets)
     cli_sweep.add_parsers(sub)
-    cli_hf.add_parsers(sub)
+    cli_hf.add_parsers(sub, sets)
     return p
 
 
@@ -328,6 +328,10 @@ def _quiet_libraries() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     ours = logging.getLogger("lmtrain")  # only our messages at INFO; libraries stay quiet
+    # One console handler, to this call's stderr (main() may run many times in one process).
+    for old in [h for h in ours.handlers if getattr(h, "lmtrain_console", False)]:
+        ours.removeHandler(old)
+    handler.lmtrain_console = True
     ours.addHandler(handler)
     ours.setLevel(logging.INFO)
     ours.propagate = False

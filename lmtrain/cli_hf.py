@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 
-def add_parsers(sub) -> None:
+def add_parsers(sub, sets: dict) -> None:
     x = sub.add_parser(
         "export",
         help="write a checkpoint as an HF transformers model directory (or lmtrain safetensors)",
@@ -20,6 +20,7 @@ def add_parsers(sub) -> None:
     x.add_argument("--out", required=True, help="a new directory to write")
     x.add_argument("--step", type=int, help="the checkpoint of this step (default: the newest)")
     x.add_argument("--format", choices=["hf", "safetensors"], default="hf")
+    x.add_argument("--set", dest="sets", **sets)
 
     e = sub.add_parser(
         "lm-eval",
@@ -37,17 +38,22 @@ def add_parsers(sub) -> None:
     e.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples")
     e.add_argument("--output", default=None, help="write lm-eval's results JSON here")
     e.add_argument("--seed", type=int, default=0, help="lm-eval's sampling seeds (0)")
+    e.add_argument("--set", dest="sets", **sets)
 
 
 def cmd_export(args) -> int:
+    from lmtrain.config import parse_sets
     from lmtrain.export import export
 
-    summary = export(Path(args.workdir), Path(args.out), args.step, args.format)
+    summary = export(
+        Path(args.workdir), Path(args.out), args.step, args.format, parse_sets(args.sets)
+    )
     print(json.dumps(summary))
     return 0
 
 
 def cmd_lm_eval(args) -> int:
+    from lmtrain.config import parse_sets
     from lmtrain.harness import evaluate
 
     tasks = [t for t in args.tasks.split(",") if t]
@@ -60,6 +66,7 @@ def cmd_lm_eval(args) -> int:
         step=args.step,
         num_fewshot=args.num_fewshot,
         seed=args.seed,
+        overrides=parse_sets(args.sets),
     )
     print(table)
     if args.output:

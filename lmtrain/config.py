@@ -67,6 +67,7 @@ class MQARConfig:
 
 
 PACKINGS = ("concat", "decompose")
+RESTORE_MODES = ("all", "params")  # train.restore
 CURRICULA = ("uniform", "grow_p2", "shrink")
 
 
@@ -131,6 +132,10 @@ class TrainConfig:
     eval_every: int = 200  # 0: only at the end
     checkpoint_every: int = 200  # 0: only at the end (and on SIGINT/SIGTERM)
     keep_checkpoints: int = 3
+    # What a resume reads: "all" (the whole state; a checkpoint of another optimizer is an
+    # error) or "params" (parameters, step and data position; the optimizer state only if it
+    # belongs to the asked optimizer, else a fresh one: to switch optimizers mid-run).
+    restore: str = "all"
     progress: bool = True  # show a progress bar on process 0
     # A run that makes no progress (step, eval batch, checkpoint) for this long exits with an
     # error instead of hanging, e.g. when another process died inside a collective. 0: never.
@@ -209,6 +214,7 @@ class Config:
         _check(o.schedule in SCHEDULE_NAMES, "optim.schedule", _unknown(o.schedule, SCHEDULE_NAMES))
         _check(d.packing in PACKINGS, "data.packing", f"must be one of {', '.join(PACKINGS)}")
         _check(t.tokens_per_step >= 0, "train.tokens_per_step", "must be >= 0")
+        _check(t.restore in RESTORE_MODES, "train.restore", _unknown(t.restore, RESTORE_MODES))
         _check(all(n > 0 for n in self.eval.lengths), "eval.lengths", "must be positive")
         _check(d.seq_len > 0, "data.seq_len", "must be positive")
         if d.packing == "decompose":
@@ -417,11 +423,12 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a.b": v} from {"a": {"b": v}}, with keys that have moved (MOVED) at their new place."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flat_dict(v, f"{prefix}{k}."))
         else:
             out[MOVED.get(f"{prefix}{k}", f"{prefix}{k}")] = v
     return out
@@ -430,7 +437,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def from_dict(d: dict[str, Any]) -> Config:
     """Rebuilds a Config from `to_dict` output (e.g. a run's config.json); keys that have
     moved into a section since the file was written (MOVED) are read at their new place."""
-    return override(Config(), _flatten(d))
+    return override(Config(), flat_dict(d))
 
 
 def save_json(cfg: Config, path: Path) -> None:

@@ -90,9 +90,15 @@ def tokenizer_files(tokenizer: Any, max_len: int) -> dict[str, str]:
 # ------------------------------------------------------------------ export
 
 
-def export(workdir: Path, out: Path, step: int | None = None, fmt: str = "hf") -> dict[str, Any]:
+def export(
+    workdir: Path,
+    out: Path,
+    step: int | None = None,
+    fmt: str = "hf",
+    overrides: dict | None = None,
+) -> dict[str, Any]:
     """Writes a checkpoint of `workdir` to `out` (a new directory, written whole or not at all);
-    returns a summary."""
+    `overrides` are --set's; returns a summary."""
     from lmtrain import config as config_lib
     from lmtrain import run as run_lib
 
@@ -105,8 +111,8 @@ def export(workdir: Path, out: Path, step: int | None = None, fmt: str = "hf") -
     if not cfg_path.is_file():
         raise ConfigError(f"{workdir} holds no run (no config.json)")
     if fmt == "hf":  # refuse before reading the checkpoint
-        hf.architecture(config_lib.load_json(cfg_path).model)
-    run, params, s = run_lib.restore_params(Path(workdir), step=step)
+        hf.architecture(config_lib.override(config_lib.load_json(cfg_path), overrides or {}).model)
+    run, params, s = run_lib.restore_params(Path(workdir), overrides, step=step)
     m, max_len = run.cfg.model, run.cfg.data.seq_len
     files = tokenizer_files(run.tokenizer, max_len)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")

@@ -179,8 +179,10 @@ def evaluate(
     step: int | None = None,
     num_fewshot: int | None = None,
     seed: int = 0,
+    overrides: dict | None = None,
 ) -> tuple[dict, str]:
-    """(lm-eval's results dict, its printed table) for a checkpoint of `workdir`."""
+    """(lm-eval's results dict, its printed table) for a checkpoint of `workdir`; `overrides`
+    are --set's."""
     _lm_eval()
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -190,7 +192,7 @@ def evaluate(
 
     if batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
-    run, params, s = run_lib.restore_params(Path(workdir), step=step)
+    run, params, s = run_lib.restore_params(Path(workdir), overrides, step=step)
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:

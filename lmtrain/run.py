@@ -12,6 +12,9 @@ restore_params        -> (run, params, step) of a workdir, params only (no optim
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,11 @@ from flax import nnx
 
 from lmtrain import config as config_lib
 from lmtrain import data, flops, models, optim, sharding, step
-from lmtrain.checkpoint import Checkpointer
+from lmtrain.checkpoint import FREE_ON_RESUME, Checkpointer
 from lmtrain.config import Config, ConfigError
+from lmtrain.runguard import library_noise_to
+
+log = logging.getLogger("lmtrain")
 
 
 @dataclasses.dataclass
@@ -46,26 +52,27 @@ class Run:
     abstract_state: dict | None = None  # {"step", "params", "opt_state"}, abstract and sharded
     state_shardings: dict | None = None
 
-    def init_state(self, params: Any = None) -> dict:
+    def init_state(self, params: Any = None, step: Any = 0) -> dict:
         """Materialises a fresh state directly in its shardings (never on one device first);
-        `params` (e.g. model.init_from's) replace the random init."""
+        `params` (e.g. model.init_from's, or a checkpoint's under train.restore=params) replace
+        the random init, and the state starts at `step` with a fresh optimizer state."""
         if self.tx is None:
             raise ValueError("this Run was set up without an optimizer (optimizer=False)")
         cfg, tx = self.cfg, self.tx
 
-        def init(params) -> dict:
+        def init(params, step) -> dict:
             if params is None:
                 model = models.build(cfg.model, nnx.Rngs(params=cfg.train.seed))
                 params = nnx.to_pure_dict(nnx.state(model))
             return {
-                "step": jnp.zeros((), jnp.int32),
+                "step": jnp.asarray(step, jnp.int32),
                 "params": params,
                 "opt_state": tx.init(params),
             }
 
         if params is not None:
             params = jax.device_put(params, self.param_shardings)
-        return jax.jit(init, out_shardings=self.state_shardings)(params)
+        return jax.jit(init, out_shardings=self.state_shardings)(params, step)
 
 
 def resolve(cfg: Config) -> tuple[Config, data.Tokenizer]:
@@ -188,8 +195,9 @@ def compile_eval_steps(
 
 # ---------------------------------------------------------------------------- workdirs
 
-# Changing these on resume would train a different model or on different data positions.
-_FATAL_DATA_CHANGES = (
+# Settings whose change on resume would read the saved data position wrongly (another token
+# stream or row shape); the weights can still go on, through an export, into a new run.
+_DATA_CHANGES = (
     "data.tokenizer",
     "data.seq_len",
     "data.source",
@@ -197,19 +205,45 @@ _FATAL_DATA_CHANGES = (
     "data.decompose.min_log2_len",
     "data.decompose.max_log2_len",
 )
+# Settings whose change alters the saved state tree, and the way past each.
+_MODEL_WAY_OUT = (
+    "drop the --set that changed it (or set the checkpoint's value); to train another model, "
+    "use a new --workdir"
+)
+_DATA_WAY_OUT = (
+    "use a new --workdir; to train these weights on the new data, `lmtrain export --workdir W "
+    "--out DIR --format safetensors`, then train in a new --workdir with "
+    "--set model.init_from=DIR"
+)
+_OPTIM_WAY_OUT = (
+    "add --set train.restore=params to continue from the checkpoint's parameters, step and "
+    "data position with a fresh optimizer state (or set the checkpoint's optim.name)"
+)
 
 
 def check_resume_config(saved: Config, new: Config) -> list[str]:
-    """Keys that differ on resume (listed); model/data shape changes raise ConfigError."""
+    """Keys that differ on resume (listed). A change that alters the state tree (a model shape,
+    the optimizer) or the data order raises ConfigError naming each setting and its way out;
+    nothing is read or moved before that."""
     a, b = config_lib.flat(saved), config_lib.flat(new)
     diffs = [k for k in a if a[k] != b.get(k)]
     # (A changed curriculum or cycle count is caught by the data iterator's own check.)
-    fatal = [d for d in diffs if d.startswith("model.") or d in _FATAL_DATA_CHANGES]
-    if fatal:
-        detail = ", ".join(f"{d}: {a[d]!r} -> {b.get(d)!r}" for d in fatal)
+    problems = []
+    for d in diffs:
+        said = f"{d} is {a[d]!r} in the checkpoint, {b.get(d)!r} here"
+        if d.startswith("model.") and d not in FREE_ON_RESUME:
+            problems.append((said, _MODEL_WAY_OUT))
+        elif d in _DATA_CHANGES:
+            problems.append((said, _DATA_WAY_OUT))
+        elif d == "optim.name" and new.train.restore != "params":
+            problems.append((said, _OPTIM_WAY_OUT))
+    if problems:
+        ways = list(dict.fromkeys(w for _, w in problems))
         raise ConfigError(
-            f"the workdir holds a run with a different model or data ({detail}); "
-            "use a new --workdir"
+            "the workdir holds a run that cannot resume with these settings: "
+            + "; ".join(s for s, _ in problems)
+            + ". Nothing was changed. To go on: "
+            + "; or ".join(ways)
         )
     return diffs
 
@@ -224,15 +258,30 @@ def restore_params(
     if overrides:
         cfg = config_lib.override(cfg, overrides)
     run = setup(cfg, optimizer=False)
-    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    if not (workdir / "checkpoints").is_dir():
+        raise ConfigError(f"no checkpoint in {workdir / 'checkpoints'}; train first")
+    # A reader writes nothing in the workdir: the libraries' noise of a damaged checkpoint's
+    # failed reads goes to a file of its own, made only if there is any.
+    noise = Path(tempfile.gettempdir()) / f"lmtrain-read-{os.getpid()}.log"
+    with library_noise_to(noise):
+        return _restore_params(workdir, run, step)
+
+
+def _restore_params(workdir: Path, run: Run, step: int | None) -> tuple[Run, Any, int]:
+    ckpt = Checkpointer(workdir / "checkpoints", keep=run.cfg.train.keep_checkpoints)
     try:
+        ckpt.warn_sidelined()
         steps = ckpt.steps()
         if step is not None and step not in steps:
             raise ConfigError(f"no checkpoint of step {step} in {workdir}; it has {steps}")
-        restored = ckpt.restore_latest({"params": run.abstract_params}, partial=True, step=step)
+        restored = ckpt.restore_latest(
+            {"params": run.abstract_params},
+            partial=True,
+            step=step,
+            config=config_lib.to_dict(run.cfg),
+        )
     finally:
         ckpt.close()
     if restored is None:
         raise ConfigError(f"no checkpoint in {workdir / 'checkpoints'}; train first")
-    s, state = restored
-    return run, state["params"], s
+    return run, restored.state["params"], restored.step

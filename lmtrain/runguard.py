@@ -61,28 +61,33 @@ class _LogFile:
     remembered instead of raised: the noise must not turn into tracebacks of its own."""
 
     def __init__(self, path: Path):
-        self.error: str | None = None
-        try:
-            self._f = open(path, "a")  # noqa: SIM115 - closed by close()
-        except OSError as e:
-            self._f, self.error = None, e.strerror or str(e)
+        self.path, self.error, self._f, self._closed = path, None, None, False
 
     def _do(self, fn, *args) -> None:
-        if self._f is None or self.error is not None:
-            return
+        if self.error is not None or self._closed:
+            return  # (a library thread that outlives the run may still log: dropped)
+        if self._f is None:  # opened at the first record: a quiet run leaves no file
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._f = open(self.path, "a")  # noqa: SIM115 - closed by close()
+            except OSError as e:
+                self.error = e.strerror or str(e)
+                return
         try:
             fn(*args)
-        except OSError as e:
-            self.error = e.strerror or str(e)
+        except (OSError, ValueError) as e:
+            self.error = getattr(e, "strerror", None) or str(e)
 
     def write(self, text: str) -> None:
         self._do(lambda t: self._f.write(t), text)
 
     def flush(self) -> None:
-        self._do(lambda: self._f.flush())
+        if self._f is not None:
+            self._do(lambda: self._f.flush())
 
     def close(self) -> None:
         self.flush()
+        self._closed = True
         if self._f is not None:
             try:
                 self._f.close()
@@ -95,9 +100,10 @@ def library_noise_to(path: Path):
     """Sends the libraries' log records and unraisable exceptions to `path` instead of the
     console for the run. A failed async checkpoint save (a full disk) makes orbax log an error
     per writer thread and its closed event loops raise in callbacks: hundreds of tracebacks
-    that buried lmtrain's one line saying what failed and what to do. If `path` cannot be
-    written either (the same full disk), the records are dropped and counted."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    that buried lmtrain's one line saying what failed and what to do; a damaged checkpoint's
+    failed reads raise "Event loop is closed" in tensorstore's callbacks. If `path` cannot be
+    written either (the same full disk), the records are dropped and counted. The file is
+    created at the first record."""
     stream = _LogFile(path)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))

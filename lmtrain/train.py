@@ -189,9 +189,17 @@ def _train(cfg: Config, workdir: Path) -> dict:
     train_data = data.make_train_data(cfg, corpus.train, jax.process_index(), jax.process_count())
     it, scored = train_data.iterator, corpus.train.targets_per_row
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints, writer=True)
-    restored = ckpt.restore_latest(run.abstract_state, it)
-    if restored:
-        state = restored[1]
+    ckpt.warn_sidelined()
+    restored = ckpt.restore_latest(
+        run.abstract_state,
+        it,
+        config=config_lib.to_dict(cfg),
+        optimizer_optional=cfg.train.restore == "params",
+    )
+    if restored and restored.fresh_optimizer:
+        state = run.init_state(restored.state["params"], step=restored.state["step"])
+    elif restored:
+        state = restored.state
     elif cfg.model.init_from:
         from lmtrain.export import load_init
 
@@ -233,7 +241,10 @@ def _train(cfg: Config, workdir: Path) -> dict:
         f"{tokens_per_step:,} tokens/step | peak {peak / 1e9:.0f} GFLOP/s ({peak_src}) | "
         f"compile {sum(compile_s.values()):.1f}s | "
         + (
-            f"resumed at step {start}"
+            f"resumed at step {start} with a fresh {cfg.optim.name} optimizer state "
+            "(train.restore=params)"
+            if restored and restored.fresh_optimizer
+            else f"resumed at step {start}"
             if restored
             else f"fresh start from {cfg.model.init_from}"
             if cfg.model.init_from

@@ -1,7 +1,6 @@
 """End-to-end training: resume exactness, sharded == single device, failures that lose nothing."""
 
 import json
-import math
 import os
 import shutil
 import signal
@@ -158,7 +157,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys)
     steps = Checkpointer(wd / "checkpoints").steps()
     assert steps and max(steps) < bad_step
     run = run_lib.setup(tiny(corpus))
-    _, state = Checkpointer(wd / "checkpoints").restore_latest(run.abstract_state)
+    state = Checkpointer(wd / "checkpoints").restore_latest(run.abstract_state).state
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state["params"])))
 
 
@@ -173,30 +172,6 @@ def _exp_file(tmp_path: Path, cfg: Config) -> str:
         ".read_text()))\n"
     )
     return str(p)
-
-
-@pytest.mark.slow
-def test_corrupt_latest_checkpoint_falls_back_and_is_kept(corpus, tmp_path, capsys):
-    wd = tmp_path / "c"
-    train.train(tiny(corpus, **{"train.checkpoint_every": 3, "train.steps": 6}), wd)
-    assert Checkpointer(wd / "checkpoints").steps() == [3, 6]
-    for f in (wd / "checkpoints/6/state").rglob("*"):
-        if f.is_file():
-            f.write_bytes(b"garbage")
-    assert main(["eval", "--workdir", str(wd)]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["step"] == 3 and math.isfinite(out["val_bpb"])
-    assert len(list((wd / "checkpoints").glob("corrupt-6-*"))) == 1  # kept for inspection
-    # Training continues from step 3 and writes a fresh step 6.
-    s = train.train(tiny(corpus, **{"train.checkpoint_every": 3, "train.steps": 6}), wd)
-    assert s["step"] == 6 and Checkpointer(wd / "checkpoints").steps() == [3, 6]
-    # Every checkpoint unreadable: one clear error, exit 1.
-    for step_dir in ("3", "6"):
-        for f in (wd / "checkpoints" / step_dir / "state").rglob("*"):
-            if f.is_file():
-                f.write_bytes(b"garbage")
-    assert main(["eval", "--workdir", str(wd)]) == 1
-    assert "unreadable" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -336,8 +311,8 @@ cli.entry()
     assert "Traceback" not in err
     # The last good checkpoint is intact and restores.
     run = run_lib.setup(tiny(corpus))
-    step_, state = Checkpointer(wd / "moved").restore_latest(run.abstract_state)
-    assert step_ == 2 and int(state["step"]) == 2
+    restored = Checkpointer(wd / "moved").restore_latest(run.abstract_state)
+    assert restored.step == 2 and int(restored.state["step"]) == 2
 
 
 @pytest.mark.slow
