@@ -199,7 +199,7 @@ def best_per_cell(rows: list[dict]) -> list[dict]:
     best: dict[tuple, dict] = {}
     for r in rows:
         key = (r["model"], r["width"])
-        rank = lambda x: (x["step"] >= x["steps"], x["val_acc"])  # noqa: E731
+        rank = lambda x: (x["step"] >= x["steps"], x["val_acc"])
         if key not in best or rank(r) > rank(best[key]):
             best[key] = r
     return sorted(best.values(), key=lambda r: (r["model"], r["width"]))

@@ -101,7 +101,7 @@ class Checkpointer:
             args["data"] = ocp.args.JsonSave(data_state)
         try:
             self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
-        except Exception as e:  # noqa: BLE001 - any write failure ends the run the same way
+        except Exception as e:  # any write failure ends the run the same way
             raise self._save_error(step, e) from e
         self._pending = step
 
@@ -109,7 +109,7 @@ class Checkpointer:
         """Blocks until the started save is complete on disk (CheckpointError if it failed)."""
         try:
             self._mngr.wait_until_finished()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise self._save_error(self._pending, e) from e
         if self._pending is not None:
             self._confirmed, self._pending = self._pending, None
@@ -169,7 +169,7 @@ class Checkpointer:
         try:
             args = ocp.args.Composite(config=ocp.args.JsonRestore())
             return self._mngr.restore(step, args=args)["config"]
-        except Exception:  # noqa: BLE001 - only used to word messages
+        except Exception:  # only used to word messages
             return None
 
     def restore_latest(
@@ -201,7 +201,7 @@ class Checkpointer:
         for step in candidates:
             try:
                 saved = self.saved_arrays(step)
-            except Exception as e:  # noqa: BLE001 - the metadata itself is damaged
+            except Exception as e:  # the metadata itself is damaged
                 skipped.append((step, self._unreadable(step, e)))
                 continue
             wanted = {
@@ -220,7 +220,7 @@ class Checkpointer:
                 state = self.restore(step, abstract_state, data_iter, partial)
             except ConfigError:
                 raise  # readable, but not for this config (e.g. another data order): keep it
-            except Exception as e:  # noqa: BLE001 - shapes matched, so the bytes are bad
+            except Exception as e:  # shapes matched, so the bytes are bad
                 skipped.append((step, self._unreadable(step, e)))
                 continue
             if self.writer:

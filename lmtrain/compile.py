@@ -6,7 +6,7 @@ MaxText's train_compile.py does. Per step and per chip this reports what XLA its
 
 - memory (`compiled.memory_analysis()`): arguments (train state or parameters, plus the batch),
   temporaries (activations and everything else), outputs not aliased to donated inputs; their
-  sum is the peak, judged against the chip's HBM (CHIPS; XLA keeps a little for itself, so a
+  sum is the peak, judged against the chip's HBM (flops.CHIPS; XLA keeps a little for itself, so a
   plan within ~1 GiB of the limit is close);
 - FLOPs and bytes accessed (`compiled.cost_analysis()`, per chip), the FLOPs set against
   lmtrain's model FLOPs (flops.train_flops_per_token; XLA counts rematerialisation and the
@@ -41,18 +41,6 @@ from lmtrain.config import Config, ConfigError
 
 GIB = 2**30
 
-# device_kind substring -> (HBM GiB per chip, HBM bytes/s per chip), published figures; the
-# peak FLOP/s are flops.PEAK_FLOPS. The longest matching key wins ("tpu v5 lite" = v5e beats
-# "tpu v5" = v5p).
-CHIPS: dict[str, tuple[float, float]] = {
-    "tpu v4": (32, 1.2e12),
-    "tpu v5 lite": (16, 819e9),
-    "tpu v5": (95, 2.765e12),
-    "tpu v6 lite": (32, 1.64e12),
-    "a100": (80, 2.039e12),
-    "h100": (80, 3.35e12),
-    "h200": (141, 4.8e12),
-}
 # Names checked to resolve with libtpu 0.0.52 (the suffix is the chip grid; any grid the
 # generation supports works, e.g. v5e:4x8).
 KNOWN_TOPOLOGIES = (
@@ -72,14 +60,11 @@ KNOWN_TOPOLOGIES = (
 
 
 def chip_specs(device_kind: str) -> tuple[float, float, float]:
-    """(peak bf16 FLOP/s, HBM GiB, HBM bytes/s) of one chip of `device_kind`."""
-    kind = device_kind.lower()
-    matches = [k for k in CHIPS if k in kind]
-    peak = flops.lookup_peak(device_kind)
-    if not matches or peak is None:
-        raise ConfigError(f"no published figures for {device_kind!r}; known: {sorted(CHIPS)}")
-    hbm, bandwidth = CHIPS[max(matches, key=len)]
-    return peak, hbm, bandwidth
+    """(peak bf16 FLOP/s, HBM GiB, HBM bytes/s) of one chip of `device_kind` (flops.CHIPS)."""
+    chip = flops.lookup_chip(device_kind)
+    if chip is None:
+        raise ConfigError(f"no published figures for {device_kind!r}; known: {sorted(flops.CHIPS)}")
+    return chip.bf16_flops, chip.hbm_gib, chip.hbm_bytes_s
 
 
 def topology_devices(name: str, slices: int = 1) -> list:

@@ -84,7 +84,7 @@ def read_mapping(path: Path) -> dict:
             import yaml
 
             d = yaml.safe_load(text)
-    except Exception as e:  # noqa: BLE001 - JSON, YAML and decoding errors alike
+    except Exception as e:  # JSON, YAML and decoding errors alike
         kind = "JSON" if suffix == ".json" else "YAML"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"config file {path} is not valid {kind}: {first}") from None

@@ -10,7 +10,7 @@ The one formula:
   6 x n_layers x seq_len x d_model, half of full attention's 12 x ...). Each family counts its
   own; this module never does. Rematerialisation is not counted (model FLOPs, not hardware FLOPs).
 - `tokens_per_sec` and `peak_flops` must cover the same devices (all of them, globally).
-- On accelerators the peak is the chip's dense bf16 figure from `PEAK_FLOPS` times the number of
+- On accelerators the peak is the chip's dense bf16 figure from `CHIPS` times the number of
   chips, whatever the compute dtype (so an f32 run on a GPU shows a low MFU, by design).
 - On CPU the peak is measured with a jitted f32 matmul on one device: the fastest of several
   timed repeats after a warm-up (load on a shared machine only ever slows a repeat, so the
@@ -31,35 +31,53 @@ import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense bf16 peak FLOP/s per chip, keyed by a lower-case substring of `device.device_kind`
-# (e.g. "NVIDIA H100 80GB HBM3", "TPU v5 lite" = v5e, "TPU v5" = v5p, "TPU v6 lite" = v6e).
-# The longest matching key wins, so "tpu v5 lite" beats "tpu v5".
-PEAK_FLOPS: dict[str, float] = {
-    "h100": 989e12,
-    "h100 pcie": 756e12,  # lower clocks and power than SXM
-    "h200": 989e12,
-    "a100": 312e12,
-    "tpu v4": 275e12,
-    "tpu v5 lite": 197e12,
-    "tpu v5e": 197e12,
-    "tpu v5": 459e12,
-    "tpu v5p": 459e12,
-    "tpu v6 lite": 918e12,
-    "tpu v6e": 918e12,
+
+class Chip(NamedTuple):
+    """One accelerator's published figures: dense bf16 FLOP/s, HBM GiB and HBM bytes/s."""
+
+    bf16_flops: float
+    hbm_gib: float
+    hbm_bytes_s: float
+
+
+# THE chip table (MFU here, the memory and roofline estimates of lmtrain.compile), keyed by a
+# lower-case substring of `device.device_kind` (e.g. "NVIDIA H100 80GB HBM3", "NVIDIA H100
+# PCIe", "TPU v5 lite" = v5e, "TPU v5" = v5p, "TPU v6 lite" = v6e). The longest matching key
+# wins, so "tpu v5 lite" beats "tpu v5" and "h100 pcie" beats "h100". Vendors' datasheets.
+CHIPS: dict[str, Chip] = {
+    "a100": Chip(312e12, 80, 2.039e12),  # SXM4 80GB
+    "a100-sxm4-40gb": Chip(312e12, 40, 1.555e12),
+    "a100-pcie-40gb": Chip(312e12, 40, 1.555e12),
+    "h100": Chip(989e12, 80, 3.35e12),  # SXM5
+    "h100 pcie": Chip(756e12, 80, 2.0e12),  # lower clocks and power than SXM, HBM2e
+    "h200": Chip(989e12, 141, 4.8e12),
+    "tpu v4": Chip(275e12, 32, 1.2e12),
+    "tpu v5 lite": Chip(197e12, 16, 819e9),
+    "tpu v5e": Chip(197e12, 16, 819e9),
+    "tpu v5": Chip(459e12, 95, 2.765e12),
+    "tpu v5p": Chip(459e12, 95, 2.765e12),
+    "tpu v6 lite": Chip(918e12, 32, 1.64e12),
+    "tpu v6e": Chip(918e12, 32, 1.64e12),
 }
+
+
+def lookup_chip(device_kind: str) -> Chip | None:
+    """The published figures of a `device_kind`, or None if the table does not know it."""
+    kind = device_kind.lower()
+    matches = [key for key in CHIPS if key in kind]
+    return CHIPS[max(matches, key=len)] if matches else None
 
 
 def lookup_peak(device_kind: str) -> float | None:
     """Per-chip bf16 peak for a `device_kind` string, or None if the table does not know it."""
-    kind = device_kind.lower()
-    matches = [key for key in PEAK_FLOPS if key in kind]
-    return PEAK_FLOPS[max(matches, key=len)] if matches else None
+    chip = lookup_chip(device_kind)
+    return chip.bf16_flops if chip else None
 
 
 def _matmul_peak(device: jax.Device, n: int, dtype: Any, repeats: int) -> float:

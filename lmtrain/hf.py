@@ -358,5 +358,5 @@ def load_weights(path: Path) -> dict[str, np.ndarray]:
         raise ConfigError(f"{path} not found")
     try:
         return dict(_safetensors().load_file(str(path)))
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+    except Exception as e:  # a truncated or foreign file
         raise ConfigError(f"{path} is not a readable safetensors file ({e})") from None

@@ -93,7 +93,7 @@ def decay_mask(params: Any) -> Any:
     SSM decay rates) and returns a pure dict like `nnx.to_pure_dict`; a tree of arrays uses
     ndim >= 2.
     """
-    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    is_var = lambda x: isinstance(x, nnx.Variable)
     if any(is_var(x) for x in jax.tree.leaves(params, is_leaf=is_var)):
 
         def wd(v: nnx.Variable) -> bool:
@@ -110,7 +110,7 @@ def muon_mask(params: Any) -> Any:
     2-D decayed weights that are not embeddings, output heads or convolution taps); a tree of
     arrays uses ndim == 2, optax's own default.
     """
-    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    is_var = lambda x: isinstance(x, nnx.Variable)
     if any(is_var(x) for x in jax.tree.leaves(params, is_leaf=is_var)):
 
         def hidden(v: nnx.Variable) -> bool:

@@ -69,7 +69,7 @@ class _LogFile:
         if self._f is None:  # opened at the first record: a quiet run leaves no file
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._f = open(self.path, "a")  # noqa: SIM115 - closed by close()
+                self._f = open(self.path, "a")  # closed by close()
             except OSError as e:
                 self.error = e.strerror or str(e)
                 return

@@ -165,7 +165,7 @@ def batch_spec(
     global_batch: int, seq_len: int, keys: tuple[str, ...], targets_per_row: int = 0
 ) -> dict:
     """Abstract shapes of one global batch; `targets_per_row` Q > 0 adds `target_index` and
-    makes targets, weights and target_bytes [B, Q] (see _logits)."""
+    makes targets, weights and target_bytes [B, Q] (see score)."""
     dtypes = {"weights": jnp.float32, "target_bytes": jnp.float32, "stop": jnp.float32}
     shapes = {"stop": (global_batch,)}  # one flag per row (see make_train_step)
     if targets_per_row:

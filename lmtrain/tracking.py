@@ -33,7 +33,7 @@ class Tracker:
         workdir.mkdir(parents=True, exist_ok=True)
         if wandb and wandb.get("project"):
             self._wandb = _wandb_run(workdir, **wandb)
-        self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self._jsonl = open(workdir / "metrics.jsonl", "a")  # closed in close()
         self._tb = SummaryWriter(str(workdir / "tb"))
         if progress:
             from tqdm import tqdm

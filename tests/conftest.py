@@ -10,7 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tokenizers, tokenised corpora and the CPU peak cache of the test session stay out of ~/.cache.
 os.environ.setdefault("LMTRAIN_CACHE", tempfile.mkdtemp(prefix="lmtrain-test-cache-"))
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

@@ -65,6 +65,27 @@ def test_chip_table_knows_every_generation():
         assert got == hbm and peak > 1e14 and bandwidth > 5e11
 
 
+def test_one_chip_table_serves_mfu_and_compile():
+    """compile's figures and MFU's peak come from the same row (they once came from two tables
+    that disagreed: compile used the SXM card's bandwidth for the PCIe H100)."""
+    from lmtrain import flops
+
+    for kind in (
+        "NVIDIA H100 PCIe",
+        "NVIDIA H100 80GB HBM3",
+        "NVIDIA H200",
+        "TPU v5 lite",
+        "TPU v5",
+    ):
+        peak, hbm, bandwidth = compile_lib.chip_specs(kind)
+        assert peak == flops.lookup_peak(kind)
+    assert compile_lib.chip_specs("NVIDIA H100 PCIe")[2] == 2.0e12
+    assert compile_lib.chip_specs("NVIDIA H100 80GB HBM3")[2] == 3.35e12
+    assert compile_lib.chip_specs("NVIDIA A100-SXM4-40GB")[1:] == (40, 1.555e12)
+    with pytest.raises(config_lib.ConfigError, match="no published figures for 'TPU7x'"):
+        compile_lib.chip_specs("TPU7x")
+
+
 @pytest.mark.slow
 def test_quickstart_compiles_for_v5e_and_reports_per_chip(capsys):
     code, r, text = _report(capsys, "experiments/quickstart.py", "--topology", "v5e:2x2")
@@ -85,7 +106,7 @@ def test_quickstart_compiles_for_v5e_and_reports_per_chip(capsys):
     assert 0.95 < adam["flops_ratio"] < 1.3
     cfg = config_lib.load_experiment("experiments/quickstart.py").model
     D, F = cfg.d_model, cfg.ffn_width  # q, k, v, o: D x D; gate, up, down: D x F
-    ns = lambda m, n: 5 * (4 * m * m * n + 2 * m**3)  # noqa: E731
+    ns = lambda m, n: 5 * (4 * m * m * n + 2 * m**3)
     newton_schulz = cfg.n_layers * (4 * ns(D, D) + 3 * ns(min(D, F), max(D, F)))
     extra = r["xla_flops"] - adam["xla_flops"]
     assert extra == pytest.approx(newton_schulz, rel=0.02)

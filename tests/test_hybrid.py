@@ -43,7 +43,7 @@ def test_pattern_repeats_to_depth_and_mixes_families():
     kinds = [type(getattr(b, "mixer", getattr(b, "attn", None))).__name__ for b in model.blocks]
     assert kinds == ["Mamba2", "Mamba2", "Attention"] * 2
     # FLOPs add up layer by layer: 4 Mamba-2 layers, 2 attention layers, the head.
-    one = lambda fam: models.family(fam).Config(name=fam, n_layers=1, **{**TINY, "vocab_size": 0})  # noqa: E731
+    one = lambda fam: models.family(fam).Config(name=fam, n_layers=1, **{**TINY, "vocab_size": 0})
     want = 4 * one("mamba2").flops_per_token(32) + 2 * one("transformer").flops_per_token(32)
     assert cfg.flops_per_token(32) == want + 6 * 61 * 32
 

@@ -104,7 +104,7 @@ def detect(path: Path) -> tuple[str | None, str]:
             head = f.read(_SNIFF)
     except (OSError, EOFError, lzma.LZMAError) as e:
         raise DataError(f"{path} could not be decompressed ({comp}): {e}") from None
-    except Exception as e:  # noqa: BLE001 - zstandard's own errors
+    except Exception as e:  # zstandard's own errors
         raise DataError(f"{path} could not be decompressed ({comp}): {e}") from None
     if not _is_text(head):
         what = f"{comp}-compressed data that is" if comp else "a file that is"
@@ -194,7 +194,7 @@ def _parquet(path: Path, base: str, text_key: str, take, keys_only: bool):
         raise DataError(f"{path} is parquet: pip install 'lmtrain[data]' (pyarrow)") from None
     try:
         pf = pq.ParquetFile(path)
-    except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid and friends
+    except Exception as e:  # pyarrow's ArrowInvalid and friends
         raise DataError(f"{path} is not a readable parquet file ({e})") from None
     names = pf.schema_arrow.names
     if text_key not in names:

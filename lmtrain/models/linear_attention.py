@@ -267,7 +267,7 @@ class Lightning(ScalarDecayAttention):
     """TransNormerLLM lightning attention: layer-dependent decay, SiLU q/k, no positions.
 
     Decays follow the released code (ALiBi slopes 2^(-8(h+1)/H) times 1 - l/(L-1) + 1e-5 as
-    -log lambda), not REFERENCE.md's -(8h/H)(1 - l/L), which would forget within 1-2 tokens.
+    -log lambda), not the paper's text's -(8h/H)(1 - l/L), which would forget within 1-2 tokens.
     """
 
     def __init__(self, cfg: Config, *, layer: int = 0, rngs: nnx.Rngs):
@@ -314,7 +314,7 @@ class SlidingWindowAttention(nnx.Module):
     def _qkv(self, x_BxLxD, positions_BxL):
         B, L, _ = x_BxLxD.shape
         q, k, v = (p(x_BxLxD).reshape(B, L, self.H, self.K) for p in (self.q, self.k, self.v))
-        rope = lambda t: apply_rope(t, positions_BxL, self.rope_theta)  # noqa: E731
+        rope = lambda t: apply_rope(t, positions_BxL, self.rope_theta)
         return rope(q), rope(k), v
 
     def _out(self, o_BxLxHxK):

@@ -66,7 +66,8 @@ class Config(ModelConfig):
         return self.n_layers * self.qkv_conv * channels
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward), the MaxText/REFERENCE.md convention.
+        """Training FLOPs per token (forward + backward), the convention of MaxText and of Kaplan
+        et al. (2020), with causal attention counted at half.
 
         6 * matmul_params()                 (2 forward + 4 backward per weight; head included,
                                              embedding gather excluded)

@@ -35,7 +35,8 @@ import numpy as np
 
 from lmtrain.config import ConfigError
 
-# Hoffmann et al. (2022), approach 3; Besiroglu et al. (2024) replication in REFERENCE.md.
+# Hoffmann et al. (2022), approach 3, as published (Besiroglu et al. (2024), "Chinchilla scaling:
+# a replication attempt", refit the same data to E 1.82, A 482, B 2085, alpha 0.35, beta 0.37).
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 HUBER_DELTA = 1e-3
 _LOG_AB, _LOG_E, _EXPONENT = (0.0, 10.0, 20.0), (-1.0, 0.0, 1.0), (0.2, 0.6, 1.2)

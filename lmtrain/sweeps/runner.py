@@ -286,7 +286,7 @@ def run_sweep(
 
 def _launch(run: PlannedRun, sweep_dir: Path, env: dict, stop: _Stop) -> subprocess.Popen:
     d = sweep_dir / run.name
-    logf = open(d / "train.log", "a")  # noqa: SIM115 - the child keeps it; closed below
+    logf = open(d / "train.log", "a")  # the child keeps it; closed below
     cmd = [sys.executable, "-m", "lmtrain", "train", "--config-json", str(d / "sweep_config.json")]
     cmd += ["--workdir", str(d)]
     logf.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
