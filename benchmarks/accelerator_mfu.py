@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         "params_m": round(run.n_params / 1e6, 1),
         "seq_len": seq_len,
         "batch": batch,
-        "attention": impl,
+        "attention": run.cfg.model.attention_impl,
         "step_s": round(dt, 4),
         "tokens_per_s": round(tok_s, 1),
         "mfu": round(flops.mfu(tok_s, fpt, peak), 4),
