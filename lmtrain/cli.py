@@ -339,18 +339,13 @@ def _quiet_libraries() -> None:
 
 
 def _cpu_devices_default() -> None:
-    """One XLA host device per core (a power of two, at most 8) unless the user chose.
-
-    XLA:CPU runs one device's small ops with little intra-op parallelism; splitting the batch
-    over one device per core was 1.37x faster for the quickstart model on 2 cores (see
-    BENCHMARKS.md). The flag only affects the CPU platform, so GPU/TPU runs are unchanged.
-    """
+    """One XLA host device per usable core (xla_flags.cpu_host_devices) unless the user chose.
+    The flag only affects the CPU platform, so GPU/TPU runs are unchanged (BENCHMARKS.md has
+    the speed-up)."""
     flags_now = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" in flags_now or "jax" in sys.modules:
         return
-    n = 1
-    while n * 2 <= min(os.cpu_count() or 1, 8):
-        n *= 2
+    n = xla_flags.cpu_host_devices()
     os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={n}".strip()
 
 

@@ -12,19 +12,21 @@ The one formula:
 - `tokens_per_sec` and `peak_flops` must cover the same devices (all of them, globally).
 - On accelerators the peak is the chip's dense bf16 figure from `CHIPS` times the number of
   chips, whatever the compute dtype (so an f32 run on a GPU shows a low MFU, by design).
-- On CPU the peak is measured with a jitted f32 matmul on one device: the fastest of several
-  timed repeats after a warm-up (load on a shared machine only ever slows a repeat, so the
-  fastest is the closest to the machine's peak), and, given a cache file, the best figure ever
-  measured on this CPU model (keyed by CPU model, core count and jax version). A median of 4
-  moved 2x between runs of the same command on a loaded machine; the cached best does not move
-  once it has seen a quiet moment. Fake CPU devices (`--xla_force_host_platform_device_count`)
-  share the same cores, so the total is that single measurement, NOT times the device count.
-  f32 is used because bf16 is not faster on CPU.
+- On CPU the peak is measured in the run's compute dtype (float32, or bfloat16 inputs with
+  float32 accumulation, which AVX-512 BF16 runs about twice as fast) with a jitted matmul on one
+  local device: the fastest of several timed repeats after a warm-up (load on a shared machine
+  only ever slows a repeat). Given a cache file, the peak is the median of the last readings of
+  this CPU model and dtype (keyed by CPU model, core count and jax version), never a running
+  maximum: one bogus timing once read 6.9e15 FLOP/s and made every later MFU 0.000. A reading
+  above what the cores' vector units can do, or 3x the median of the others, is rejected with a
+  warning. Fake CPU devices (`--xla_force_host_platform_device_count`) share the same cores,
+  so the total is that single measurement, NOT times the device count.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -36,6 +38,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+log = logging.getLogger("lmtrain")
 
 
 class Chip(NamedTuple):
@@ -86,7 +90,8 @@ def _matmul_peak(device: jax.Device, n: int, dtype: Any, repeats: int) -> float:
     rng = np.random.default_rng(0)
     # Built in numpy and put straight onto `device`, never via the default backend.
     a, b = (jax.device_put(rng.random((n, n), np.float32).astype(dtype), device) for _ in "ab")
-    matmul = jax.jit(jnp.matmul)
+    # float32 accumulation whatever the inputs: what a bf16 model's dots do.
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
     for _ in range(2):  # compile, then one untimed run to settle caches and clocks
         matmul(a, b).block_until_ready()
     times = []
@@ -97,39 +102,109 @@ def _matmul_peak(device: jax.Device, n: int, dtype: Any, repeats: int) -> float:
     return 2.0 * n**3 / min(times)
 
 
-def measure_cpu_peak(n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of a jitted f32 n x n matmul on ONE CPU device, fastest of `repeats`."""
-    return _matmul_peak(jax.devices("cpu")[0], n, jnp.float32, repeats)
+def measure_cpu_peak(n: int = 2048, repeats: int = 10, dtype: Any = jnp.float32) -> float:
+    """FLOP/s of a jitted n x n matmul on ONE local CPU device, fastest of `repeats`: float32,
+    or `dtype` inputs (bfloat16) with float32 accumulation."""
+    # A local device: in a multi-process run jax.devices()[0] may be another process's, whose
+    # work never runs here, so the timing measured nothing (that cached 6.9e15 FLOP/s once).
+    return _matmul_peak(jax.local_devices(backend="cpu")[0], n, jnp.dtype(dtype), repeats)
 
 
-def _cpu_key() -> str:
-    model = platform.processor() or platform.machine()
+def _cpuinfo() -> tuple[str, set[str], float | None]:
+    """(model name, flags, MHz now) from /proc/cpuinfo (empty where there is none)."""
+    model, flags, mhz = platform.processor() or platform.machine(), set(), None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+            key, _, value = (x.strip() for x in line.partition(":"))
+            if key == "model name":
+                model = value
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+            elif key == "cpu MHz" and mhz is None:
+                mhz = float(value)
+    except (OSError, ValueError):
         pass
-    return f"{model} | {os.cpu_count()} cores | jax {jax.__version__}"
+    return model, flags, mhz
 
 
-def cpu_peak(cache: Path | None = None, n: int = 2048) -> tuple[float, str]:
-    """(peak FLOP/s, its source) on this CPU: this run's measurement, or the best one recorded
-    in the JSON file `cache` for this CPU model if that is higher (then updated)."""
-    measured = measure_cpu_peak(n)
-    source = f"measured: cpu matmul {n} f32, fastest of 10"
+def _cpu_key(dtype_name: str) -> str:
+    return f"{_cpuinfo()[0]} | {os.cpu_count()} cores | jax {jax.__version__} | {dtype_name}"
+
+
+def cpu_flops_bound(dtype_name: str) -> float:
+    """What the cores' vector units could do at most: cores x clock x FLOP/cycle, generously
+    (6 GHz or twice the clock now, two FMA units of the widest vectors, bf16 dot products at
+    twice f32, AMX at 16 x). A measured peak above it is a bad timing, not a fast CPU."""
+    _, flags, mhz = _cpuinfo()
+    ghz = min(2 * mhz / 1000, 6.0) if mhz else 6.0
+    lanes = 16 if "avx512f" in flags else 8 if ("avx2" in flags or "avx" in flags) else 4
+    per_cycle = 2 * 2 * lanes  # 2 units x FMA (2 FLOPs) x f32 lanes
+    if dtype_name != "float32":
+        per_cycle *= 16 if "amx_bf16" in flags else 2
+    return (os.cpu_count() or 1) * ghz * 1e9 * per_cycle
+
+
+_KEEP = 20  # readings kept per CPU model and dtype
+_OUTLIER = 3.0  # a reading this many times the median of the others is rejected
+
+
+def cpu_peak(cache: Path | None = None, n: int = 2048, dtype: Any = jnp.float32) -> tuple:
+    """(peak FLOP/s, its source) on this CPU in `dtype` (float32, or bfloat16 inputs with f32
+    accumulation): the median of this run's measurement and the last readings kept in the JSON
+    file `cache` for this CPU model and dtype. Never a running maximum: one bad timing (a reading
+    above what the cores can do, or `_OUTLIER` x the others) is rejected with a warning."""
+    name = jnp.dtype(dtype).name
+    measured = measure_cpu_peak(n, dtype=dtype)
+    source = f"measured: cpu matmul {n} {name}, fastest of 10"
+    bound = cpu_flops_bound(name)
+    key = _cpu_key(name)
+    known = _read_cache(cache)
+    kept = []
+    for x in known.get(key, {}).get("readings", []):
+        if isinstance(x, (int, float)) and 0 < x <= bound:
+            kept.append(float(x))
+        else:
+            log.warning(
+                "ignored a cached CPU peak of %s GFLOP/s in %s: above what %d cores can do "
+                "(%.0f GFLOP/s)",
+                f"{x / 1e9:,.0f}" if isinstance(x, (int, float)) else repr(x),
+                cache,
+                os.cpu_count() or 1,
+                bound / 1e9,
+            )
+    others = float(np.median(kept)) if len(kept) >= 3 else None
+    if measured > bound or (others and measured > _OUTLIER * others):
+        log.warning(
+            "ignored this run's CPU peak measurement of %.0f GFLOP/s (%s); MFU uses the cached "
+            "readings",
+            measured / 1e9,
+            "above what the cores can do"
+            if measured > bound
+            else f"over {_OUTLIER:g}x the median of {len(kept)} earlier runs",
+        )
+        if not kept:
+            return bound, f"the cores' vector-unit bound {bound / 1e9:.0f} GFLOP/s"
+    else:
+        kept.append(measured)
+    kept = kept[-_KEEP:]
     if cache is None:
-        return measured, source
-    key = _cpu_key()
+        return float(np.median(kept)), source
+    known[key] = {"readings": kept}
+    _write_cache(cache, known)
+    return float(np.median(kept)), f"{source}; median of {len(kept)} runs, cached in {cache}"
+
+
+def _read_cache(cache: Path | None) -> dict:
+    if cache is None:
+        return {}
     try:
         known = json.loads(cache.read_text())
-        known = known if isinstance(known, dict) else {}
     except (OSError, ValueError):
-        known = {}
-    best = max(measured, float(known.get(key, {}).get("peak", 0.0)))
-    runs = int(known.get(key, {}).get("runs", 0)) + 1
-    known[key] = {"peak": best, "runs": runs}
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _write_cache(cache: Path, known: dict) -> None:
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
@@ -137,17 +212,17 @@ def cpu_peak(cache: Path | None = None, n: int = 2048) -> tuple[float, str]:
         os.replace(tmp, cache)
     except OSError:
         pass  # a read-only cache only costs the stability, never the run
-    return best, f"{source}; best of {runs} runs on this CPU, cached in {cache}"
 
 
 def peak_flops(
     devices: Sequence[jax.Device], dtype: Any = jnp.bfloat16, cache: Path | None = None
 ) -> tuple[float, str]:
-    """Total peak FLOP/s over `devices` and its source; `dtype` only matters for unknown chips;
-    `cache` keeps the best CPU measurement (see cpu_peak)."""
+    """Total peak FLOP/s over `devices` and its source. On CPUs the matmul peak in the run's
+    compute `dtype` (cpu_peak; `cache` keeps its readings); on accelerators the table's dense
+    bf16 figure; `dtype` also sets the measurement for chips the table does not know."""
     device = devices[0]
     if device.platform == "cpu":
-        return cpu_peak(cache)
+        return cpu_peak(cache, dtype=jnp.float32 if jnp.dtype(dtype) == jnp.float32 else dtype)
     per_chip = lookup_peak(device.device_kind)
     if per_chip is not None:
         return per_chip * len(devices), f"table: {device.device_kind} x{len(devices)}"

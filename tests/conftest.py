@@ -139,3 +139,38 @@ def tiny(corpus, **sets):
 def tiny_config(corpus):
     """tiny(corpus, **sets) bound to the shared corpus."""
     return lambda **sets: tiny(corpus, **sets)
+
+
+def multiprocess_experiment(d):
+    """A tiny experiment file on a synthetic corpus under `d`, for runs in other processes
+    (multi-process, SLURM); constant lr, so the total step count is free. Its argument is the
+    step count, "ddN" for dataset decomposition over N steps."""
+    corpus = d / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        words = rng.choice(["ab", "cd", "ef", "gh", "ij"], size=int(rng.integers(20, 120)))
+        (corpus / f"{i}.txt").write_text(" ".join(words))
+    p = d / "exp.py"
+    p.write_text(f"""
+from lmtrain import config
+def get_config(arg):
+    dd = arg.startswith("dd")  # "dd8": dataset decomposition, 8 steps
+    arg = arg[2:] if dd else arg
+    cfg = config.override(config.Config(), {{
+        "model.name": "transformer", "model.d_model": 32, "model.n_layers": 2,
+        "model.n_heads": 2, "data.source": {str(corpus)!r}, "data.tokenizer": "bytes",
+        "data.seq_len": 32, "train.batch_size": 8, "train.steps": int(arg or 12),
+        "train.log_every": 1, "train.eval_every": 0, "train.checkpoint_every": 3,
+        "train.progress": False, "train.hang_timeout_s": 20, "optim.schedule": "constant",
+        "optim.warmup_steps": 2, "eval.max_batches": 1, "eval.batch_size": 8,
+    }})
+    if dd:
+        cfg = config.override(cfg, {{
+            "data.packing": "decompose", "data.decompose.min_log2_len": 3,
+            "data.decompose.max_log2_len": 5,
+            "train.tokens_per_step": 256,
+        }})
+    return cfg
+""")
+    return p

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import jax
@@ -57,26 +58,55 @@ def test_unknown_accelerator_falls_back_to_a_measured_matmul(monkeypatch):
 
 
 def test_cpu_peak_is_not_multiplied_by_fake_devices(monkeypatch):
-    monkeypatch.setattr(flops, "measure_cpu_peak", lambda n=2048, repeats=4: 1.5e11)
+    monkeypatch.setattr(flops, "measure_cpu_peak", lambda n=2048, repeats=4, dtype=None: 1.5e11)
     peak, source = flops.peak_flops(jax.devices(), jnp.float32)
     assert peak == 1.5e11
-    assert source == "measured: cpu matmul 2048 f32, fastest of 10"
+    assert source == "measured: cpu matmul 2048 float32, fastest of 10"
 
 
-def test_cpu_peak_keeps_the_best_measurement_of_this_cpu(monkeypatch, tmp_path):
-    """A loaded run measures low; with the per-machine cache the peak does not follow it."""
+def test_cpu_peak_is_the_median_of_kept_readings_never_a_running_maximum(monkeypatch, tmp_path):
+    """A loaded run measures low, a quiet one high; the cached median moves little either way."""
     measured = iter([2.0e11, 4.0e11, 1.0e11, 3.0e11])
-    monkeypatch.setattr(flops, "measure_cpu_peak", lambda n=2048, repeats=10: next(measured))
+    monkeypatch.setattr(flops, "measure_cpu_peak", lambda n, dtype: next(measured))
+    monkeypatch.setattr(flops, "cpu_flops_bound", lambda name: 1e13)
     cache = tmp_path / "cpu_peak.json"
     peaks = [flops.cpu_peak(cache)[0] for _ in range(4)]
-    assert peaks == [2.0e11, 4.0e11, 4.0e11, 4.0e11]
-    # Without the cache each run would report its own measurement (the 2x swing of old).
-    monkeypatch.setattr(flops, "measure_cpu_peak", lambda n=2048, repeats=10: 1.0e11)
-    assert flops.cpu_peak(None)[0] == 1.0e11
+    assert peaks == [2.0e11, 3.0e11, 2.0e11, 2.5e11]
+    monkeypatch.setattr(flops, "measure_cpu_peak", lambda n, dtype: 1.0e11)
+    assert flops.cpu_peak(None)[0] == 1.0e11  # without the cache: this run's own
     peak, source = flops.cpu_peak(cache)
-    assert peak == 4.0e11 and "best of 5 runs on this CPU" in source and str(cache) in source
+    assert peak == 2.0e11 and "median of 5 runs" in source and str(cache) in source
+    # bf16 has readings of its own (a bf16 model's MFU is against the bf16 matmul).
+    monkeypatch.setattr(flops, "measure_cpu_peak", lambda n, dtype: 7.0e11)
+    assert flops.cpu_peak(cache, dtype=jnp.bfloat16)[0] == 7.0e11
+    assert flops.cpu_peak(cache)[0] == 2.0e11  # 7e11 is over 3x the float32 median: dropped
     cache.write_text("not json")  # a damaged cache costs the history, never the run
-    assert flops.cpu_peak(cache)[0] == 1.0e11
+    assert flops.cpu_peak(cache)[0] == 7.0e11
+
+
+def test_a_planted_bogus_peak_is_ignored_with_a_warning(monkeypatch, tmp_path, caplog):
+    """The poisoned cache of the issue: one reading of 6.9e15 FLOP/s on 2 cores."""
+    monkeypatch.setattr(flops, "measure_cpu_peak", lambda n, dtype: 2.0e11)
+    cache = tmp_path / "cpu_peak.json"
+    key = flops._cpu_key("float32")
+    cache.write_text(json.dumps({key: {"readings": [1.9e11, 6.9e15, 2.1e11]}}))
+    with caplog.at_level("WARNING", logger="lmtrain"):
+        peak, _ = flops.cpu_peak(cache)
+    assert peak == 2.0e11  # the median of 1.9, 2.1 and this run's 2.0
+    assert "ignored a cached CPU peak of 6,900,000 GFLOP/s" in caplog.text
+    assert 6.9e15 not in json.loads(cache.read_text())[key]["readings"]  # dropped for good
+    # The old format (a running maximum) is not read at all.
+    cache.write_text(json.dumps({key: {"peak": 6.9e15, "runs": 37}}))
+    assert flops.cpu_peak(cache)[0] == 2.0e11
+    # A reading far above the others (a bad timing under the bound) is not kept either.
+    monkeypatch.setattr(flops, "cpu_flops_bound", lambda name: 1e13)
+    monkeypatch.setattr(flops, "measure_cpu_peak", lambda n, dtype: 9.0e11)
+    cache.write_text(json.dumps({key: {"readings": [2.0e11, 2.0e11, 2.2e11]}}))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lmtrain"):
+        assert flops.cpu_peak(cache)[0] == 2.0e11
+    assert "over 3x the median of 3 earlier runs" in caplog.text
+    assert len(json.loads(cache.read_text())[key]["readings"]) == 3
 
 
 def test_metrics_window_reports_mfu_from_flops_mfu(monkeypatch):
@@ -93,8 +123,10 @@ def test_metrics_window_reports_mfu_from_flops_mfu(monkeypatch):
 
 
 def test_measure_cpu_peak_is_plausible():
-    peak = flops.measure_cpu_peak(n=1024, repeats=3)
-    assert math.isfinite(peak) and 1e8 < peak < 1e13
+    for dtype in (jnp.float32, jnp.bfloat16):
+        peak = flops.measure_cpu_peak(n=1024, repeats=3, dtype=dtype)
+        bound = flops.cpu_flops_bound(jnp.dtype(dtype).name)
+        assert math.isfinite(peak) and 1e8 < peak <= bound < 1e13
 
 
 def test_mfu_arithmetic():

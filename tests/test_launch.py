@@ -26,9 +26,12 @@ def test_slurm_script_directives():
     assert any(d.startswith("--signal=TERM@") for d in directives)
     assert "--requeue" in directives and "--open-mode=append" in directives
     assert any(d.startswith("--ntasks-per-node=") for d in directives)
-    run_line = [line for line in text.splitlines() if "srun" in line and "exec" in line][0]
+    run_line = [line for line in text.splitlines() if line.startswith("srun ")][0]
     assert "--kill-on-bad-exit=1" in run_line and '-m lmtrain train "$EXPERIMENT"' in run_line
     assert '--workdir "$WORKDIR"' in run_line
+    # A signal's stop (the summary says "interrupted") requeues the job (tests/test_slurm.py
+    # runs it under a real scheduler).
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in text
 
 
 def test_local_launcher_usage_errors():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import multiprocess_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "local.sh"
@@ -19,37 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def exp(tmp_path_factory) -> Path:
-    """A tiny experiment on a synthetic corpus; constant lr so the total step count is free."""
-    d = tmp_path_factory.mktemp("mp")
-    corpus = d / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        words = rng.choice(["ab", "cd", "ef", "gh", "ij"], size=int(rng.integers(20, 120)))
-        (corpus / f"{i}.txt").write_text(" ".join(words))
-    p = d / "exp.py"
-    p.write_text(f"""
-from lmtrain import config
-def get_config(arg):
-    dd = arg.startswith("dd")  # "dd8": dataset decomposition, 8 steps
-    arg = arg[2:] if dd else arg
-    cfg = config.override(config.Config(), {{
-        "model.name": "transformer", "model.d_model": 32, "model.n_layers": 2,
-        "model.n_heads": 2, "data.source": {str(corpus)!r}, "data.tokenizer": "bytes",
-        "data.seq_len": 32, "train.batch_size": 8, "train.steps": int(arg or 12),
-        "train.log_every": 1, "train.eval_every": 0, "train.checkpoint_every": 3,
-        "train.progress": False, "train.hang_timeout_s": 20, "optim.schedule": "constant",
-        "optim.warmup_steps": 2, "eval.max_batches": 1, "eval.batch_size": 8,
-    }})
-    if dd:
-        cfg = config.override(cfg, {{
-            "data.packing": "decompose", "data.decompose.min_log2_len": 3,
-            "data.decompose.max_log2_len": 5,
-            "train.tokens_per_step": 256,
-        }})
-    return cfg
-""")
-    return p
+    return multiprocess_experiment(tmp_path_factory.mktemp("mp"))
 
 
 def _env(**extra) -> dict:

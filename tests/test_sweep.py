@@ -161,6 +161,17 @@ def test_child_env_sets_devices_and_gpus(monkeypatch):
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
 
 
+def test_host_devices_follow_the_cores_this_process_may_use(monkeypatch):
+    """A SLURM task's allocation, else the affinity mask, decides (not the machine's cores)."""
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert workdirs.default_devices(1) == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    assert workdirs.default_devices(1) == 4 and workdirs.default_devices(2) == 2
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert workdirs.default_devices(1) == 8 and workdirs.default_devices(8) == 4
+
+
 def test_train_needs_exactly_one_config_source(capsys):
     assert main(["train"]) == 2
     assert "needs an experiment file, --config or --config-json (one)" in capsys.readouterr().err

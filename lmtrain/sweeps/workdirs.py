@@ -13,6 +13,8 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
+from lmtrain import xla_flags
+
 # The directory holding this lmtrain package (a source checkout, or site-packages after
 # `pip install .`): put first on a run's PYTHONPATH so runs use this very lmtrain.
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,8 +73,6 @@ def child_env(devices: int | None, gpus: Sequence[int] | None = None) -> dict[st
 
 
 def default_devices(parallel: int) -> int:
-    """CPU host devices per run: a power of two <= cores / parallel, at most 8 (the CLI's rule)."""
-    share, n = max(1, (os.cpu_count() or 1) // parallel), 1
-    while n * 2 <= min(share, 8):
-        n *= 2
-    return n
+    """CPU host devices per run of `parallel` at once: the CLI's rule on a share of the cores
+    this process may use (a SLURM array task's own allocation included)."""
+    return xla_flags.cpu_host_devices(parallel)
