@@ -363,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lmtrain` console script; returns the exit status."""
     _cpu_devices_default()  # before the parser: building it imports lmtrain.config, and jax
     xla_flags.apply()  # MaxText's GPU flags where a CUDA plugin is installed
+    xla_flags.skip_absent_tpu()  # no libtpu start-up errors where there is no TPU
     args = _parser().parse_args(argv)
     _quiet_libraries()
     from lmtrain.checkpoint import CheckpointError

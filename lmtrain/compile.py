@@ -25,11 +25,15 @@ reported as `fits: false` with the size XLA asked for, not raised.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import logging
 import math
 import os
 import re
+import sys
+import tempfile
 import time
 from typing import Any
 
@@ -38,6 +42,8 @@ import jax
 from lmtrain import data, flops, sharding
 from lmtrain import run as run_lib
 from lmtrain.config import Config, ConfigError
+
+log = logging.getLogger("lmtrain")
 
 GIB = 2**30
 
@@ -82,13 +88,41 @@ def topology_devices(name: str, slices: int = 1) -> list:
     from jax.experimental import topologies
 
     try:
-        topo = topologies.get_topology_desc(platform="tpu", topology_name=name, num_slices=slices)
+        # libtpu writes its start-up complaints about the missing TPU (accelerator type,
+        # worker hostnames: irrelevant to a description) straight to file descriptor 2.
+        with _stderr_held() as held:
+            topo = topologies.get_topology_desc(
+                platform="tpu", topology_name=name, num_slices=slices
+            )
     except Exception as e:  # libtpu raises JaxRuntimeError(INVALID_ARGUMENT) on a bad name
+        log.debug("libtpu said: %s", held.text)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
             f"unknown TPU topology {name!r} ({reason}); known: {', '.join(KNOWN_TOPOLOGIES)}"
         ) from None
     return list(topo.devices)
+
+
+class _Held:
+    text = ""
+
+
+@contextlib.contextmanager
+def _stderr_held():
+    """Sends what C libraries write to file descriptor 2 to a temporary file for the block
+    (its text is the yielded object's `.text` afterwards)."""
+    held = _Held()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield held
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            held.text = f.read().decode(errors="replace")
 
 
 @dataclasses.dataclass

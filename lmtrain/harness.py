@@ -86,8 +86,18 @@ def make_adapter(run: Any, params: Any, batch_size: int = 8):
             """(sum of continuation log-probs, whether greedy decoding gives it) per request."""
             rows = []
             for _, context_enc, continuation_enc in requests:
-                if not continuation_enc or len(continuation_enc) > max_length:
-                    raise ValueError(f"continuation of {len(continuation_enc)} tokens")
+                if not continuation_enc:
+                    raise ConfigError("an lm-eval request has an empty continuation")
+                if len(continuation_enc) > max_length:
+                    # (the hf backend stops here too, on an assert)
+                    need = 1 << (len(continuation_enc) - 1).bit_length()
+                    raise ConfigError(
+                        f"an lm-eval request's continuation is {len(continuation_enc)} tokens, "
+                        f"longer than the model's context (data.seq_len={max_length}); "
+                        f"evaluate at a longer context with --set data.seq_len={need} (a "
+                        "model trained at one length may do worse at another), or choose "
+                        "tasks with shorter continuations"
+                    )
                 full = (list(context_enc) + list(continuation_enc))[-(max_length + 1) :]
                 rows.append((full, len(continuation_enc)))
             out: list[tuple[float, bool]] = [None] * len(rows)  # type: ignore[list-item]

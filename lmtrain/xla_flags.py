@@ -10,13 +10,17 @@ They are added only where a CUDA plugin for JAX is installed and JAX_PLATFORMS d
 the GPU out; a flag already in XLA_FLAGS wins over ours, and LMTRAIN_GPU_XLA_FLAGS=0 turns the
 whole set off.
 
-On CPUs, `cpu_host_devices` is the rule for how many XLA host devices a process gets.
+On CPUs, `cpu_host_devices` is the rule for how many XLA host devices a process gets, and
+`skip_absent_tpu` keeps libtpu (installed by the tpu and dev extras for `lmtrain compile`) from
+starting, and printing its TPU errors, on machines that have no TPU.
 """
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
+from pathlib import Path
 
 GPU_FLAGS: dict[str, str] = {
     "xla_gpu_enable_latency_hiding_scheduler": "true",
@@ -84,3 +88,32 @@ def cpu_host_devices(parallel: int = 1) -> int:
     while n * 2 <= min(share, 8):
         n *= 2
     return n
+
+
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips are PCI devices of Google's (as jax itself checks)
+
+
+def tpu_attached() -> bool:
+    """True if a Google PCI device (a TPU chip) is attached to this machine."""
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            if Path(vendor).read_text().strip() == _GOOGLE_PCI_VENDOR:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def skip_absent_tpu(environ: dict | None = None) -> str | None:
+    """Where libtpu is installed but no TPU is attached and JAX_PLATFORMS is unset, sets it to
+    the platforms that can be here (cuda where a CUDA plugin and an NVIDIA device exist, and
+    cpu), so JAX never starts libtpu: it printed five lines of "could not determine TPU
+    accelerator type" and an `E0000 ... INVALID_ARGUMENT` on every command of a CPU machine.
+    `lmtrain compile` still loads libtpu for its topologies. Returns what it set, or None."""
+    env = os.environ if environ is None else environ
+    if env.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None or tpu_attached():
+        return None
+    nvidia = any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/nvidia0"))
+    platforms = "cuda,cpu" if nvidia and gpu_expected(env) else "cpu"
+    env["JAX_PLATFORMS"] = platforms
+    return platforms

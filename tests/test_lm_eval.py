@@ -89,6 +89,22 @@ def test_lm_eval_usage_errors(corpus, tmp_path, capsys):
     assert main(["lm-eval", "--workdir", str(wd), "--tasks", "no_such_task"]) == 2
     assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
     assert main(["lm-eval", "--workdir", str(tmp_path / "none"), "--tasks", "x"]) == 2
+    # A continuation longer than the context (seq_len 32, byte tokens): one line, exit 2, the
+    # setting to change (the hf backend stops on an assert).
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    long = {"query": "alpha", "choices": ["beta " * 8, "gamma"], "gold": 1}
+    (tasks / "long.jsonl").write_text(json.dumps(long) + "\n")
+    yaml = (TASKS_DIR / "lmtrain_mc.yaml").read_text()
+    yaml = yaml.replace("task: lmtrain_mc", "task: lmtrain_long")
+    yaml = yaml.replace("tests/lm_eval_tasks/lmtrain_mc.jsonl", str(tasks / "long.jsonl"))
+    (tasks / "long.yaml").write_text(yaml)
+    args = ["lm-eval", "--workdir", str(wd), "--tasks", "lmtrain_long"]
+    assert main([*args, "--include-path", str(tasks)]) == 2
+    err = capsys.readouterr().err
+    assert "continuation is 41 tokens, longer than the model's context (data.seq_len=32)" in err
+    assert "--set data.seq_len=64" in err and "Traceback" not in err
+    assert main([*args, "--include-path", str(tasks), "--set", "data.seq_len=64"]) == 0
 
 
 @pytest.mark.slow

@@ -419,3 +419,33 @@ def test_muon_sharded_equals_single_device_and_resumes_exactly_on_another_mesh(c
     a, b = losses(full), losses(part)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_no_tpu_errors_where_there_is_no_tpu(corpus, tmp_path):
+    """libtpu (the dev extra) printed five lines of TPU errors at every command's start on a
+    machine without a TPU; lmtrain keeps JAX from starting it there."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from lmtrain import xla_flags
+
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (pip install '.[dev]' installs it)")
+    if xla_flags.tpu_attached():
+        pytest.skip("this machine has a TPU")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    # libtpu stays silent while another process's lockfile is there; this makes it speak.
+    env.update(PYTHONPATH=str(root), ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    plain = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True, text=True
+    )
+    assert "TPU" in plain.stderr  # without lmtrain's guard the errors are there
+    exp = _exp_file(tmp_path, tiny(corpus, **{"train.steps": 1}))
+    cmd = [sys.executable, "-m", "lmtrain", "train", exp, "--workdir", str(tmp_path / "w")]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "TPU" not in p.stderr and "E0000" not in p.stderr, p.stderr[:2000]
+    assert "cpu devices" in p.stderr  # it ran, on the CPU
