@@ -56,7 +56,7 @@ class Checkpointer:
     def __init__(
         self, directory: Path, keep: int = 3, async_save: bool = True, writer: bool = False
     ):
-        """`writer`: this is the training run, which holds the workdir lock (train.workdir_lock),
+        """`writer`: this is the training run, which holds the workdir lock (runguard.workdir_lock),
         so a partial save left by an interrupted run (`N.orbax-checkpoint-tmp*`: a kill or a
         full disk mid-save) is no one's and is removed. Readers (eval, generate) never remove
         anything: a running trainer may be writing it."""

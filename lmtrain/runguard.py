@@ -1,5 +1,7 @@
-"""What a training run holds for its lifetime besides the model: the workdir lock, and the
-log file that keeps the libraries' noise (orbax, absl, asyncio) off the console."""
+"""What a training run holds for its lifetime besides the model: the workdir lock, the log
+file that keeps the libraries' noise (orbax, absl, asyncio) off the console, the stop flag that
+turns SIGINT/SIGTERM into an agreed checkpoint, the watchdog that ends a hung process, and the
+profiler of chosen steps."""
 
 from __future__ import annotations
 
@@ -8,15 +10,20 @@ import fcntl
 import gc
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import jax
 
 from lmtrain.errors import ConfigError
+
+log = logging.getLogger("lmtrain")
 
 
 @contextlib.contextmanager
@@ -163,8 +170,6 @@ def orphaned_save_threads() -> list:
     and the interpreter joins non-daemon threads at exit: the process would sit there for
     minutes after printing its error.
     """
-    import threading
-
     return [
         t
         for t in threading.enumerate()
@@ -181,3 +186,102 @@ def exit_now_if_orphaned(code: int) -> None:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to save and exit; a second SIGINT aborts at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Watchdog:
+    """Ends the process with a clear error when the loop stops making progress.
+
+    A process whose peer died waits forever inside a collective or a checkpoint barrier; no
+    Python exception ever reaches it. This thread turns that into exit status 1 within
+    `timeout_s`, so schedulers see a failure and the rerun resumes from the last checkpoint.
+    """
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.where = "start-up"
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        if timeout_s > 0:
+            threading.Thread(target=self._watch, daemon=True, name="lmtrain-watchdog").start()
+
+    def pet(self, where: str) -> None:
+        self.where = where
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(self.timeout_s / 10, 5.0)):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout_s:
+                print(
+                    f"lmtrain: error: no progress for {idle:.0f} s after {self.where} on "
+                    f"process {jax.process_index()} (another process may have died or hung; "
+                    "train.hang_timeout_s sets the limit); exiting. Rerun to resume from the "
+                    "last complete checkpoint.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)
+
+    def stop(self) -> None:
+        self._done.set()
+
+
+class Profiler:
+    """A jax.profiler trace of steps first .. first+count-1 (train.profile_steps, numbered as
+    the logs number them) into WORKDIR/profile, on train.profile_process (-1: every process).
+    TensorBoard's profile plugin and Perfetto read it; each step is a StepTraceAnnotation."""
+
+    def __init__(self, workdir: Path, steps: tuple[int, int], process: int):
+        first, count = steps
+        self.want = count > 0 and process in (-1, jax.process_index())
+        self.first, self.end = max(first, 1), max(first, 1) + count
+        self.dir, self.on = workdir / "profile", False
+
+    def step(self, n: int):
+        """Context for running step n: starts the trace at the first profiled step."""
+        if self.want and not self.on and self.first <= n < self.end:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            # No Python tracer: it hooks every Python thread (grain's and orbax's workers
+            # included), adds overhead to the steps it measures, and crashed a long-lived
+            # process that had started many threads. Device ops and step annotations remain.
+            opts = jax.profiler.ProfileOptions()
+            opts.python_tracer_level = 0
+            jax.profiler.start_trace(str(self.dir), profiler_options=opts)
+            self.on = True
+        if self.on:
+            return jax.profiler.StepTraceAnnotation("train", step_num=n)
+        return contextlib.nullcontext()
+
+    def done(self, n: int, state: Any) -> None:
+        """After step n was dispatched: ends the trace once the last profiled step finished."""
+        if self.on and n >= self.end - 1:
+            jax.block_until_ready(state)
+            self.close()
+
+    def close(self) -> None:
+        if self.on:
+            jax.profiler.stop_trace()
+            self.on = self.want = False
+            log.info("profile of steps %d-%d written to %s", self.first, self.end - 1, self.dir)

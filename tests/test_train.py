@@ -14,7 +14,7 @@ from conftest import tiny
 
 from lmtrain import config as config_lib
 from lmtrain import run as run_lib
-from lmtrain import sharding, step, train
+from lmtrain import runguard, sharding, step, train
 from lmtrain.checkpoint import Checkpointer
 from lmtrain.cli import main
 from lmtrain.config import Config
@@ -343,13 +343,13 @@ def test_restore_params_reads_only_the_parameters(corpus, tmp_path):
 def test_workdir_lock_refuses_a_second_holder_and_is_released(tmp_path):
     from lmtrain.config import ConfigError
 
-    with train.workdir_lock(tmp_path / "wd"):
+    with runguard.workdir_lock(tmp_path / "wd"):
         with pytest.raises(
             ConfigError, match=rf"in use by another lmtrain run \(host .*, pid {os.getpid()},"
         ):
-            with train.workdir_lock(tmp_path / "wd"):
+            with runguard.workdir_lock(tmp_path / "wd"):
                 pass
-    with train.workdir_lock(tmp_path / "wd"):  # released at exit, exception or not
+    with runguard.workdir_lock(tmp_path / "wd"):  # released at exit, exception or not
         pass
 
 
@@ -375,7 +375,7 @@ def test_library_noise_goes_to_the_workdir_log_not_the_console(tmp_path, capsys)
             raise RuntimeError("Event loop is closed")
 
     hook = sys.unraisablehook
-    with train.library_noise_to(tmp_path / "lmtrain.log"):
+    with runguard.library_noise_to(tmp_path / "lmtrain.log"):
         logging.getLogger("absl").error("_SignalingThread.run() raised an exception")
         Raises()
         gc.collect()
