@@ -174,3 +174,12 @@ def get_config(arg):
     return cfg
 """)
     return p
+
+
+def losses(workdir) -> dict:
+    """{step: training loss} from a run's metrics.jsonl (a resumed run's rows replace the
+    earlier ones)."""
+    import json
+
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny
+from conftest import losses, tiny
 
 from lmtrain import config as config_lib
 from lmtrain import run as run_lib
@@ -45,11 +45,6 @@ def snapshot(d: Path) -> dict[str, str]:
         str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "/"
         for p in sorted(d.rglob("*"))
     }
-
-
-def losses(workdir: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def reader_command(name: str, wd: Path, tmp_path: Path) -> list[str]:

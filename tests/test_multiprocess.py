@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import multiprocess_experiment
+from conftest import losses, multiprocess_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "local.sh"
@@ -59,15 +59,6 @@ def launch(n: int, devices: int, exp: Path, steps: int, wd: Path) -> subprocess.
 def finish(p: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
     _, err = p.communicate(timeout=timeout)
     return p.returncode, err
-
-
-def losses(wd: Path) -> dict[int, float]:
-    out = {}
-    for line in (wd / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r["loss"]  # a resumed run's rows replace the earlier ones
-    return out
 
 
 def wait_for_checkpoint(wd: Path, step: int, proc: subprocess.Popen, limit: float = 180) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import multiprocess_experiment
+from conftest import losses, multiprocess_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
@@ -73,15 +73,6 @@ def uninterrupted(slurm, exp, tmp_path_factory) -> tuple[dict[int, float], str]:
     log = (d / f"lmtrain-{jid}.out").read_text()
     assert job(slurm, jid)["ExitCode"] == "0:0", log[-3000:]
     return losses(d / "w"), log
-
-
-def losses(wd: Path) -> dict[int, float]:
-    out = {}
-    for line in (wd / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r["loss"]  # a resumed run's rows replace the earlier ones
-    return out
 
 
 def sbatch(env: dict, cwd: Path, *args: str) -> int:

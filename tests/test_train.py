@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny
+from conftest import losses, tiny
 
 from lmtrain import config as config_lib
 from lmtrain import run as run_lib
@@ -18,11 +18,6 @@ from lmtrain import runguard, sharding, step, train
 from lmtrain.checkpoint import Checkpointer
 from lmtrain.cli import main
 from lmtrain.config import Config
-
-
-def losses(workdir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 @pytest.mark.slow
