@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 
 import jax
@@ -86,6 +87,8 @@ def test_cpu_peak_is_the_median_of_kept_readings_never_a_running_maximum(monkeyp
 
 def test_a_planted_bogus_peak_is_ignored_with_a_warning(monkeypatch, tmp_path, caplog):
     """The poisoned cache of the issue: one reading of 6.9e15 FLOP/s on 2 cores."""
+    # (the CLI, run by earlier tests, stops lmtrain's records at its own console handler)
+    monkeypatch.setattr(logging.getLogger("lmtrain"), "propagate", True)
     monkeypatch.setattr(flops, "measure_cpu_peak", lambda n, dtype: 2.0e11)
     cache = tmp_path / "cpu_peak.json"
     key = flops._cpu_key("float32")
