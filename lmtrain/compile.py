@@ -132,6 +132,7 @@ class StepPlan:
     name: str  # "train 64x4096", "eval 32x256"
     compile_s: float
     model_flops: float  # lmtrain's count for this step, per chip
+    optimizer_flops: float = 0.0  # the optimizer's matmuls (Muon), counted once, per chip
     fits: bool = True
     state_gib: float = 0.0  # train state (or parameters) held between steps
     args_gib: float = 0.0  # all inputs: the state plus the batch
@@ -263,6 +264,7 @@ def compile_for(cfg: Config, topology: str, slices: int = 1, evals: bool = True)
             return run_lib.compile_train_steps(r, [(batch, seq_len)], scored)[0][seq_len]
 
         plan = _compile(f"train {batch}x{seq_len}", lambda: train_step(run), model, state_bytes)
+        plan.optimizer_flops = run.optimizer_flops / chips
         plans.append(_unrolled(plan, cfg, devices, train_step))
     if evals:
         param_bytes = _state_bytes(run.abstract_params)
@@ -319,6 +321,12 @@ def summary(cfg, run, topology, slices, devices, plans, chip) -> dict:
         "xla_flops": main.xla_flops,
         "model_flops": main.model_flops,
         "flops_ratio": round(main.xla_flops / main.model_flops, 4) if main.xla_flops else None,
+        "optimizer_flops": main.optimizer_flops,
+        "flops_ratio_with_optimizer": (
+            round(main.xla_flops / (main.model_flops + main.optimizer_flops), 4)
+            if main.xla_flops
+            else None
+        ),
         "est_step_s": main.est_step_s,
         "est_mfu": round(main.est_mfu, 4) if main.est_mfu is not None else None,
         "compile_s": round(sum(p.compile_s for p in plans), 1),
@@ -347,6 +355,14 @@ def format_table(report: dict) -> str:
             f"  {'yes' if p['fits'] else 'NO':<5}{ratio:>16}{p['compile_s']:>8.1f}s{est:>11}"
             f"{mfu:>10}"
         )
+        if p["optimizer_flops"]:
+            total = p["model_flops"] + p["optimizer_flops"]
+            ratio = f"{p['xla_flops'] / total:.3f}" if p["xla_flops"] else "-"
+            lines.append(
+                f"{'':<18}with the optimizer's orthogonalisation (+"
+                f"{p['optimizer_flops'] / p['model_flops']:.1%} of the model's FLOPs, counted "
+                f"once): XLA/(model+optimizer) FLOPs {ratio}"
+            )
         if p["xla_optimal_s"]:
             lines.append(f"{'':<18}XLA's own estimate: {p['xla_optimal_s'] * 1e3:.1f}ms")
         if p["error"]:

@@ -199,4 +199,23 @@ def make_optimizer(
     return optax.chain(clip, tx)
 
 
+# Newton-Schulz iterations of optax.contrib.muon (its default ns_steps).
+NS_STEPS = 5
+
+
+def step_flops(cfg: OptimConfig, params: Any, hidden: Mask = muon_mask) -> float:
+    """FLOPs of one optimizer step beyond the elementwise updates, counted once per step (the
+    model-FLOPs convention: work a replica repeats is not counted again): Muon's Newton-Schulz
+    iterations, NS_STEPS x (4 m^2 n + 2 m^3) for each hidden m x n matrix (m <= n: X X^T,
+    then A A, then B X), and 0 for AdamW and Lion."""
+    if cfg.name != "muon":
+        return 0.0
+    total, masks = 0.0, jax.tree.leaves(_resolve(hidden, params))
+    for p, h in zip(jax.tree.leaves(params), masks, strict=True):
+        if h:
+            m, n = sorted(p.shape)
+            total += NS_STEPS * (4 * m * m * n + 2 * m**3)
+    return float(total)
+
+
 assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES and tuple(SCHEDULES) == SCHEDULE_NAMES

@@ -51,6 +51,7 @@ class Run:
     schedule: Any = None
     abstract_state: dict | None = None  # {"step", "params", "opt_state"}, abstract and sharded
     state_shardings: dict | None = None
+    optimizer_flops: float = 0.0  # per optimizer step beyond elementwise work (optim.step_flops)
 
     def init_state(self, params: Any = None, step: Any = 0) -> dict:
         """Materialises a fresh state directly in its shardings (never on one device first);
@@ -133,6 +134,7 @@ def setup(cfg: Config, *, optimizer: bool = True, devices: list | None = None) -
         "opt_state": jax.eval_shape(tx.init, params),
     }
     run.tx, run.schedule = tx, optim.make_schedule(cfg.optim, cfg.train.steps)
+    run.optimizer_flops = optim.step_flops(cfg.optim, params, masks[1])
     run.abstract_state, run.state_shardings = _sharded(shapes, shardings), shardings
     return run
 

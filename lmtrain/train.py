@@ -31,10 +31,19 @@ class NonFiniteLoss(RuntimeError):
 
 class MetricsWindow:
     """Throughput and MFU over the steps since the last log row (steps may differ in length,
-    so FLOPs are summed per step; MFU is `flops.mfu`, the one formula)."""
+    so FLOPs are summed per step; MFU is `flops.mfu`, the one formula). `optimizer_flops` per
+    step (Muon's Newton-Schulz, optim.step_flops) make the separate "with optimizer" MFU."""
 
-    def __init__(self, step: int, tokens_per_step: int, flops_per_token: dict[int, float], peak):
+    def __init__(
+        self,
+        step: int,
+        tokens_per_step: int,
+        flops_per_token: dict[int, float],
+        peak,
+        optimizer_flops: float = 0.0,
+    ):
         self.tokens_per_step, self.fpt, self.peak = tokens_per_step, flops_per_token, peak
+        self.optimizer_flops = optimizer_flops
         self._start = (step, time.time())
         self._flops = 0.0
 
@@ -43,14 +52,19 @@ class MetricsWindow:
         self._flops += self.tokens_per_step * self.fpt[seq_len]
 
     def close(self, step: int) -> dict[str, float]:
-        """{tokens_per_sec, mfu} since the last close (or the start), and starts a new window."""
+        """{tokens_per_sec, mfu[, mfu_with_optimizer]} since the last close (or the start), and
+        starts a new window."""
         (s0, t0), now = self._start, time.time()
         secs = max(now - t0, 1e-9)
         tokens = self.tokens_per_step * (step - s0)
         tok_s = tokens / secs
         mean_fpt = self._flops / max(tokens, 1)
         self._start, self._flops = (step, now), 0.0
-        return {"tokens_per_sec": tok_s, "mfu": flops.mfu(tok_s, mean_fpt, self.peak)}
+        row = {"tokens_per_sec": tok_s, "mfu": flops.mfu(tok_s, mean_fpt, self.peak)}
+        if self.optimizer_flops:
+            with_opt = mean_fpt + self.optimizer_flops / self.tokens_per_step
+            row["mfu_with_optimizer"] = flops.mfu(tok_s, with_opt, self.peak)
+        return row
 
 
 def train(cfg: Config, workdir: Path) -> dict:
@@ -131,7 +145,14 @@ def _train(cfg: Config, workdir: Path) -> dict:
         )
     tracker.print(
         f"lmtrain | {cfg.model.name} {run.n_params / 1e6:.2f}M params, "
-        f"{fpt[max(fpt)] / 1e6:.1f} MFLOP/token at {max(fpt)} | mesh {dict(mesh.shape)} on "
+        f"{fpt[max(fpt)] / 1e6:.1f} MFLOP/token at {max(fpt)}"
+        + (
+            f" (+{run.optimizer_flops / tokens_per_step / 1e6:.1f} of {cfg.optim.name}'s "
+            "orthogonalisation)"
+            if run.optimizer_flops
+            else ""
+        )
+        + f" | mesh {dict(mesh.shape)} on "
         f"{jax.device_count()} {jax.devices()[0].platform} devices, {jax.process_count()} "
         f"process(es) | data {cfg.data.source}: {corpus.stats['train']['tokens']:,} train tokens, "
         f"{tokens_per_step:,} tokens/step | peak {peak / 1e9:.0f} GFLOP/s ({peak_src}) | "
@@ -152,7 +173,7 @@ def _train(cfg: Config, workdir: Path) -> dict:
 
     summary: dict[str, Any] = {"step": start}
     pending: tuple[int, dict, int] | None = None
-    window = MetricsWindow(start, tokens_per_step, fpt, peak)
+    window = MetricsWindow(start, tokens_per_step, fpt, peak, run.optimizer_flops)
     s = start
     agreed_stop = False  # set from a step's metrics, so every process sees it at the same step
 
@@ -193,6 +214,11 @@ def _train(cfg: Config, workdir: Path) -> dict:
                 tracker.print(
                     f"step {n}/{cfg.train.steps}: loss {m['loss']:.4f}, "
                     f"{rate['tokens_per_sec']:,.0f} tokens/s, MFU {rate['mfu']:.3f}"
+                    + (
+                        f" ({rate['mfu_with_optimizer']:.3f} with the optimizer)"
+                        if "mfu_with_optimizer" in rate
+                        else ""
+                    )
                 )
         tracker.progress(n, {"loss": m["loss"]})
 

@@ -97,6 +97,7 @@ def test_quickstart_compiles_for_v5e_and_reports_per_chip(capsys):
     assert 0 < r["est_mfu"] < 1 and r["est_step_s"] > 0
     assert [s["name"] for s in r["steps"]] == ["train 16x256", "eval 16x256"]
     assert "fits" in text and "estimate" in text
+    assert "with the optimizer's orthogonalisation" in text  # Muon's matmuls, counted apart
     # XLA's count vs lmtrain's model FLOPs. The quickstart's Muon adds per step, on every
     # data-parallel replica, 5 Newton-Schulz iterations of 4 m^2 n + 2 m^3 on each hidden m x n
     # matrix (m <= n), work the model count leaves out: with AdamW the two counts agree.
@@ -110,6 +111,11 @@ def test_quickstart_compiles_for_v5e_and_reports_per_chip(capsys):
     newton_schulz = cfg.n_layers * (4 * ns(D, D) + 3 * ns(min(D, F), max(D, F)))
     extra = r["xla_flops"] - adam["xla_flops"]
     assert extra == pytest.approx(newton_schulz, rel=0.02)
+    # lmtrain's own count of that work (optim.step_flops), once per step, shared by the chips;
+    # XLA's count exceeds it by what the data-parallel replicas repeat.
+    assert r["optimizer_flops"] * r["chips"] == pytest.approx(newton_schulz)
+    assert adam["optimizer_flops"] == 0 and "with the optimizer's orthogonalisation" not in text
+    assert 1 < r["flops_ratio_with_optimizer"] < r["flops_ratio"]
 
 
 @pytest.mark.slow

@@ -123,6 +123,15 @@ def test_metrics_window_reports_mfu_from_flops_mfu(monkeypatch):
     row = w.close(2)  # 2000 tokens in 2 s; mean 6e6 FLOP/token
     assert row["tokens_per_sec"] == pytest.approx(1000.0)
     assert row["mfu"] == pytest.approx(flops.mfu(1000.0, 6e6, 1e10)) == pytest.approx(0.6)
+    assert "mfu_with_optimizer" not in row
+    # An optimizer's own matmuls (Muon) per step: a separate figure; the model's MFU stays.
+    clock = iter([100.0, 102.0])
+    monkeypatch.setattr("lmtrain.train.time.time", lambda: next(clock))
+    w = MetricsWindow(0, 1000, {64: 5e6}, peak=1e10, optimizer_flops=2e9)
+    w.add(64)
+    w.add(64)
+    row = w.close(2)  # 2000 tokens in 2 s, 5e6 + 2e9 / 1000 = 7e6 FLOP/token with it
+    assert row["mfu"] == pytest.approx(0.5) and row["mfu_with_optimizer"] == pytest.approx(0.7)
 
 
 def test_measure_cpu_peak_is_plausible():

@@ -472,3 +472,17 @@ def test_muon_mask_follows_param_metadata():
     assert not any(mixer[k] for k in ("a_log", "dt_bias", "d", "norm_scale"))
     assert not mask["token_embed"]["table"] and not mask["head"]["kernel"]
     assert not mask["final_norm"]["scale"]
+
+
+def test_step_flops_count_muons_newton_schulz_once():
+    """5 iterations of X X^T (2 m^2 n), A A (2 m^3) and B X (2 m^2 n) per hidden m x n matrix,
+    m <= n; nothing for AdamW and Lion or for Muon's AdamW part."""
+    from lmtrain.optim import step_flops
+
+    params = {"w": jnp.zeros((8, 32)), "v": jnp.zeros((16, 4)), "b": jnp.zeros(32)}
+    want = 5 * (4 * 8 * 8 * 32 + 2 * 8**3) + 5 * (4 * 4 * 4 * 16 + 2 * 4**3)
+    assert step_flops(OptimConfig(name="muon"), params) == want
+    hidden = {"w": True, "v": False, "b": False}  # v left to AdamW (an embedding, say)
+    assert step_flops(OptimConfig(name="muon"), params, hidden) == 5 * (4 * 8 * 8 * 32 + 2 * 8**3)
+    assert step_flops(OptimConfig(name="adamw"), params) == 0.0
+    assert step_flops(OptimConfig(name="lion"), params) == 0.0
