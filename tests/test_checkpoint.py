@@ -74,7 +74,14 @@ def reader_command(name: str, wd: Path, tmp_path: Path) -> list[str]:
     }[name]
 
 
-@pytest.mark.parametrize("reader", ["eval", "generate", "export", "lm-eval"])
+# eval stays in the fast lane; the other readers share its code path (run.restore_params).
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "reader",
+    ["eval", *(pytest.param(r, marks=SLOW) for r in ("generate", "export", "lm-eval"))],
+)
 def test_a_reader_with_a_wrong_shape_is_exit_2_and_touches_nothing(
     trained, tmp_path, capsys, reader
 ):
@@ -94,6 +101,7 @@ def test_a_reader_with_a_wrong_shape_is_exit_2_and_touches_nothing(
     assert snapshot(wd) == before
 
 
+@SLOW
 def test_the_eval_typo_from_the_issue_prints_one_line_and_the_run_still_resumes(
     corpus, trained, tmp_path
 ):
@@ -139,6 +147,7 @@ def test_resume_checks_name_each_setting_and_its_way_out(corpus):
         tiny(corpus, **{"train.restore": "opt"})
 
 
+@SLOW
 def test_another_optimizer_on_resume_is_exit_2_and_its_way_out_resumes(
     corpus, trained, tmp_path, capsys
 ):
@@ -193,6 +202,7 @@ def _damage(step_dir: Path, how: str) -> None:
         raise AssertionError(how)
 
 
+@SLOW
 @pytest.mark.parametrize("how", ["truncated", "array_file_deleted", "bad_metadata"])
 def test_damaged_latest_falls_back_readers_leave_it_the_trainer_moves_it_and_it_comes_back(
     corpus, trained, tmp_path, capsys, how
@@ -232,6 +242,7 @@ def test_damaged_latest_falls_back_readers_leave_it_the_trainer_moves_it_and_it_
     assert back == good
 
 
+@SLOW
 def test_when_no_checkpoint_reads_nothing_is_moved(corpus, trained, tmp_path, capsys):
     wd = copy_run(trained, tmp_path / "run")
     for step in (3, 6):
