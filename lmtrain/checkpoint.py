@@ -161,7 +161,7 @@ class Checkpointer:
         return {
             _path(p): tuple(leaf.shape)
             for p, leaf in jax.tree_util.tree_leaves_with_path(tree)
-            if hasattr(leaf, "shape")
+            if isinstance(leaf, ocp.metadata.ArrayMetadata)
         }
 
     def saved_config(self, step: int) -> dict | None:
@@ -322,15 +322,14 @@ def _first_line(e: BaseException) -> str:
 def _path(keys: tuple) -> str:
     """A key path as dotted names: dict keys, sequence indices and namedtuple fields alike
     (orbax's metadata stores namedtuples as dicts, the abstract state keeps them)."""
-    parts = []
-    for k in keys:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return ".".join(parts)
+    tu = jax.tree_util
+    names = {
+        tu.DictKey: lambda k: k.key,
+        tu.SequenceKey: lambda k: k.idx,
+        tu.GetAttrKey: lambda k: k.name,
+        tu.FlattenedIndexKey: lambda k: k.key,
+    }
+    return ".".join(str(names[type(k)](k)) if type(k) in names else str(k) for k in keys)
 
 
 def _differences(

@@ -319,20 +319,30 @@ def _cmd_compile(args) -> int:
     return 0
 
 
+class _Stderr(logging.StreamHandler):
+    """A console handler that writes to whatever sys.stderr is at each record, so one made
+    under a replaced stderr (a test's capture) never writes to a closed stream later."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _quiet_libraries() -> None:
     from absl import flags
     from absl import logging as absl_logging
 
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
     absl_logging.set_verbosity(absl_logging.WARNING)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
     ours = logging.getLogger("lmtrain")  # only our messages at INFO; libraries stay quiet
-    # One console handler, to this call's stderr (main() may run many times in one process).
-    for old in [h for h in ours.handlers if getattr(h, "lmtrain_console", False)]:
-        ours.removeHandler(old)
-    handler.lmtrain_console = True
-    ours.addHandler(handler)
+    if not any(isinstance(h, _Stderr) for h in ours.handlers):  # main() may run many times
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ours.addHandler(handler)
     ours.setLevel(logging.INFO)
     ours.propagate = False
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

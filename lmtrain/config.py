@@ -12,8 +12,9 @@ from typing import Any
 
 from lmtrain import models
 from lmtrain.config_values import coerce as _coerce
-from lmtrain.config_values import (
-    parse_sets,  # noqa: F401  (lmtrain.config.parse_sets)
+from lmtrain.config_values import (  # noqa: F401  (lmtrain.config.parse_sets, .flat_dict)
+    flat_dict,
+    parse_sets,
     read_mapping,
 )
 from lmtrain.errors import ConfigError
@@ -132,9 +133,8 @@ class TrainConfig:
     eval_every: int = 200  # 0: only at the end
     checkpoint_every: int = 200  # 0: only at the end (and on SIGINT/SIGTERM)
     keep_checkpoints: int = 3
-    # What a resume reads: "all" (the whole state; a checkpoint of another optimizer is an
-    # error) or "params" (parameters, step and data position; the optimizer state only if it
-    # belongs to the asked optimizer, else a fresh one: to switch optimizers mid-run).
+    # "all": resume the whole state; "params": parameters, step and data position, with a fresh
+    # optimizer state where the saved one is another optimizer's (switching optimizers).
     restore: str = "all"
     progress: bool = True  # show a progress bar on process 0
     # A run that makes no progress (step, eval batch, checkpoint) for this long exits with an
@@ -300,6 +300,7 @@ def _retype_model(model: ModelConfig, name: str) -> ModelConfig:
 
 # ---------------------------------------------------------------------------- overrides
 
+
 # Keys that moved into a section: config files written before still load (from_dict maps
 # them); `--set` with an old key names the new one.
 MOVED = {
@@ -423,21 +424,10 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def flat_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a.b": v} from {"a": {"b": v}}, with keys that have moved (MOVED) at their new place."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat_dict(v, f"{prefix}{k}."))
-        else:
-            out[MOVED.get(f"{prefix}{k}", f"{prefix}{k}")] = v
-    return out
-
-
 def from_dict(d: dict[str, Any]) -> Config:
     """Rebuilds a Config from `to_dict` output (e.g. a run's config.json); keys that have
     moved into a section since the file was written (MOVED) are read at their new place."""
-    return override(Config(), flat_dict(d))
+    return override(Config(), flat_dict(d, moved=MOVED))
 
 
 def save_json(cfg: Config, path: Path) -> None:

@@ -95,3 +95,15 @@ def read_mapping(path: Path) -> dict:
             f"config file {path} must hold a mapping of sections, not a {type(d).__name__}"
         )
     return d
+
+
+def flat_dict(d: dict[str, Any], prefix: str = "", moved: dict | None = None) -> dict[str, Any]:
+    """{"a.b": v} from {"a": {"b": v}}; keys in `moved` (config.MOVED) read at their new place."""
+    moved = moved or {}
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_dict(v, f"{prefix}{k}.", moved))
+        else:
+            out[moved.get(f"{prefix}{k}", f"{prefix}{k}")] = v
+    return out
