@@ -345,6 +345,11 @@ def _shape(shape: tuple | None) -> str:
     return "absent" if shape is None else str(shape)
 
 
+def setting_change(key: str, saved: Any, here: Any) -> str:
+    """How every refusal to resume words a setting that differs."""
+    return f"{key} is {saved!r} in the checkpoint, {here!r} here"
+
+
 def _setting_differences(saved: dict | None, asked: dict) -> list[str]:
     """'model.d_model is 32 in the checkpoint, 64 here' for each model setting that differs."""
     if not saved:
@@ -352,7 +357,7 @@ def _setting_differences(saved: dict | None, asked: dict) -> list[str]:
     a = flat_dict(saved.get("model", {}), "model.")
     b = flat_dict(asked.get("model", {}), "model.")
     return [
-        f"{k} is {a.get(k)!r} in the checkpoint, {b.get(k)!r} here"
+        setting_change(k, a.get(k), b.get(k))
         for k in sorted(set(a) | set(b))
         if a.get(k) != b.get(k) and k not in FREE_ON_RESUME
     ]

@@ -25,7 +25,7 @@ from flax import nnx
 
 from lmtrain import config as config_lib
 from lmtrain import data, flops, models, optim, sharding, step
-from lmtrain.checkpoint import FREE_ON_RESUME, Checkpointer
+from lmtrain.checkpoint import FREE_ON_RESUME, Checkpointer, setting_change
 from lmtrain.config import Config, ConfigError
 from lmtrain.runguard import library_noise_to
 
@@ -232,7 +232,7 @@ def check_resume_config(saved: Config, new: Config) -> list[str]:
     # (A changed curriculum or cycle count is caught by the data iterator's own check.)
     problems = []
     for d in diffs:
-        said = f"{d} is {a[d]!r} in the checkpoint, {b.get(d)!r} here"
+        said = setting_change(d, a[d], b.get(d))
         if d.startswith("model.") and d not in FREE_ON_RESUME:
             problems.append((said, _MODEL_WAY_OUT))
         elif d in _DATA_CHANGES:
