@@ -40,6 +40,7 @@ MAMBA2 = {
     "model.tie_embeddings": True,
     "data.seq_len": 2048,
 }
+SSM_KEYS = ("model.state_size", "model.expand", "model.chunk_size")  # a hybrid's model.ssm.*
 
 # name -> overrides. SwiGLU's width is round(2/3 * ffn_mult * d_model) (up to a multiple of 64),
 # so ffn_mult = 1.5 * F / D gives Llama's F exactly. Mamba-2's head count is E / 64.
@@ -83,14 +84,15 @@ SHAPES: dict[str, dict] = {
     "mamba2-1.3b": {**MAMBA2, "model.d_model": 2048, "model.n_layers": 48, "model.n_heads": 64},
     "mamba2-2.7b": {**MAMBA2, "model.d_model": 2560, "model.n_layers": 64, "model.n_heads": 80},
     "hybrid-1.4b": {
-        **MAMBA2,
+        **{k: v for k, v in MAMBA2.items() if k not in SSM_KEYS},
+        **{f"model.ssm.{k.removeprefix('model.')}": MAMBA2[k] for k in SSM_KEYS},
         "model.name": "hybrid",
         "model.pattern": "MMMMMMMA",
         "model.d_model": 2048,
         "model.n_layers": 48,
         "model.n_heads": 64,  # both mixers: Mamba-2 heads of 64 channels, attention heads of 32
         "model.n_kv_heads": 8,
-        "model.attention_impl": "splash",
+        "model.attention.attention_impl": "splash",
         "model.ffn_mult": 4.0,
     },
 }

@@ -368,6 +368,7 @@ def _setting_differences(saved: dict | None, asked: dict) -> list[str]:
 # for init_from, only matter for a fresh start.
 FREE_ON_RESUME = (
     "model.attention_impl",
+    "model.attention.attention_impl",  # a hybrid's
     "model.remat",
     "model.scan_layers",
     "model.dtype",

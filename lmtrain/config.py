@@ -18,6 +18,7 @@ from lmtrain.config_values import (  # noqa: F401  (lmtrain.config.parse_sets, .
     read_mapping,
 )
 from lmtrain.errors import ConfigError
+from lmtrain.models import hybrid
 from lmtrain.models.base import ModelConfig
 
 __all__ = [
@@ -353,8 +354,15 @@ def _unknown_key(cfg: Config, key: str) -> ConfigError:
     if key in MOVED:
         return ConfigError(f"config key {key!r} is now {MOVED[key]!r}")
     section, _, field = key.partition(".")
+    if section == "model" and cfg.model.name == "hybrid" and field in hybrid.FLAT:
+        new = " and ".join(f"model.{s}.{field}" for s in hybrid.FLAT[field])
+        return ConfigError(f"in a hybrid, model.{field} is {new} (a section per family)")
     if section == "model" and "." not in field:
         owners = models.families_with_field(field)
+        if field in hybrid.FLAT:  # a hybrid holds it in a section
+            owners.append(
+                f"hybrid (as {' and '.join(f'model.{s}.{field}' for s in hybrid.FLAT[field])})"
+            )
         if owners:
             return ConfigError(
                 f"model.{field} belongs to {'/'.join(owners)}, not model.name="
@@ -426,8 +434,12 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def from_dict(d: dict[str, Any]) -> Config:
     """Rebuilds a Config from `to_dict` output (e.g. a run's config.json); keys that have
-    moved into a section since the file was written (MOVED) are read at their new place."""
-    return override(Config(), flat_dict(d, moved=MOVED))
+    moved into a section since the file was written (MOVED, and a hybrid's family fields:
+    hybrid.FLAT) are read at their new place."""
+    flat_keys = flat_dict(d, moved=MOVED)
+    if flat_keys.get("model.name") == "hybrid":
+        flat_keys = hybrid.sectioned(flat_keys)
+    return override(Config(), flat_keys)
 
 
 def save_json(cfg: Config, path: Path) -> None:

@@ -4,7 +4,6 @@ lmtrain/hf.py for the formats and the weight layouts)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -174,12 +173,12 @@ def load_init(spec: str, run: Any) -> Any:
     if (path / hf.NATIVE_CONFIG).is_file() and not spec.startswith("hf:"):
         from lmtrain import config as config_lib
 
-        saved = config_lib.load_json(path / hf.NATIVE_CONFIG).model
-        a, b = dataclasses.asdict(saved), dataclasses.asdict(m)
+        saved = config_lib.load_json(path / hf.NATIVE_CONFIG)
+        a, b = config_lib.flat(saved), config_lib.flat(run.cfg)
         diffs = [
-            f"model.{k}={a[k]!r} there, {b.get(k)!r} here"
+            f"{k}={a[k]!r} there, {b.get(k)!r} here"
             for k in a
-            if k not in _FREE and a[k] != b.get(k)
+            if k.startswith("model.") and k.rpartition(".")[2] not in _FREE and a[k] != b.get(k)
         ]
         if diffs:
             raise ConfigError(f"model.init_from {path} holds another model: {'; '.join(diffs)}")

@@ -35,7 +35,7 @@ def sample_tokens(
         raise ConfigError("--top-p must be in (0, 1] (1: no limit)")
     graphdef = run.graphdef
     model = nnx.merge(graphdef, params)
-    cache = model.init_cache(1, len(prompt_ids) + max_new_tokens)
+    cache = model.init_state(1, len(prompt_ids) + max_new_tokens)
 
     @jax.jit
     def step(params, tokens_1xT, cache, key):

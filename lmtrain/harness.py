@@ -150,7 +150,7 @@ def make_adapter(run: Any, params: Any, batch_size: int = 8):
 
         def _greedy(self, ids: list[int], max_gen: int, until: list[str]) -> str:
             model = nnx.merge(graphdef, params)
-            cache = model.init_cache(1, max_length)
+            cache = model.init_state(1, max_length)
             for t in ids[:-1]:
                 _, cache = step(params, jnp.asarray([[t]], jnp.int32), cache)
             token, out = ids[-1], []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import optax
@@ -13,9 +13,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lmtrain.errors import ConfigError
-
-if TYPE_CHECKING:  # the models import this module; config imports the models
-    from lmtrain.config import MeshConfig
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
@@ -86,8 +83,10 @@ def mesh_shape(shape: tuple[int, ...], n_devices: int) -> tuple[int, ...]:
     return shape
 
 
-def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all), with automatic propagation.
+def make_mesh(cfg: Any, devices: list | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh of `cfg.shape` (a config.MeshConfig: this module cannot
+    import the config, which imports the models, which import this) over `devices` (default:
+    all), with automatic propagation.
 
     Devices of several TPU slices (multi-slice; their `slice_index` differs) are laid out with
     `data` across the slices, so only data parallelism crosses the slow inter-slice network.

@@ -22,7 +22,7 @@ EVAL_KEYS = (*TRAIN_KEYS, "target_bytes")
 
 def _score_positions(model, x_BxTxD: jax.Array, targets_BxT: jax.Array) -> tuple:
     """(nll, log Z, correct) float32 [B, T] of the head on hidden states x_BxTxD."""
-    logits_BxTxV = model.head_logits(x_BxTxD)
+    logits_BxTxV = model.logits(x_BxTxD)
     target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], -1)[..., 0]
     logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
     # Correct = the target's logit is the largest (a tie counts as correct).
@@ -44,7 +44,7 @@ def score(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0) -> 
     order of float32 sums).
     """
     model = nnx.merge(graphdef, params)
-    x_BxLxD = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
+    x_BxLxD, _ = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
     if "target_index" in batch:
         x_BxLxD = jnp.take_along_axis(x_BxLxD, batch["target_index"][..., None], axis=1)
     targets_BxT = batch["targets"]

@@ -63,7 +63,10 @@ def test_residual_init_is_scaled_by_total_depth():
         (dict(pattern="MMA", n_layers=4), "dividing model.n_layers"),
         (dict(pattern="", n_layers=2), "non-empty"),
         (dict(pattern="AM", n_layers=2, n_kv_heads=3), "n_kv_heads"),
-        (dict(pattern="MA", n_layers=2, state_size=0), "state_size"),
+        (
+            dict(pattern="MA", n_layers=2, ssm=hybrid.SSMSection(state_size=0)),
+            "model.ssm.state_size",
+        ),
     ],
 )
 def test_bad_pattern_is_a_config_error(fields, match):
@@ -74,4 +77,38 @@ def test_bad_pattern_is_a_config_error(fields, match):
 def test_set_model_name_hybrid_from_the_command_line():
     cfg = override(Config(), {"model.name": "hybrid", "model.pattern": "HA", "model.n_layers": 4})
     assert isinstance(cfg.model, hybrid.Config) and cfg.model.layer_letters() == "HAHA"
-    assert dataclasses.asdict(cfg.model)["conv_width"] == 4  # the SSM default serves all convs
+    assert cfg.model.linear.conv_width == cfg.model.ssm.conv_width == 4  # one width for all convs
+
+
+@pytest.mark.parametrize("section", sorted(hybrid.SECTIONS))
+def test_each_section_holds_exactly_its_familys_own_fields(section):
+    """A field added to a family reaches the hybrid, or this fails: same names, same defaults
+    (but the one conv width of 4)."""
+    family = {hybrid.LAYERS[c].section: hybrid.LAYERS[c].config_cls for c in hybrid.LAYERS}
+    shared = {f.name for f in dataclasses.fields(models.base.ModelConfig)} | {"pattern"}
+    own = {f.name: f.default for f in dataclasses.fields(family[section]) if f.name not in shared}
+    mine = {f.name: f.default for f in dataclasses.fields(hybrid.SECTIONS[section])}
+    if section == "linear":
+        assert mine.pop("conv_width") == 4 and own.pop("conv_width") == 3
+    assert mine == own
+
+
+def test_a_config_file_from_before_the_sections_loads_and_old_keys_are_named():
+    from lmtrain import config as config_lib
+
+    old = config_lib.to_dict(override(Config(), {"model.name": "transformer"}))
+    flat_fields = {"conv_width": 3, "state_size": 8, "window": 7, "rope_theta": 5e5}
+    old["model"] = {**old["model"], "name": "hybrid", "pattern": "MWA", "n_layers": 3}
+    old["model"].update(flat_fields)
+    m = config_lib.from_dict(old).model
+    assert (m.ssm.conv_width, m.linear.conv_width, m.ssm.state_size, m.linear.window) == (
+        3,
+        3,
+        8,
+        7,
+    )
+    assert m.attention.rope_theta == m.linear.rope_theta == 5e5
+    hyb = override(Config(), {"model.name": "hybrid", "model.pattern": "MA"})
+    with pytest.raises(ConfigError, match=r"model.conv_width is model.linear.conv_width and "
+                                          r"model.ssm.conv_width"):  # fmt: skip
+        override(hyb, {"model.conv_width": 3})

@@ -20,7 +20,7 @@ from flax import nnx
 from lmtrain import config as config_lib
 from lmtrain import models, sharding, step, xla_flags
 from lmtrain import run as run_lib
-from lmtrain.models import attention, stack
+from lmtrain.models import attention, decoder
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
@@ -28,7 +28,7 @@ needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devi
 def _no_constraints(monkeypatch):
     """Turns every activation constraint into a no-op (the layout before issue 13's fix)."""
     monkeypatch.setattr(sharding, "constrain", lambda x, *axes: x)
-    for module in ("lmtrain.models.stack", "lmtrain.models.transformer", "lmtrain.models.layers"):
+    for module in ("lmtrain.models.decoder", "lmtrain.models.layers"):
         monkeypatch.setattr(f"{module}.constrain", lambda x, *axes: x)
 
 
@@ -141,9 +141,9 @@ def test_scanned_train_step_program_does_not_grow_with_depth(tiny_config):
 
 def test_scan_groups_runs_of_identical_blocks():
     model = models.build(_model_cfg("hybrid", pattern="MMAMMA", scan_layers=True), nnx.Rngs(0))
-    sizes = [len(g) for g in stack.groups(list(model.blocks), scan=True)]
+    sizes = [len(g) for g in decoder.groups(list(model.blocks), scan=True)]
     assert sizes == [2, 1, 2, 1]
-    assert [len(g) for g in stack.groups(list(model.blocks), scan=False)] == [1] * 6
+    assert [len(g) for g in decoder.groups(list(model.blocks), scan=False)] == [1] * 6
 
 
 def test_remat_policy_saves_less_under_full():

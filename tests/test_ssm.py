@@ -21,7 +21,7 @@ from lmtrain.models import ssm, ssm_ops
 RESETS = (5, 8, 13)  # on a chunk boundary for chunk 5 (5) and 4 (8), inside chunks otherwise
 # Jitted once per shape: far fewer compiles than running the ops eagerly.
 ssd_chunked = jax.jit(ssm_ops.ssd_chunked, static_argnums=6)
-lti_chunked = jax.jit(ssm_ops.lti_chunked, static_argnums=7)
+lti_chunked = jax.jit(lambda *a: ssm_ops.lti_chunked(*a)[0], static_argnums=7)  # outputs
 
 
 def reset_mask(batch: int, length: int, at=RESETS) -> np.ndarray:
@@ -192,7 +192,7 @@ def test_lti_gradients_do_not_cross_resets(K):
 
     def out(q, k, v):
         qk = (None, None) if K is None else (q, k)
-        return ssm_ops.lti_chunked(*qk, v, log_da, db, c, reset, 4).sum(axis=(2, 3))[0]
+        return ssm_ops.lti_chunked(*qk, v, log_da, db, c, reset, 4)[0].sum(axis=(2, 3))[0]
 
     doc = np.cumsum(np.asarray(reset[0]))
     other = doc[:, None] != doc[None, :]
@@ -206,10 +206,10 @@ def test_s4d_fft_option_matches_chunked_mixer():
     x = jax.random.normal(jax.random.key(5), (2, 13, 8))
     chunked = ssm.S4D(cfg, rngs=nnx.Rngs(0))
     fft = ssm.S4D(dataclasses.replace(cfg, s4d_fft=True), rngs=nnx.Rngs(0))
-    want = jax.jit(lambda x: chunked(x, None, None))(x)
-    np.testing.assert_allclose(jax.jit(lambda x: fft(x, None, None))(x), want, atol=1e-5)
+    want = jax.jit(lambda x: chunked(x, None, None)[0])(x)
+    np.testing.assert_allclose(jax.jit(lambda x: fft(x, None, None)[0])(x), want, atol=1e-5)
     seg = jnp.ones((2, 13), jnp.int32)  # with segment ids the FFT option falls back to chunks
-    np.testing.assert_allclose(jax.jit(lambda x: fft(x, seg, None))(x), want, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(lambda x: fft(x, seg, None)[0])(x), want, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ H3
@@ -219,9 +219,9 @@ def test_h3_training_form_matches_step_form():
     cfg = ssm.Config(name="h3", vocab_size=11, d_model=12, n_heads=3, n_layers=1, chunk_size=4)
     mixer = ssm.H3(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(6), (2, 11, 12))
-    full = jax.jit(lambda x: mixer(x, None, None))(x)
+    full = jax.jit(lambda x: mixer(x, None, None)[0])(x)
     state, ys = mixer.init_state(2, 11), []
-    step = jax.jit(lambda x, s: mixer.step(x, s, jnp.int32(0)))
+    step = jax.jit(lambda x, s: mixer(x, None, None, s))
     for t in range(11):
         y, state = step(x[:, t : t + 1], state)
         ys.append(y)
@@ -235,13 +235,13 @@ def test_h3_shift_conv_shifts_an_impulse():
     impulse = jnp.zeros((1, 9, 4)).at[0, 2].set(1.0)
     want = np.zeros((9, 4))
     want[2:5] = kernel  # the impulse at 2 appears at 2, 3, 4 weighted by taps 0, 1, 2
-    np.testing.assert_allclose(shift(impulse)[0], want, atol=1e-7)
+    np.testing.assert_allclose(shift(impulse)[0][0], want, atol=1e-7)
     seg = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2]])  # ...but not past a segment start
     want[4:] = 0.0
-    np.testing.assert_allclose(shift(impulse, seg)[0], want, atol=1e-7)
+    np.testing.assert_allclose(shift(impulse, seg)[0][0], want, atol=1e-7)
     shift.kernel[...] = jnp.zeros((3, 4)).at[1].set(1.0)  # a pure one-token delay
     x = jax.random.normal(jax.random.key(7), (1, 9, 4))
-    np.testing.assert_allclose(shift(x)[0, 1:], x[0, :-1])
+    np.testing.assert_allclose(shift(x)[0][0, 1:], x[0, :-1])
 
 
 # ------------------------------------------------------------------------------ models
@@ -254,10 +254,12 @@ def test_model_multichunk_packing_and_decode(name, chunk):
     )
     model = models.build(cfg, nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda s, x, seg: nnx.merge(graphdef, s).forward(x, seg))
+    forward = jax.jit(
+        lambda s, x, seg: nnx.merge(graphdef, s).logits(nnx.merge(graphdef, s).hidden(x, seg)[0])
+    )
     decode = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).decode(t, c))
     tok = jax.random.randint(jax.random.key(8), (1, 16), 0, 31)
-    x = model.embed(tok)
+    x = model.token_embed(tok)
     one_doc = jnp.ones((1, 16), jnp.int32)  # always segment ids: one compile of forward
     full = forward(state, x, one_doc)
     for n1 in (6, 8):  # segment 2 starts inside a chunk, then on a chunk boundary
@@ -268,7 +270,7 @@ def test_model_multichunk_packing_and_decode(name, chunk):
         np.testing.assert_allclose(packed, alone, atol=1e-5, rtol=1e-5)
         assert np.abs(np.asarray(full[:, n1:] - packed)).max() > 1e-4
 
-    cache, steps = model.init_cache(1, 16), []
+    cache, steps = model.init_state(1, 16), []
     for t in range(16):
         logits, cache = decode(state, tok[:, t : t + 1], cache)
         steps.append(logits)

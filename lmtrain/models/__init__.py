@@ -1,15 +1,11 @@
 """Model families, looked up by `model.name`.
 
 Every family module exposes `Config` (a frozen dataclass subclassing
-`lmtrain.config.ModelConfig`, with `flops_per_token(seq_len)`) and `Model` (an `nnx.Module`):
-
-    model(tokens_BxL, segment_ids_BxL=None, positions_BxL=None) -> logits_BxLxV (float32)
-    model.init_cache(batch_size, max_len) -> cache (a pytree of arrays)
-    model.decode(tokens_BxT, cache) -> (logits_BxTxV, cache)
-    model.hidden(tokens_BxL, segment_ids_BxL, positions_BxL) -> x_BxLxD  (before norm and head)
-    model.head_logits(x_BxTxD) -> logits_BxTxV (float32)
-
-and its Config has `state_floats(seq_len)`, the floats of decode state per sequence.
+`lmtrain.models.base.ModelConfig`, with `flops_per_token(seq_len)` and `state_floats(seq_len)`,
+the floats of decode state per sequence) and `blocks(cfg) -> [BlockSpec]`, its table of
+layers. `build` gives that table to the one model shell, `lmtrain.models.decoder.Decoder`
+(its docstring lists the model's ways in); every mixer keeps the contract of
+`lmtrain.models.mixer`.
 
 Adding a family means adding a file and one line to `FAMILIES`.
 """
@@ -26,6 +22,7 @@ from flax import nnx
 
 from lmtrain.errors import ConfigError
 from lmtrain.models.base import ModelConfig
+from lmtrain.models.decoder import Decoder
 
 # model.name -> module in lmtrain.models
 FAMILIES = {
@@ -61,7 +58,8 @@ def build(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     """Builds the model that `cfg` describes."""
     if cfg.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (the run sets it from the tokenizer)")
-    model = family(cfg.name).Model(cfg, rngs=rngs)
+    cfg.validate()
+    model = Decoder(cfg, family(cfg.name).blocks(cfg), rngs=rngs)
     if cfg.param_dtype != "float32":  # layers create float32 and cast at use
         dtype = jnp.dtype(cfg.param_dtype)
         params = nnx.state(model, nnx.Param)

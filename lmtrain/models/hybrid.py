@@ -10,10 +10,18 @@ when its length divides n_layers ("MMMA" at 8 layers is "MMMAMMMA").
     S H           S4D, H3 blocks: mixer + SwiGLU; see `ssm`
     M             Mamba-2 block: the mixer alone, as in Mamba-2
 
-Every layer is its own family's Block, built from that family's Config filled with the hybrid's
-fields, so a field means the same thing in a hybrid as in the pure family. One exception:
-`conv_width` serves every short convolution (Mamba-2's and H3's conv and BASED's gated conv),
-default 4. Residual-output init is scaled by the hybrid's total depth.
+Every layer is its own family's block, built from that family's Config: the hybrid's shared
+fields (ModelConfig's: d_model, n_heads, ...) plus the section of its family, so a field means
+the same thing in a hybrid as in the pure family:
+
+    model.attention.*  letter A         (rope_theta, activation, qkv_conv, qk_norm, attention_impl)
+    model.linear.*     letters BRLGWC   (chunk, window, conv_width, feature_dim, gla_*, ...)
+    model.ssm.*        letters S H M    (state_size, expand, conv_width, chunk_size, s4d_fft)
+
+Each section's defaults are its family's, except that both conv_width default to 4 (one width
+for every short convolution, as hybrids before the sections had). Residual-output init is
+scaled by the hybrid's total depth. Config files written before the sections (a flat
+`model.state_size`, `model.conv_width`, ...) still load: `FLAT` says where each key went.
 """
 
 from __future__ import annotations
@@ -21,58 +29,121 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from flax import nnx
-
 from lmtrain.errors import ConfigError
 from lmtrain.models import linear_attention, ssm, transformer
 from lmtrain.models.base import ModelConfig
+from lmtrain.models.decoder import BlockSpec
 
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
     """What a pattern letter is: its family's Config (named `name`) and the block built from it.
 
-    `build(config, layer_index, rngs)` gets that family's Config filled with the hybrid's fields;
+    `block(config, layer_index)` gets that family's Config filled with the hybrid's fields;
     `one_letter_pattern` families (linear attention) also get `pattern = letter * n_layers`.
     """
 
     config_cls: type[ModelConfig]
     name: str
-    build: Callable[[ModelConfig, int, nnx.Rngs], nnx.Module]
+    block: Callable[[ModelConfig, int], BlockSpec]
+    section: str  # the hybrid's config section for this family's fields
     one_letter_pattern: bool = False
 
 
-def _attention(cfg, layer, rngs):
-    return transformer.Block(cfg, rngs=rngs)
+def _attention(cfg, layer):
+    return transformer.attention_block(cfg)
 
 
-def _linear(kind: str) -> Callable[[ModelConfig, int, nnx.Rngs], nnx.Module]:
-    return lambda cfg, layer, rngs: linear_attention.Block(cfg, kind, layer, rngs=rngs)
+def _linear(kind: str) -> Callable[[ModelConfig, int], BlockSpec]:
+    return lambda cfg, layer: linear_attention.mixer_block(cfg, kind, layer)
 
 
-def _ssm(cfg, layer, rngs):
-    mixer, mlp = ssm.RECIPES[cfg.name]
-    return ssm.Block(cfg, mixer, mlp, rngs=rngs)
+def _ssm(cfg, layer):
+    return ssm.mixer_block(cfg)
 
 
 # letter -> Layer: the one table a new letter is added to
 LAYERS: dict[str, Layer] = {
-    "A": Layer(transformer.Config, "transformer", _attention),
+    "A": Layer(transformer.Config, "transformer", _attention, "attention"),
     **{
-        c: Layer(linear_attention.Config, "hybrid", _linear(kind), one_letter_pattern=True)
-        for c, kind in linear_attention.LETTERS.items()
+        c: Layer(linear_attention.Config, "hybrid", _linear(k), "linear", one_letter_pattern=True)
+        for c, k in linear_attention.LETTERS.items()
     },
-    "S": Layer(ssm.Config, "s4d", _ssm),
-    "H": Layer(ssm.Config, "h3", _ssm),
-    "M": Layer(ssm.Config, "mamba2", _ssm),
+    "S": Layer(ssm.Config, "s4d", _ssm, "ssm"),
+    "H": Layer(ssm.Config, "h3", _ssm, "ssm"),
+    "M": Layer(ssm.Config, "mamba2", _ssm, "ssm"),
 }
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(ssm.Config, linear_attention.Config, transformer.Config):
-    """Every field of the transformer, linear-attention and SSM configs (SSM's conv_width)."""
+class AttentionSection:
+    """model.attention.*: transformer.Config's own fields, for letter A."""
+
+    rope_theta: float = 10000.0
+    activation: str = "swiglu"
+    qkv_conv: int = 0
+    qk_norm: bool = False
+    attention_impl: str = "xla"
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSection:
+    """model.linear.*: linear_attention.Config's own fields (but its pattern), for B R L G W C."""
+
+    chunk: int = 64
+    gla_chunk: int = 16
+    feature_dim: int = 16
+    window: int = 129
+    conv_width: int = 4  # the pure family's is 3
+    gla_expand_k: float = 0.5
+    gla_gate_rank: int = 16
+    gla_tau: float = 16.0
+    rope_theta: float = 10000.0
+    block_mlp: bool = True
+    conv_form: str = "projected"
+
+
+@dataclasses.dataclass(frozen=True)
+class SSMSection:
+    """model.ssm.*: ssm.Config's own fields, for S H M."""
+
+    state_size: int = 16
+    expand: int = 2
+    conv_width: int = 4
+    chunk_size: int = 32
+    s4d_fft: bool = False
+
+
+SECTIONS = {"attention": AttentionSection, "linear": LinearSection, "ssm": SSMSection}
+# A flat key of a config file written before the sections -> the sections it now sets.
+FLAT: dict[str, list[str]] = {}
+for _name, _cls in SECTIONS.items():
+    for _f in dataclasses.fields(_cls):
+        FLAT.setdefault(_f.name, []).append(_name)
+
+
+def sectioned(flat: dict) -> dict:
+    """{dotted key: value} of a hybrid's config file with pre-section keys (model.state_size)
+    moved into their sections (model.ssm.state_size; conv_width and rope_theta into both)."""
+    out = {}
+    for key, value in flat.items():
+        field = key.removeprefix("model.")
+        for section in FLAT.get(field, []) if key.startswith("model.") else []:
+            out[f"model.{section}.{field}"] = value
+        if not (key.startswith("model.") and field in FLAT):
+            out[key] = value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(ModelConfig):
+    """The shared model fields, the layer pattern, and one section per family."""
 
     name: str = "hybrid"
+    pattern: str = ""  # one letter per layer, repeated to n_layers (see the module docstring)
+    attention: AttentionSection = dataclasses.field(default_factory=AttentionSection)
+    linear: LinearSection = dataclasses.field(default_factory=LinearSection)
+    ssm: SSMSection = dataclasses.field(default_factory=SSMSection)
 
     def layer_letters(self) -> str:
         """`pattern` repeated to n_layers letters ("" if it does not divide n_layers)."""
@@ -86,11 +157,13 @@ class Config(ssm.Config, linear_attention.Config, transformer.Config):
         return tuple(self.layer_letters())
 
     def family_config(self, letter: str, n_layers: int | None = None) -> ModelConfig:
-        """The Config that layer `letter`'s family builds from: the hybrid's shared fields,
-        that family's name for the kind, and n_layers (default: the hybrid's depth)."""
+        """The Config that layer `letter`'s family builds from: the hybrid's shared fields, its
+        family's section, that family's name for the kind, and n_layers (default: the
+        hybrid's depth)."""
         layer = LAYERS[letter]
-        names = {f.name for f in dataclasses.fields(layer.config_cls)}
-        kept = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
+        section = layer.section
+        kept = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)}
+        kept.update(dataclasses.asdict(getattr(self, section)))
         kept["n_layers"] = self.n_layers if n_layers is None else n_layers
         kept["name"] = layer.name
         if layer.one_letter_pattern:
@@ -129,20 +202,17 @@ class Config(ssm.Config, linear_attention.Config, transformer.Config):
                 f"model.n_layers ({self.n_layers}), e.g. model.pattern=MMAM"
             )
         for letter in sorted(set(self.pattern)):
-            self._layer_cost(letter).validate()
+            try:
+                self._layer_cost(letter).validate()
+            except ConfigError as e:  # name the key as a hybrid spells it
+                key, _, rest = str(e).partition(" ")
+                field = key.removeprefix("model.")
+                section = LAYERS[letter].section
+                if field in {f.name for f in dataclasses.fields(getattr(self, section))}:
+                    key = f"model.{section}.{field}"
+                raise ConfigError(f"{key} {rest}") from None
 
 
-class Model(transformer.Model):
-    """Embed -> one block per pattern letter, from its own family -> RMSNorm -> head.
-
-    Everything else (forward, remat, init_cache, decode) is transformer.Model's.
-    """
-
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        cfg.validate()
-        letters = cfg.layer_letters()
-        self._init_stack(
-            cfg,
-            lambda: [LAYERS[c].build(cfg.family_config(c), i, rngs) for i, c in enumerate(letters)],
-            rngs,
-        )
+def blocks(cfg: Config) -> list[BlockSpec]:
+    """One block per pattern letter, from its own family's table."""
+    return [LAYERS[c].block(cfg.family_config(c), i) for i, c in enumerate(cfg.layer_letters())]

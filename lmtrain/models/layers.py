@@ -226,9 +226,25 @@ class ShortConv(nnx.Module):
         self.width = width
         self.dtype = dtype
 
-    def __call__(self, x_BxLxC: jax.Array, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
-        """y_t = sum_j kernel[j] * x_{t-j}, counting only x_{t-j} in the same segment as x_t."""
-        L = x_BxLxC.shape[1]
+    def __call__(
+        self,
+        x_BxLxC: jax.Array,
+        segment_ids_BxL: jax.Array | None = None,
+        prefix_BxWxC: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """(y, window): y_t = sum_j kernel[j] * x_{t-j}, counting only x_{t-j} in the same
+        segment as x_t; `prefix` holds the W inputs before x_0 (the state of an earlier call,
+        zero where it must not be seen) and belongs to x_0's segment. `window` is the last W
+        inputs of the last token's segment (zeros elsewhere): the state after the call."""
+        B, L, C = x_BxLxC.shape
+        W = self.width - 1
+        if prefix_BxWxC is not None:  # the same convolution over prefix + x, minus the prefix
+            xx = jnp.concatenate([prefix_BxWxC.astype(x_BxLxC.dtype), x_BxLxC], axis=1)
+            seg = segment_ids_BxL
+            if seg is not None:
+                seg = jnp.concatenate([jnp.broadcast_to(seg[:, :1], (B, W)), seg], axis=1)
+            y, _ = self(xx, seg)
+            return y[:, W:], self._window(xx, seg)
         kernel_WxC = self.kernel[...]
         y = kernel_WxC[0][None, None, :] * x_BxLxC.astype(jnp.float32)
         for j in range(1, min(self.width, L)):  # a shift of L or more sees only padding
@@ -238,7 +254,18 @@ class ShortConv(nnx.Module):
                 same_BxL = jnp.pad(same_BxL, ((0, 0), (j, 0)), constant_values=False)
                 xj_BxLxC = jnp.where(same_BxL[:, :, None], xj_BxLxC, 0.0)
             y = y + kernel_WxC[j][None, None, :] * xj_BxLxC
-        return y.astype(x_BxLxC.dtype)
+        return y.astype(x_BxLxC.dtype), self._window(x_BxLxC, segment_ids_BxL)
+
+    def _window(self, x_BxLxC: jax.Array, segment_ids_BxL: jax.Array | None) -> jax.Array:
+        """The last W inputs (zero-padded in front), zero where not in the last token's segment."""
+        W = self.width - 1
+        B, L, C = x_BxLxC.shape
+        pad = max(W - L, 0)
+        window = jnp.pad(x_BxLxC, ((0, 0), (pad, 0), (0, 0)))[:, L + pad - W :]
+        if segment_ids_BxL is not None and W:
+            seg = jnp.pad(segment_ids_BxL, ((0, 0), (pad, 0)), mode="edge")[:, L + pad - W :]
+            window = jnp.where((seg == segment_ids_BxL[:, -1:])[..., None], window, 0)
+        return window.astype(self.dtype)
 
     def init_state(self, batch_size: int) -> jax.Array:
         """Zero state (B, W, C) in the compute dtype: nothing seen yet."""

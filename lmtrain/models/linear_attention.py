@@ -17,12 +17,9 @@ gla = G..., based = the released BASED checkpoints' layout (HazyResearch/based c
 attention at layers 1, 6, 11, ..., sliding window at 2, 7, 12, ..., gated convolutions at the
 rest), i.e. "CBWCC" repeated; at 2 layers that is "CB" (a gated conv, then BASED).
 
-Mixer contract (so a hybrid family can stack mixers from several files): `Mixer(cfg, layer=i,
-rngs=rngs)` with `__call__(x_BxLxD, segment_ids_BxL, positions_BxL) -> y_BxLxD` (training,
-chunked), `init_state(batch_size, max_len)` and `step(x_BxTxD, state, index) -> (y, state)`
-(recurrent; `index` = tokens already processed); `linear_ops.mixer_costs(cfg, kind, seq_len)`
-gives its parameters, FLOPs and state size. Every recurrence and convolution restarts at
-segment starts; linear-attention cores run in float32 whatever the compute dtype.
+Every mixer keeps the contract of `lmtrain.models.mixer`; `linear_ops.mixer_costs(cfg, kind,
+seq_len)` gives its parameters, FLOPs and state size. Every recurrence and convolution restarts
+at segment starts; linear-attention cores run in float32 whatever the compute dtype.
 """
 
 from __future__ import annotations
@@ -35,18 +32,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmtrain.models import linear_ops as ops
-from lmtrain.models import transformer
 from lmtrain.models.base import ModelConfig, check_all
+from lmtrain.models.decoder import BlockSpec
 from lmtrain.models.layers import (
     HeadNorm,
     Linear,
-    RMSNorm,
     ShortConv,
     SwiGLU,
     apply_rope,
     param,
 )
 from lmtrain.models.linear_ops import alibi_slopes  # noqa: F401  (la.alibi_slopes)
+from lmtrain.models.mixer import Mixer, State, continues, keep_rows, last_segment
 
 CONV_FORMS = ("projected", "base")
 LETTERS = {"B": "based", "R": "retention", "L": "lightning", "G": "gla", "W": "swa", "C": "conv"}
@@ -156,34 +153,34 @@ def _linear_kw(cfg: Config, rngs: nnx.Rngs) -> dict:
     return dict(rngs=rngs, std=cfg.init_std, dtype=jnp.dtype(cfg.dtype))
 
 
-def _positions(index: jax.Array, B: int, T: int) -> jax.Array:
-    return jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
-
-
-class _LinearMixer(nnx.Module):
-    """Shared forms; subclasses give `_qkv(x, positions) -> (q, k, v, log_decay)` and `_out`."""
+class _LinearMixer(Mixer):
+    """Shared forms; subclasses give `_qkv(x, positions) -> (q, k, v, log_decay)` and `_out`.
+    State: "S" (B, H, P, E) float32, whatever the length."""
 
     def __init__(self, cfg: Config, kind: str, chunk: int):
         self.H, self.K, self.chunk = cfg.n_heads, cfg.head_dim, chunk
         self.P, self.E = ops.linear_dims(cfg, kind)
 
-    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
-        """Training form: chunked linear attention, restarting at each document."""
+    def init_state(self, batch_size: int, max_len: int) -> State:
+        S = jnp.zeros((batch_size, self.H, self.P, self.E), jnp.float32)
+        return {"S": S, "seg": jnp.zeros((batch_size,), jnp.int32)}
+
+    def parallel(self, x_BxLxD, segment_ids_BxL, positions_BxL, state):
+        """Chunked linear attention, restarting at each document."""
+        B, L, _ = x_BxLxD.shape
         q, k, v, log_decay = self._qkv(x_BxLxD, positions_BxL)
-        doc_BxL = ops.doc_index(segment_ids_BxL, x_BxLxD.shape[:2])
-        o, _ = ops.chunked_linear_attention(q, k, v, log_decay, doc_BxL, self.chunk)
-        return self._out(x_BxLxD, o)
+        doc_BxL = ops.doc_index(segment_ids_BxL, (B, L))
+        s0 = None
+        if state is not None:
+            s0 = keep_rows(state["S"], continues(state, segment_ids_BxL, B))
+        o, S = ops.chunked_linear_attention(q, k, v, log_decay, doc_BxL, self.chunk, s0)
+        return self._out(x_BxLxD, o), {"S": S, "seg": last_segment(state, segment_ids_BxL, B)}
 
-    def init_state(self, batch_size: int, max_len: int) -> jax.Array:
-        """Zero float32 state S (B, H, P, E): constant size, whatever max_len."""
-        return jnp.zeros((batch_size, self.H, self.P, self.E), jnp.float32)
-
-    def step(self, x_BxTxD, state, index) -> tuple[jax.Array, jax.Array]:
-        """Recurrent form: T new tokens, one state update each."""
-        B, T, _ = x_BxTxD.shape
-        q, k, v, log_decay = self._qkv(x_BxTxD, _positions(index, B, T))
-        o, state = ops.recurrent_linear_attention(q, k, v, log_decay, state)
-        return self._out(x_BxTxD, o), state
+    def step(self, x_BxTxD, positions_BxT, state):
+        """One state update per token."""
+        q, k, v, log_decay = self._qkv(x_BxTxD, positions_BxT)
+        o, S = ops.recurrent_linear_attention(q, k, v, log_decay, state["S"])
+        return self._out(x_BxTxD, o), {**state, "S": S}
 
     def _heads(self, x_BxLxN: jax.Array, n: int) -> jax.Array:
         return x_BxLxN.astype(jnp.float32).reshape(*x_BxLxN.shape[:2], self.H, n)
@@ -300,8 +297,13 @@ class GatedLinearAttention(_LinearMixer):
         return q, k, v, self._heads(log_alpha, self.P)
 
 
-class SlidingWindowAttention(nnx.Module):
-    """Softmax attention over the last `window` tokens of the same document, with RoPE."""
+class SlidingWindowAttention(Mixer):
+    """Softmax attention over the last `window` tokens of the same document, with RoPE.
+
+    State: the last `window` keys (after RoPE) and values in order, oldest first, "k"/"v"
+    (B, window, H, K), with their segment ids "slot_seg" (B, window) (EMPTY before the first
+    token). A call with a state attends over the state's keys and its own.
+    """
 
     def __init__(self, cfg: Config, *, layer: int = 0, rngs: nnx.Rngs):
         D, H, K = cfg.d_model, cfg.n_heads, cfg.head_dim
@@ -321,30 +323,48 @@ class SlidingWindowAttention(nnx.Module):
         B, L = o_BxLxHxK.shape[:2]
         return self.o(o_BxLxHxK.reshape(B, L, self.H * self.K).astype(self.dtype))
 
-    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
-        """Training form: blocked, O(L window)."""
-        q, k, v = self._qkv(x_BxLxD, positions_BxL)
-        doc_BxL = ops.doc_index(segment_ids_BxL, x_BxLxD.shape[:2])
-        return self._out(ops.sliding_window_attention(q, k, v, doc_BxL, self.window))
-
-    def init_state(self, batch_size: int, max_len: int) -> dict:
-        """Rolling cache of the last `window` keys and values, (B, window, H, K) each."""
+    def init_state(self, batch_size: int, max_len: int) -> State:
         kv = jnp.zeros((batch_size, self.window, self.H, self.K), self.dtype)
-        return {"k": kv, "v": kv}
+        empty = jnp.full((batch_size, self.window), ops.EMPTY, jnp.int32)
+        return {"k": kv, "v": kv, "slot_seg": empty, "seg": jnp.zeros((batch_size,), jnp.int32)}
 
-    def step(self, x_BxTxD, state, index) -> tuple[jax.Array, dict]:
-        """T new tokens against the rolling cache."""
-        B, T, _ = x_BxTxD.shape
-        q, k, v = self._qkv(x_BxTxD, _positions(index, B, T))
-        o, state = ops.sliding_window_step(q, k, v, state, index, self.window)
-        return self._out(o), state
+    def parallel(self, x_BxLxD, segment_ids_BxL, positions_BxL, state):
+        """Blocked, O(L window); after a state, over its keys then the call's."""
+        B, L, _ = x_BxLxD.shape
+        q, k, v = self._qkv(x_BxLxD, positions_BxL)
+        seg_BxL = segment_ids_BxL
+        if seg_BxL is None:
+            seg_B = jnp.zeros((B,), jnp.int32) if state is None else state["seg"]
+            seg_BxL = jnp.broadcast_to(seg_B[:, None], (B, L))
+        if state is None:
+            empty = self.init_state(B, 0)
+            o = ops.sliding_window_attention(
+                q, k, v, ops.doc_index(segment_ids_BxL, (B, L)), self.window
+            )
+        else:
+            empty = state
+        # The keys before the call (empty ones before a fresh start), then the call's own.
+        k_all, v_all = (jnp.concatenate([empty[n], a.astype(self.dtype)], 1) for n, a in
+                        (("k", k), ("v", v)))  # fmt: skip
+        seg_all = jnp.concatenate([empty["slot_seg"], seg_BxL.astype(jnp.int32)], axis=1)
+        if state is not None:
+            o = ops.sliding_window_after(q, k_all, v_all, ops.doc_index(seg_all, seg_all.shape),
+                                         self.window)  # fmt: skip
+        W = self.window
+        new = {"k": k_all[:, -W:], "v": v_all[:, -W:], "slot_seg": seg_all[:, -W:]}
+        return self._out(o), {**new, "seg": last_segment(state, segment_ids_BxL, B)}
+
+    def recurrent(self, x_BxLxD, segment_ids_BxL, positions_BxL, state):
+        """The state path, whatever L: masks, not restarts, keep documents apart."""
+        return self.parallel(x_BxLxD, segment_ids_BxL, positions_BxL, state)
 
 
-class GatedConv(nnx.Module):
+class GatedConv(Mixer):
     """Short causal gated convolution, restarting at documents, in one of two forms
     (`conv_form`): "projected", o(conv(in(x)) * gate(x)), whose in/out projections let the
     branch start small (out_std) like every other mixer; or "base", BASED's / Zoology's
-    BaseConv, (conv(x) + b) * (x W + c) + x (conv bias initialised as PyTorch's Conv1d)."""
+    BaseConv, (conv(x) + b) * (x W + c) + x (conv bias initialised as PyTorch's Conv1d).
+    State: "conv", the last conv_width - 1 inputs of the convolution."""
 
     def __init__(self, cfg: Config, *, layer: int = 0, rngs: nnx.Rngs):
         D, kw = cfg.d_model, _linear_kw(cfg, rngs)
@@ -368,20 +388,28 @@ class GatedConv(nnx.Module):
             return y.astype(x_BxLxD.dtype) + x_BxLxD
         return self.o(conv_BxLxD * self.gate(x_BxLxD))
 
-    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
-        """Training form."""
+    def init_state(self, batch_size: int, max_len: int) -> State:
+        return {
+            "conv": self.conv.init_state(batch_size),
+            "seg": jnp.zeros((batch_size,), jnp.int32),
+        }
+
+    def parallel(self, x_BxLxD, segment_ids_BxL, positions_BxL, state):
+        B = x_BxLxD.shape[0]
         u = x_BxLxD if self.base else self.inp(x_BxLxD)
-        return self._mix(x_BxLxD, self.conv(u, segment_ids_BxL))
+        prefix = None
+        if state is not None:
+            prefix = keep_rows(state["conv"], continues(state, segment_ids_BxL, B))
+        y, window = self.conv(u, segment_ids_BxL, prefix)
+        return self._mix(x_BxLxD, y), {
+            "conv": window,
+            "seg": last_segment(state, segment_ids_BxL, B),
+        }
 
-    def init_state(self, batch_size: int, max_len: int) -> jax.Array:
-        """The last conv_width - 1 inputs (B, W, D)."""
-        return self.conv.init_state(batch_size)
-
-    def step(self, x_BxTxD, state, index) -> tuple[jax.Array, jax.Array]:
-        """T new tokens."""
+    def step(self, x_BxTxD, positions_BxT, state):
         u = x_BxTxD if self.base else self.inp(x_BxTxD)
-        y, state = self.conv.step(u, state)
-        return self._mix(x_BxTxD, y), state
+        y, window = self.conv.step(u, state["conv"])
+        return self._mix(x_BxTxD, y), {**state, "conv": window}
 
 
 MIXERS: dict[str, type[nnx.Module]] = {
@@ -394,51 +422,21 @@ MIXERS: dict[str, type[nnx.Module]] = {
 }
 
 
-class Block(nnx.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + SwiGLU(norm(x)) (if block_mlp)."""
+def blocks(cfg: Config) -> list[BlockSpec]:
+    """One block per letter of the layer pattern: the mixer, then SwiGLU if block_mlp.
 
-    def __init__(self, cfg: Config, kind: str, layer: int, *, rngs: nnx.Rngs):
-        dtype = jnp.dtype(cfg.dtype)
-        self.mixer_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
-        self.mixer = MIXERS[kind](cfg, layer=layer, rngs=rngs)
-        self.mlp_norm = self.mlp = nnx.data(None)
-        if cfg.block_mlp:
-            self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
-            std, out_std = cfg.init_std, cfg.out_std()
-            self.mlp = SwiGLU(
-                cfg.d_model, cfg.ffn_width, rngs=rngs, std=std, out_std=out_std, dtype=dtype
-            )
-
-    def _mlp(self, x_BxLxD: jax.Array) -> jax.Array:
-        return x_BxLxD if self.mlp is None else x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
-
-    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
-        """Training form."""
-        h_BxLxD = self.mixer(self.mixer_norm(x_BxLxD), segment_ids_BxL, positions_BxL)
-        return self._mlp(x_BxLxD + h_BxLxD.astype(x_BxLxD.dtype))
-
-    def init_state(self, batch_size: int, max_len: int):
-        """The mixer's zero decode state."""
-        return self.mixer.init_state(batch_size, max_len)
-
-    def decode(self, x_BxTxD, state, index) -> tuple[jax.Array, object]:
-        """Recurrent form: T new tokens against the layer's state."""
-        h_BxTxD, state = self.mixer.step(self.mixer_norm(x_BxTxD), state, index)
-        return self._mlp(x_BxTxD + h_BxTxD.astype(x_BxTxD.dtype)), state
-
-
-class Model(transformer.Model):
-    """Embed -> blocks (mixers from the layer pattern) -> RMSNorm -> head.
-
-    embed / forward / __call__ / init_cache / decode (and remat) are the transformer's, which
-    only need blocks with `__call__(x, segment_ids, positions)`, `init_state(batch, max_len)`
-    and `decode(x, state, index)`; this class swaps the blocks. Init as the transformer's; GLA
-    decay bias 0.
+    Init as the transformer's (N(0, init_std^2), residual outputs scaled by 1/sqrt(2 n_layers));
+    GLA decay bias 0.
     """
+    return [mixer_block(cfg, kind, i) for i, kind in enumerate(cfg.layer_kinds())]
 
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        cfg.validate()
-        kinds = cfg.layer_kinds()
-        self._init_stack(
-            cfg, lambda: [Block(cfg, kind, i, rngs=rngs) for i, kind in enumerate(kinds)], rngs
-        )
+
+def mixer_block(cfg: Config, kind: str, layer: int) -> BlockSpec:
+    """Layer `layer` with mixer `kind` (a name in MIXERS); the hybrid's letters use it too."""
+    mlp = None
+    if cfg.block_mlp:
+        mlp = lambda rngs: SwiGLU(
+            cfg.d_model, cfg.ffn_width, rngs=rngs, std=cfg.init_std, out_std=cfg.out_std(),
+            dtype=jnp.dtype(cfg.dtype),
+        )  # fmt: skip
+    return BlockSpec(mixer=lambda rngs: MIXERS[kind](cfg, layer=layer, rngs=rngs), mlp=mlp)

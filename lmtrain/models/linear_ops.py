@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 _NO_DOC = -1  # doc index of padding before a sequence: never equal to a real document (>= 1)
+EMPTY = -(2**31)  # segment id of an empty slot in a state: never a real segment
 
 
 def linear_dims(cfg: Any, kind: str) -> tuple[int, int]:
@@ -88,8 +89,12 @@ def chunked_linear_attention(
     log_decay: jax.Array | None,
     doc_BxL: jax.Array,
     chunk: int,
+    s0_BxHxPxE: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked form of o_t = q_t S_t, S_t = diag(a_t) S_{t-1} + k_t^T v_t (S = 0 before a doc).
+
+    `s0` (default zero) is the state before the first token, which the first document (doc
+    index 1) continues.
 
     `log_decay` is log a_t: None (no decay), (B, L, H) (one scalar per head) or (B, L, H, P)
     (diagonal, GLA). Inside each chunk of C positions: the masked quadratic form with decay
@@ -134,7 +139,8 @@ def chunked_linear_attention(
 
     # What each chunk adds to the state: keys of its last document, decayed to the chunk end.
     last_doc_BxM = doc_BxMxC[:, :, -1]
-    prev_doc_BxM = jnp.pad(last_doc_BxM[:, :-1], ((0, 0), (1, 0)), constant_values=_NO_DOC)
+    before = _NO_DOC if s0_BxHxPxE is None else 1  # the document s0 belongs to
+    prev_doc_BxM = jnp.pad(last_doc_BxM[:, :-1], ((0, 0), (1, 0)), constant_values=before)
     in_last_BxMxC = doc_BxMxC == last_doc_BxM[:, :, None]
     k_tail = jnp.where(in_last_BxMxC[..., None, None], k, 0.0)
     q_head = jnp.where((doc_BxMxC == prev_doc_BxM[:, :, None])[..., None, None], q, 0.0)
@@ -155,7 +161,7 @@ def chunked_linear_attention(
         carry, u = xs
         return carry * s_BxHxPxE + u, s_BxHxPxE
 
-    s0 = jnp.zeros((B, H, P, E), jnp.float32)
+    s0 = jnp.zeros((B, H, P, E), jnp.float32) if s0_BxHxPxE is None else s0_BxHxPxE
     xs = (jnp.moveaxis(carry_BxMxHxPx1, 1, 0), jnp.moveaxis(u_BxMxHxPxE, 1, 0))
     final_BxHxPxE, s_in_MxBxHxPxE = jax.lax.scan(scan_step, s0, xs)
 
@@ -234,37 +240,24 @@ def sliding_window_attention(
     return o.reshape(B, M * c, H, K)[:, :L]
 
 
-def sliding_window_step(
+def sliding_window_after(
     q_BxTxHxK: jax.Array,
-    k_BxTxHxK: jax.Array,
-    v_BxTxHxK: jax.Array,
-    cache: dict,
-    index: jax.Array,
+    k_BxSxHxK: jax.Array,
+    v_BxSxHxK: jax.Array,
+    doc_BxS: jax.Array,
     window: int,
-) -> tuple[jax.Array, dict]:
-    """T new tokens at positions index.. against a rolling cache of the last `window` keys.
-
-    Slot s of cache["k"/"v"] (B, window, H, K) holds the latest position p < index with
-    p % window == s (empty while p < 0), so the cache never grows with the sequence.
-    """
-    T, K = q_BxTxHxK.shape[1], q_BxTxHxK.shape[-1]
-    W = window
-    slot_W = jnp.arange(W, dtype=jnp.int32)
-    pos_W = index - 1 - jnp.mod(index - 1 - slot_W, W)
-    pos_T = index + jnp.arange(T, dtype=jnp.int32)
-    keys_pos = jnp.concatenate([jnp.where(pos_W >= 0, pos_W, -W - 1), pos_T])  # empty: too old
-    offset_TxS = pos_T[:, None] - keys_pos[None, :]
-    mask_TxS = (offset_TxS >= 0) & (offset_TxS < W)
-    k_all = jnp.concatenate([cache["k"], k_BxTxHxK.astype(cache["k"].dtype)], axis=1)
-    v_all = jnp.concatenate([cache["v"], v_BxTxHxK.astype(cache["v"].dtype)], axis=1)
-    o_BxTxHxK = _softmax_attend(q_BxTxHxK, k_all, v_all, mask_TxS[None, None], K**-0.5)
-    n = min(T, W)  # only the newest `window` tokens can matter later
-    slots = jnp.mod(pos_T[T - n :], W)
-    new = {
-        "k": cache["k"].at[:, slots].set(k_BxTxHxK[:, T - n :].astype(cache["k"].dtype)),
-        "v": cache["v"].at[:, slots].set(v_BxTxHxK[:, T - n :].astype(cache["v"].dtype)),
-    }
-    return o_BxTxHxK, new
+) -> jax.Array:
+    """`sliding_window_attention` for the last T of S keys: queries come after S - T earlier
+    keys (a state's), and doc_BxS numbers the documents of all S. Dense (T x S) when T <=
+    window, as in decoding; blocked over all S otherwise. Returns float32 (B, T, H, K)."""
+    T, S, K = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1], q_BxTxHxK.shape[-1]
+    if T > window:
+        q_BxSxHxK = jnp.pad(q_BxTxHxK, ((0, 0), (S - T, 0), (0, 0), (0, 0)))
+        return sliding_window_attention(q_BxSxHxK, k_BxSxHxK, v_BxSxHxK, doc_BxS, window)[:, -T:]
+    offset_TxS = jnp.arange(S - T, S)[:, None] - jnp.arange(S)[None, :]
+    in_window_TxS = (offset_TxS >= 0) & (offset_TxS < window)
+    mask_BxTxS = (doc_BxS[:, -T:, None] == doc_BxS[:, None, :]) & in_window_TxS[None]
+    return _softmax_attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxTxS[:, None], K**-0.5)
 
 
 def alibi_slopes(n: int) -> list[float]:

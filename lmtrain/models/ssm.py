@@ -1,10 +1,7 @@
 """State-space model family: S4D, H3 and Mamba-2 (SSD) mixers and their pure stacks.
 
-Mixer contract (so a hybrid can stack mixers from any family file by a layer pattern):
-`Mixer(cfg, *, rngs)`; `mixer(x_BxLxD, segment_ids_BxL, positions_BxL) -> y_BxLxD` (training
-form, state reset at every segment start); `mixer.init_state(batch_size, max_len)` -> pytree;
-`mixer.step(x_BxTxD, state, index) -> (y_BxTxD, state)` (recurrent form, constant-size state).
-The scan and kernel math lives in `ssm_ops`; the SSM cores run in float32 whatever cfg.dtype.
+Every mixer keeps the contract of `lmtrain.models.mixer`. The scan and kernel math lives in
+`ssm_ops`; the SSM cores run in float32 whatever cfg.dtype.
 """
 
 from __future__ import annotations
@@ -15,9 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmtrain.models import ssm_ops, transformer
+from lmtrain.models import ssm_ops
 from lmtrain.models.base import ModelConfig, check_all
-from lmtrain.models.layers import Linear, RMSNorm, ShortConv, SwiGLU, param
+from lmtrain.models.decoder import BlockSpec
+from lmtrain.models.layers import Linear, ShortConv, SwiGLU, param
+from lmtrain.models.mixer import Mixer, State, continues, keep_rows, last_segment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,12 +122,25 @@ class Config(ModelConfig):
         check_all(checks)
 
 
-class S4D(nnx.Module):
+def _resets(state, segment_ids_BxL, batch: int) -> jax.Array | None:
+    """Where the state entering a token is dropped: document starts, and token 0 unless it
+    continues `state` (None: nowhere)."""
+    if state is None:
+        return ssm_ops.resets(segment_ids_BxL)
+    keep_B = continues(state, segment_ids_BxL, batch)
+    reset_BxL = ssm_ops.resets(segment_ids_BxL)
+    if reset_BxL is None:  # no segment ids: every row continues
+        return None
+    return reset_BxL.at[:, 0].set(~keep_B)
+
+
+class S4D(Mixer):
     """S4D per channel (D independent complex diagonal SSMs), GELU, output projection.
 
-    Training uses the chunked form (exact resets; exactly causal). With `s4d_fft` and no
-    segment ids it uses the FFT convolution instead, which is faster for long L but not exactly
-    causal: roundoff leaks ~1e-8 of later tokens into earlier outputs.
+    Training uses the chunked form (exact resets; exactly causal). With `s4d_fft`, no segment
+    ids and no state it uses the FFT convolution instead, which is faster for long L but not
+    exactly causal: roundoff leaks ~1e-8 of later tokens into earlier outputs.
+    State: "h" (B, D, M, 1, 1) complex.
     """
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
@@ -141,39 +153,47 @@ class S4D(nnx.Module):
         y_BxLxD = y_BxLxD + self.ssm.d[...][None, None, :] * u_BxLxD
         return self.out(jax.nn.gelu(y_BxLxD).astype(self.dtype))
 
-    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
-        """Training form."""
+    def init_state(self, batch_size: int, max_len: int) -> State:
+        D, M = self.ssm.c.shape[:2]
+        h = jnp.zeros((batch_size, D, M, 1, 1), jnp.complex64)
+        return {"h": h, "seg": jnp.zeros((batch_size,), jnp.int32)}
+
+    def parallel(self, x_BxLxD, segment_ids_BxL, positions_BxL, state):
+        B, L, _ = x_BxLxD.shape
         u_BxLxD = x_BxLxD.astype(jnp.float32)
         log_da, db, c = self.ssm.discretised()
-        if self.fft and segment_ids_BxL is None:
-            kernel_DxL = ssm_ops.lti_kernel(log_da, db * c, u_BxLxD.shape[1])
-            return self._finish(ssm_ops.fft_conv(u_BxLxD, kernel_DxL), u_BxLxD)
-        reset_BxL = ssm_ops.resets(segment_ids_BxL)
-        y_BxLxDx1 = ssm_ops.lti_chunked(
-            None, None, u_BxLxD[..., None], log_da, db, c, reset_BxL, self.chunk
-        )
-        return self._finish(y_BxLxDx1[..., 0], u_BxLxD)
+        seg = last_segment(state, segment_ids_BxL, B)
+        if self.fft and segment_ids_BxL is None and state is None:
+            kernel_DxL = ssm_ops.lti_kernel(log_da, db * c, L)
+            y_BxLxD = ssm_ops.fft_conv(u_BxLxD, kernel_DxL)
+            # The final state for a later call: sum_s dA^(L-1-s) dB u_s, per channel and mode.
+            w_DxMxL = db[..., None] * jnp.exp(
+                log_da[..., None] * jnp.arange(L - 1, -1, -1)[None, None, :]
+            )
+            h = jnp.einsum("dml,bld->bdm", w_DxMxL, u_BxLxD.astype(jnp.complex64))
+            return self._finish(y_BxLxD, u_BxLxD), {"h": h[..., None, None], "seg": seg}
+        h0 = None if state is None else state["h"]
+        y_BxLxDx1, h = ssm_ops.lti_chunked(
+            None, None, u_BxLxD[..., None], log_da, db, c,
+            _resets(state, segment_ids_BxL, B), self.chunk, h0,
+        )  # fmt: skip
+        return self._finish(y_BxLxDx1[..., 0], u_BxLxD), {"h": h, "seg": seg}
 
-    def init_state(self, batch_size: int, max_len: int) -> dict:
-        """Zero complex state (B, D, M, 1, 1)."""
-        D, M = self.ssm.c.shape[:2]
-        return {"h": jnp.zeros((batch_size, D, M, 1, 1), jnp.complex64)}
-
-    def step(self, x_BxTxD, state: dict, index: jax.Array) -> tuple[jax.Array, dict]:
-        """Recurrent form for T new tokens."""
+    def step(self, x_BxTxD, positions_BxT, state):
         u_BxTxD = x_BxTxD.astype(jnp.float32)
         ones_BxTxDx1 = jnp.ones((*u_BxTxD.shape, 1), jnp.float32)
         y_BxTxDx1, h = ssm_ops.lti_step(
             ones_BxTxDx1, ones_BxTxDx1, u_BxTxD[..., None], *self.ssm.discretised(), state["h"]
         )
-        return self._finish(y_BxTxDx1[..., 0], u_BxTxD), {"h": h}
+        return self._finish(y_BxTxDx1[..., 0], u_BxTxD), {**state, "h": h}
 
 
-class H3(nnx.Module):
+class H3(Mixer):
     """H3: y = out(Q * SSM_diag(shift(K) V^T)) per head, with a D skip in the diagonal SSM.
 
     The shift SSM is a causal depthwise conv of width conv_width on K; the diagonal SSM
     (S4D-Lin, one per head, shared by the head's K x K entries) runs over the outer products.
+    State: the shift conv's window "conv" (B, W, D) and "h" (B, H, M, K, K) complex.
     """
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
@@ -197,26 +217,30 @@ class H3(nnx.Module):
         y_BxLxHxK = y_BxLxHxK + skip_BxLxHx1 * v_BxLxHxK
         return self.o(y_BxLxHxK.reshape(*y_BxLxHxK.shape[:2], -1).astype(dtype))
 
-    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
-        """Training form."""
-        k_BxLxD = self.shift(self.k(x_BxLxD), segment_ids_BxL)
-        q, k, v = self._heads(self.q(x_BxLxD), k_BxLxD, self.v(x_BxLxD))
-        reset_BxL = ssm_ops.resets(segment_ids_BxL)
-        y = ssm_ops.lti_chunked(q, k, v, *self.ssm.discretised(), reset_BxL, self.chunk)
-        return self._finish(y, q, k, v, x_BxLxD.dtype)
-
-    def init_state(self, batch_size: int, max_len: int) -> dict:
-        """Shift-conv window (B, W, D) and complex SSM state (B, H, M, K, K)."""
+    def init_state(self, batch_size: int, max_len: int) -> State:
         M = self.ssm.c.shape[1]
         h = jnp.zeros((batch_size, self.H, M, self.K, self.K), jnp.complex64)
-        return {"conv": self.shift.init_state(batch_size), "h": h}
+        seg = jnp.zeros((batch_size,), jnp.int32)
+        return {"conv": self.shift.init_state(batch_size), "h": h, "seg": seg}
 
-    def step(self, x_BxTxD, state: dict, index: jax.Array) -> tuple[jax.Array, dict]:
-        """Recurrent form for T new tokens."""
+    def parallel(self, x_BxLxD, segment_ids_BxL, positions_BxL, state):
+        B = x_BxLxD.shape[0]
+        prefix = h0 = None
+        if state is not None:
+            prefix = keep_rows(state["conv"], continues(state, segment_ids_BxL, B))
+            h0 = state["h"]
+        k_BxLxD, conv = self.shift(self.k(x_BxLxD), segment_ids_BxL, prefix)
+        q, k, v = self._heads(self.q(x_BxLxD), k_BxLxD, self.v(x_BxLxD))
+        reset_BxL = _resets(state, segment_ids_BxL, B)
+        y, h = ssm_ops.lti_chunked(q, k, v, *self.ssm.discretised(), reset_BxL, self.chunk, h0)
+        seg = last_segment(state, segment_ids_BxL, B)
+        return self._finish(y, q, k, v, x_BxLxD.dtype), {"conv": conv, "h": h, "seg": seg}
+
+    def step(self, x_BxTxD, positions_BxT, state):
         k_BxTxD, conv = self.shift.step(self.k(x_BxTxD), state["conv"])
         q, k, v = self._heads(self.q(x_BxTxD), k_BxTxD, self.v(x_BxTxD))
         y, h = ssm_ops.lti_step(q, k, v, *self.ssm.discretised(), state["h"])
-        return self._finish(y, q, k, v, x_BxTxD.dtype), {"conv": conv, "h": h}
+        return self._finish(y, q, k, v, x_BxTxD.dtype), {**state, "conv": conv, "h": h}
 
 
 def _a_log_init(key, shape, dtype):
@@ -230,9 +254,12 @@ def _dt_bias_init(key, shape, dtype):
     return dt + jnp.log(-jnp.expm1(-dt))
 
 
-class Mamba2(nnx.Module):
+class Mamba2(Mixer):
     """Mamba-2 mixer: in-proj (z, x, B, C, dt); conv + SiLU on x, B, C; SSD; D skip; gated
-    RMSNorm with z; out-proj. One B/C group shared by all heads."""
+    RMSNorm with z; out-proj. One B/C group shared by all heads.
+    State: the conv windows "conv_x", "conv_b", "conv_c" and "h" (B, H, P, N) float32."""
+
+    CONVS = ("conv_x", "conv_b", "conv_c")
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         D, N, H, E, W = cfg.d_model, cfg.state_size, cfg.n_heads, cfg.inner_width, cfg.conv_width
@@ -271,32 +298,34 @@ class Mamba2(nnx.Module):
         g_BxLxE = g_BxLxE * inv_rms * self.norm_scale[...][None, None, :]
         return self.out(g_BxLxE.astype(self.out.dtype))
 
-    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
-        """Training form."""
-        xs = self.conv_x(self.in_x(x_BxLxD), segment_ids_BxL)
-        b = self.conv_b(self.in_b(x_BxLxD), segment_ids_BxL)
-        c = self.conv_c(self.in_c(x_BxLxD), segment_ids_BxL)
-        xs, dt, a, b, c = self._ssd_inputs(x_BxLxD, xs, b, c)
-        reset_BxL = ssm_ops.resets(segment_ids_BxL)
-        y, _ = ssm_ops.ssd_chunked(xs, dt, a, b, c, reset_BxL, self.chunk)
-        return self._finish(y, xs, self.in_z(x_BxLxD))
-
-    def init_state(self, batch_size: int, max_len: int) -> dict:
-        """Conv windows for x, B, C and the SSM state (B, H, P, N), float32."""
+    def init_state(self, batch_size: int, max_len: int) -> State:
         N = self.in_b.kernel.shape[1]
-        state = {
-            name: getattr(self, name).init_state(batch_size)
-            for name in ("conv_x", "conv_b", "conv_c")
-        }
-        return {**state, "h": jnp.zeros((batch_size, self.H, self.P, N), jnp.float32)}
+        state = {name: getattr(self, name).init_state(batch_size) for name in self.CONVS}
+        h = jnp.zeros((batch_size, self.H, self.P, N), jnp.float32)
+        return {**state, "h": h, "seg": jnp.zeros((batch_size,), jnp.int32)}
 
-    def step(self, x_BxTxD, state: dict, index: jax.Array) -> tuple[jax.Array, dict]:
-        """Recurrent form for T new tokens."""
-        new = {}
-        xs, new["conv_x"] = self.conv_x.step(self.in_x(x_BxTxD), state["conv_x"])
-        b, new["conv_b"] = self.conv_b.step(self.in_b(x_BxTxD), state["conv_b"])
-        c, new["conv_c"] = self.conv_c.step(self.in_c(x_BxTxD), state["conv_c"])
-        xs, dt, a, b, c = self._ssd_inputs(x_BxTxD, xs, b, c)
+    def parallel(self, x_BxLxD, segment_ids_BxL, positions_BxL, state):
+        B = x_BxLxD.shape[0]
+        keep = None if state is None else continues(state, segment_ids_BxL, B)
+        new, outs = {}, []
+        for name, proj in zip(self.CONVS, (self.in_x, self.in_b, self.in_c), strict=True):
+            prefix = None if state is None else keep_rows(state[name], keep)
+            y, new[name] = getattr(self, name)(proj(x_BxLxD), segment_ids_BxL, prefix)
+            outs.append(y)
+        xs, dt, a, b, c = self._ssd_inputs(x_BxLxD, *outs)
+        reset_BxL = _resets(state, segment_ids_BxL, B)
+        h0 = None if state is None else state["h"]
+        y, new["h"] = ssm_ops.ssd_chunked(xs, dt, a, b, c, reset_BxL, self.chunk, h0)
+        new["seg"] = last_segment(state, segment_ids_BxL, B)
+        return self._finish(y, xs, self.in_z(x_BxLxD)), new
+
+    def step(self, x_BxTxD, positions_BxT, state):
+        new = dict(state)
+        outs = []
+        for name, proj in zip(self.CONVS, (self.in_x, self.in_b, self.in_c), strict=True):
+            y, new[name] = getattr(self, name).step(proj(x_BxTxD), state[name])
+            outs.append(y)
+        xs, dt, a, b, c = self._ssd_inputs(x_BxTxD, *outs)
         y, new["h"] = ssm_ops.ssd_step(xs, dt, a, b, c, state["h"])
         return self._finish(y, xs, self.in_z(x_BxTxD)), new
 
@@ -310,57 +339,22 @@ RECIPES: dict[str, tuple[str, bool]] = {
 }
 
 
-class Block(nnx.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then (if any) x + mlp(norm(x))."""
+def blocks(cfg: Config) -> list[BlockSpec]:
+    """n_layers blocks of the recipe's mixer (SwiGLU after it for s4d and h3; Mamba-2 alone).
 
-    def __init__(self, cfg: Config, mixer: str, mlp: bool, *, rngs: nnx.Rngs):
-        dtype = jnp.dtype(cfg.dtype)
-        self.mixer_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
-        self.mixer = MIXERS[mixer](cfg, rngs=rngs)
-        if mlp:
-            self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
-            self.mlp = SwiGLU(
-                cfg.d_model,
-                cfg.ffn_width,
-                rngs=rngs,
-                std=cfg.init_std,
-                out_std=cfg.out_std(),
-                dtype=dtype,
-            )
-        else:  # Mamba-style block: the mixer alone
-            self.mlp_norm = self.mlp = None
-
-    def _mlp(self, x_BxLxD: jax.Array) -> jax.Array:
-        return x_BxLxD if self.mlp is None else x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
-
-    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
-        """Training form."""
-        x_BxLxD = x_BxLxD + self.mixer(self.mixer_norm(x_BxLxD), segment_ids_BxL, positions_BxL)
-        return self._mlp(x_BxLxD)
-
-    def init_state(self, batch_size: int, max_len: int):
-        """The mixer's zero decode state."""
-        return self.mixer.init_state(batch_size, max_len)
-
-    def decode(self, x_BxTxD, state, index) -> tuple[jax.Array, dict]:
-        """Recurrent form (the name transformer.Model's decode loop calls)."""
-        h_BxTxD, state = self.mixer.step(self.mixer_norm(x_BxTxD), state, index)
-        return self._mlp(x_BxTxD + h_BxTxD.astype(x_BxTxD.dtype)), state
-
-
-class Model(transformer.Model):
-    """Embed -> n_layers Blocks of the recipe's mixer -> RMSNorm -> output head.
-
-    embed / forward / __call__ / init_cache / decode (and remat) are the transformer's, which
-    only need blocks with `__call__(x, segment_ids, positions)`, `init_state(batch, max_len)`
-    and `decode(x, state, index)`; this class swaps the blocks. Init as the transformer
-    (N(0, init_std^2), residual outputs scaled by 1/sqrt(2 n_layers)); SSM parameters as in
-    S4D-Lin / Mamba-2. SSMs ignore positions.
+    Init as the transformer (N(0, init_std^2), residual outputs scaled by 1/sqrt(2 n_layers));
+    SSM parameters as in S4D-Lin / Mamba-2. SSMs ignore positions.
     """
+    return [mixer_block(cfg)] * cfg.n_layers
 
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        cfg.validate()
-        mixer, mlp = RECIPES[cfg.name]
-        self._init_stack(
-            cfg, lambda: [Block(cfg, mixer, mlp, rngs=rngs) for _ in range(cfg.n_layers)], rngs
-        )
+
+def mixer_block(cfg: Config) -> BlockSpec:
+    """One layer of the recipe `cfg.name` (also the hybrid's letters S, H, M)."""
+    mixer, has_mlp = RECIPES[cfg.name]
+    mlp = None
+    if has_mlp:
+        mlp = lambda rngs: SwiGLU(
+            cfg.d_model, cfg.ffn_width, rngs=rngs, std=cfg.init_std, out_std=cfg.out_std(),
+            dtype=jnp.dtype(cfg.dtype),
+        )  # fmt: skip
+    return BlockSpec(mixer=lambda rngs: MIXERS[mixer](cfg, rngs=rngs), mlp=mlp)

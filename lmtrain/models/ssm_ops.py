@@ -213,12 +213,15 @@ def lti_chunked(
     c_HxM: jax.Array,
     reset_BxL: jax.Array | None,
     chunk: int,
-) -> jax.Array:
+    h0_BxHxMxKxP: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """y_t = sum_{s<=t, same document} kernel_h(t-s) (q_t . k_s) v_s by the chunked algorithm.
 
     The same four steps as SSD, with a time-invariant complex decay per (head, mode): a masked
     Toeplitz block inside chunks, and per-mode complex states carried between chunks.
     q and k may both be None, meaning 1 (K = 1): S4D's per-channel convolution of v.
+    `h0` (default zero) is the state before token 0, which tokens before the first reset read.
+    Returns (y_BxLxHxP, the final state h_BxHxMxKxP, complex).
     """
     B, L, H, _ = v_BxLxHxP.shape
     per_channel = q_BxLxHxK is None
@@ -227,8 +230,11 @@ def lti_chunked(
     q, k, v = (_chunked(a, chunk) for a in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxP))
     if reset_BxL is None:
         reset_BxL = jnp.zeros((B, L), bool)
-    # Document index per token; the end padding gets 0, which only touches dropped outputs.
-    doc_BxZxC = _chunked(jnp.cumsum(reset_BxL, axis=1, dtype=jnp.int32), chunk)
+    # Document index per token; the end padding continues the last document (its zero k and v
+    # add nothing, so the last chunk's state is the final state decayed by the padding).
+    doc_BxL = jnp.cumsum(reset_BxL, axis=1, dtype=jnp.int32)
+    pad = -L % chunk
+    doc_BxZxC = jnp.pad(doc_BxL, ((0, 0), (0, pad)), mode="edge").reshape(B, -1, chunk)
     t_C = jnp.arange(chunk)
 
     # 1. intra-chunk: a causal Toeplitz block, masked to pairs in the same document
@@ -269,8 +275,16 @@ def lti_chunked(
     doc_before_BxZ = jnp.pad(doc_BxZxC[:, :-1, -1], ((0, 0), (1, 0)))
     carry_BxZ = (doc_BxZxC[:, :, -1] == doc_before_BxZ).astype(jnp.float32)
     decay_BxZxHxM = jnp.exp(log_da_HxM * chunk)[None, None] * carry_BxZ[:, :, None, None]
-    h_all = _scan_chunks(decay_BxZxHxM, states_BxZxHxMxKxP)
-    prev = jnp.pad(h_all[:, :-1], ((0, 0), (1, 0)) + ((0, 0),) * 4)  # state entering chunk z
+    if h0_BxHxMxKxP is None:
+        h_all = _scan_chunks(decay_BxZxHxM, states_BxZxHxMxKxP)
+        prev = jnp.pad(h_all[:, :-1], ((0, 0), (1, 0)) + ((0, 0),) * 4)  # entering chunk z
+    else:
+        ones_Bx1xHxM = jnp.ones((B, 1, *log_da_HxM.shape), decay_BxZxHxM.dtype)
+        h_all = _scan_chunks(
+            jnp.concatenate([ones_Bx1xHxM, decay_BxZxHxM], axis=1),
+            jnp.concatenate([h0_BxHxMxKxP.astype(jnp.complex64)[:, None], states_BxZxHxMxKxP], 1),
+        )
+        prev, h_all = h_all[:, :-1], h_all[:, 1:]
     prev_BxZxHx2MxKxP = jnp.concatenate([jnp.real(prev), jnp.imag(prev)], axis=3)
 
     # 4. state-to-output, for tokens still in the document that the entering state belongs to:
@@ -279,7 +293,20 @@ def lti_chunked(
     w_out_Hx2MxC = jnp.concatenate([jnp.real(w_out_HxMxC), -jnp.imag(w_out_HxMxC)], axis=1)
     y_off = 2.0 * jnp.einsum("bzthk,hmt,bzhmkp->bzthp", q, w_out_Hx2MxC, prev_BxZxHx2MxKxP)
     live_BxZxC = (doc_BxZxC == doc_before_BxZ[:, :, None]).astype(jnp.float32)
-    return _unchunked(y_diag + y_off * live_BxZxC[..., None, None], L)
+    h_final = h_all[:, -1]
+    if pad:  # the last chunk's state sits at its padded end: take it at the last real token
+        r = chunk - pad
+        w_HxMxC = db_HxM[..., None] * jnp.exp(
+            log_da_HxM[..., None] * jnp.maximum(r - 1 - t_C, 0)[None, None, :]
+        )
+        w_Hx2MxC = jnp.where(
+            (t_C < r)[None, None, :], jnp.concatenate([jnp.real(w_HxMxC), jnp.imag(w_HxMxC)], 1), 0
+        )
+        last = jnp.einsum("hms,bshk,bshp->bhmkp", w_Hx2MxC, k_last[:, -1], v[:, -1])
+        entering = prev[:, -1] * carry_BxZ[:, -1, None, None, None, None]
+        decay_1xHxMx1x1 = jnp.exp(log_da_HxM * r)[None, :, :, None, None]
+        h_final = entering * decay_1xHxMx1x1 + jax.lax.complex(last[:, :, :M], last[:, :, M:])
+    return _unchunked(y_diag + y_off * live_BxZxC[..., None, None], L), h_final
 
 
 def lti_step(

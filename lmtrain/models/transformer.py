@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +10,9 @@ from flax import nnx
 
 from lmtrain.models.attention import IMPLEMENTATIONS, attend
 from lmtrain.models.base import ModelConfig, check_all
-from lmtrain.models.layers import MLPS, Embed, Linear, RMSNorm, ShortConv, apply_rope
-from lmtrain.models.stack import run_blocks
-from lmtrain.sharding import constrain
-
-Cache = dict  # {"index": int32[], "layers": [{"k", "v"[, "conv_q", "conv_k", "conv_v"]}, ...]}
+from lmtrain.models.decoder import BlockSpec
+from lmtrain.models.layers import MLPS, Linear, RMSNorm, ShortConv, apply_rope
+from lmtrain.models.mixer import Mixer, State, continues, keep_rows, last_segment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,18 +106,26 @@ class Config(ModelConfig):
         check_all(checks)
 
 
-class Attention(nnx.Module):
+class Attention(Mixer):
     """Grouped-query causal self-attention with RoPE and optional Primer Q/K/V convolutions.
 
     Projections are fused 2-D kernels: Q (D, H*K) axes ("embed", "heads"), K/V (D, G*K)
     ("embed", "kv"), O (H*K, D) ("heads", "embed"); sharding the fused axis keeps heads whole
     whenever the shard count divides the head count.
+
+    State (the KV cache): "k", "v" (B, S, G, K) after RoPE, "slot_seg" (B, S) the segment of
+    each slot, "index" the next free slot, "seg", and the Primer convs' windows. A fresh call
+    attends with model.attention_impl and returns a cache of exactly its L tokens; a call with a
+    state writes its tokens at index.. and attends over the cache (always XLA: a T x S product,
+    often 1 x S, where a flash kernel buys little). One path serves both forms.
     """
+
+    CONVS = ("conv_q", "conv_k", "conv_v")
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs, out_std: float):
         D, H, G, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
         dtype, std = jnp.dtype(cfg.dtype), cfg.init_std
-        self.H, self.G, self.K = H, G, K
+        self.H, self.G, self.K, self.dtype = H, G, K, dtype
         self.rope_theta = cfg.rope_theta
         self.impl = cfg.attention_impl
         self.q = Linear(D, H * K, ("embed", "heads"), rngs=rngs, std=std, dtype=dtype)
@@ -141,218 +145,100 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def _heads(self, q, k, v, positions_BxL):
-        """Splits heads, applies QK-norm (if on), then RoPE to q and k."""
-        B, L, _ = q.shape
+    def init_state(self, batch_size: int, max_len: int) -> State:
+        """Empty cache of max_len slots."""
+        kv = jnp.zeros((batch_size, max_len, self.G, self.K), self.dtype)
+        state = {
+            "k": kv,
+            "v": kv,
+            "slot_seg": jnp.zeros((batch_size, max_len), jnp.int32),
+            "index": jnp.zeros((), jnp.int32),
+            "seg": jnp.zeros((batch_size,), jnp.int32),
+        }
+        if self.conv_q is not None:
+            state.update({n: getattr(self, n).init_state(batch_size) for n in self.CONVS})
+        return state
+
+    def _qkv(self, x_BxLxD, segment_ids_BxL, positions_BxL, state):
+        """Projections, Primer convs (continuing the state's windows), QK-norm, RoPE."""
+        B, L, _ = x_BxLxD.shape
+        q, k, v = self.q(x_BxLxD), self.k(x_BxLxD), self.v(x_BxLxD)
+        windows = {}
+        if self.conv_q is not None:
+            keep = None if state is None else continues(state, segment_ids_BxL, B)
+            convs = []
+            for name, a in zip(self.CONVS, (q, k, v), strict=True):
+                prefix = None if state is None else keep_rows(state[name], keep)
+                y, windows[name] = getattr(self, name)(a, segment_ids_BxL, prefix)
+                convs.append(y)
+            q, k, v = convs
         q_BxLxHxK, k_BxLxGxK = q.reshape(B, L, self.H, self.K), k.reshape(B, L, self.G, self.K)
         if self.q_norm is not None:
             q_BxLxHxK, k_BxLxGxK = self.q_norm(q_BxLxHxK), self.k_norm(k_BxLxGxK)
         q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, self.rope_theta)
         k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, self.rope_theta)
-        return q_BxLxHxK, k_BxLxGxK, v.reshape(B, L, self.G, self.K)
+        return q_BxLxHxK, k_BxLxGxK, v.reshape(B, L, self.G, self.K), windows
 
-    def __call__(
-        self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array | None, positions_BxL: jax.Array
-    ) -> jax.Array:
-        """Training form over whole sequences; tokens only see earlier tokens of their segment."""
-        q, k, v = self.q(x_BxLxD), self.k(x_BxLxD), self.v(x_BxLxD)
-        if self.conv_q is not None:
-            q = self.conv_q(q, segment_ids_BxL)
-            k = self.conv_k(k, segment_ids_BxL)
-            v = self.conv_v(v, segment_ids_BxL)
-        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._heads(q, k, v, positions_BxL)
-        o_BxLxHxK = attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, self.impl)
-        B, L = x_BxLxD.shape[:2]
-        return self.o(o_BxLxHxK.reshape(B, L, self.H * self.K))
+    def parallel(self, x_BxLxD, segment_ids_BxL, positions_BxL, state):
+        """Tokens see earlier tokens of their segment, in the call and (with a state) the cache."""
+        B, L, _ = x_BxLxD.shape
+        q, k, v, windows = self._qkv(x_BxLxD, segment_ids_BxL, positions_BxL, state)
+        seg_BxL = segment_ids_BxL
+        if seg_BxL is None:
+            seg_B = jnp.zeros((B,), jnp.int32) if state is None else state["seg"]
+            seg_BxL = jnp.broadcast_to(seg_B[:, None], (B, L))
+        seg_BxL = seg_BxL.astype(jnp.int32)
+        if state is None:
+            o_BxLxHxK = attend(q, k, v, segment_ids_BxL, self.impl)
+            new = {"k": k, "v": v, "slot_seg": seg_BxL, "index": jnp.int32(L)}
+        else:
+            index = state["index"]
+            new = {
+                name: jax.lax.dynamic_update_slice_in_dim(state[name], a, index, axis=1)
+                for name, a in (("k", k.astype(self.dtype)), ("v", v.astype(self.dtype)),
+                                ("slot_seg", seg_BxL))
+            }  # fmt: skip
+            S = new["k"].shape[1]
+            slot_S = jnp.arange(S, dtype=jnp.int32)
+            causal_LxS = slot_S[None, :] <= index + jnp.arange(L, dtype=jnp.int32)[:, None]
+            same_BxLxS = new["slot_seg"][:, None, :] == seg_BxL[:, :, None]
+            o_BxLxHxK = jax.nn.dot_product_attention(
+                q, new["k"].astype(q.dtype), new["v"].astype(q.dtype),
+                mask=(causal_LxS[None] & same_BxLxS)[:, None], implementation="xla",
+            )  # fmt: skip
+            new["index"] = index + jnp.int32(L)
+        new.update(windows, seg=last_segment(state, segment_ids_BxL, B))
+        return self.o(o_BxLxHxK.reshape(B, L, self.H * self.K)), new
 
-    def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> dict:
-        """Empty per-layer cache: keys/values (B, S, G, K) and conv states."""
-        kv = jnp.zeros((batch_size, max_len, self.G, self.K), dtype)
-        cache = {"k": kv, "v": kv}
-        if self.conv_q is not None:
-            for name in ("q", "k", "v"):
-                cache[f"conv_{name}"] = getattr(self, f"conv_{name}").init_state(batch_size)
-        return cache
-
-    def decode(self, x_BxTxD: jax.Array, cache: dict, index: jax.Array) -> tuple[jax.Array, dict]:
-        """Appends T tokens at cache positions index..index+T-1 and attends causally."""
-        B, T, _ = x_BxTxD.shape
-        new = dict(cache)
-        q, k, v = self.q(x_BxTxD), self.k(x_BxTxD), self.v(x_BxTxD)
-        if self.conv_q is not None:
-            q, new["conv_q"] = self.conv_q.step(q, cache["conv_q"])
-            k, new["conv_k"] = self.conv_k.step(k, cache["conv_k"])
-            v, new["conv_v"] = self.conv_v.step(v, cache["conv_v"])
-        pos_T = index + jnp.arange(T, dtype=jnp.int32)
-        positions_BxT = jnp.broadcast_to(pos_T[None, :], (B, T))
-        q_BxTxHxK, k_BxTxGxK, v_BxTxGxK = self._heads(q, k, v, positions_BxT)
-        start = (jnp.int32(0), index, jnp.int32(0), jnp.int32(0))
-        k_BxSxGxK = jax.lax.dynamic_update_slice(
-            cache["k"], k_BxTxGxK.astype(cache["k"].dtype), start
-        )
-        v_BxSxGxK = jax.lax.dynamic_update_slice(
-            cache["v"], v_BxTxGxK.astype(cache["v"].dtype), start
-        )
-        new["k"], new["v"] = k_BxSxGxK, v_BxSxGxK
-        S = k_BxSxGxK.shape[1]
-        # Query i sits at position index+i; slots past it are either future or still empty.
-        mask_TxS = jnp.arange(S, dtype=jnp.int32)[None, :] <= pos_T[:, None]
-        # Always XLA: decode is a T x S (often 1 x S) product where a flash kernel buys little.
-        o_BxTxHxK = jax.nn.dot_product_attention(
-            q_BxTxHxK,
-            k_BxSxGxK.astype(q_BxTxHxK.dtype),
-            v_BxSxGxK.astype(q_BxTxHxK.dtype),
-            mask=mask_TxS[None, None],
-            implementation="xla",
-        )
-        return self.o(o_BxTxHxK.reshape(B, T, self.H * self.K)), new
+    def recurrent(self, x_BxLxD, segment_ids_BxL, positions_BxL, state):
+        """The cache path, whatever L: masks, not restarts, keep documents apart."""
+        return self.parallel(x_BxLxD, segment_ids_BxL, positions_BxL, state)
 
 
-class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        dtype = jnp.dtype(cfg.dtype)
-        out_std = cfg.out_std()  # GPT-2's scaled init of residual-branch outputs, or zero
-        self.dtype = dtype
-        self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
-        self.attn = Attention(cfg, rngs=rngs, out_std=out_std)
-        self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
-        mlp_cls = MLPS[cfg.activation][0]
-        self.mlp = mlp_cls(
-            cfg.d_model, cfg.ffn_width, rngs=rngs, std=cfg.init_std, out_std=out_std, dtype=dtype
-        )
-
-    def __call__(
-        self, x_BxLxD: jax.Array, segment_ids_BxL: jax.Array | None, positions_BxL: jax.Array
-    ) -> jax.Array:
-        """Training form."""
-        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segment_ids_BxL, positions_BxL)
-        return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
-
-    def init_state(self, batch_size: int, max_len: int) -> dict:
-        """The layer's empty decode cache (every family's Block has this method)."""
-        return self.attn.init_cache(batch_size, max_len, self.dtype)
-
-    def decode(self, x_BxTxD: jax.Array, cache: dict, index: jax.Array) -> tuple[jax.Array, dict]:
-        """Decode form: T new tokens against the layer's cache."""
-        h_BxTxD, cache = self.attn.decode(self.attn_norm(x_BxTxD), cache, index)
-        x_BxTxD = x_BxTxD + h_BxTxD
-        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
-
-
-class Model(nnx.Module):
-    """Decoder-only transformer: Embed -> n_layers Blocks -> RMSNorm -> output head.
+def blocks(cfg: Config) -> list[BlockSpec]:
+    """n_layers blocks: attention then the MLP (`activation`), as Llama.
 
     Init: embeddings, Q/K/V, MLP input matrices and an untied head ~ N(0, init_std^2); each
     block's attention-out and MLP-down matrices ~ N(0, (init_std / sqrt(2 n_layers))^2); norm
     scales 1; Primer convs as model.conv_init (layers.conv_init). model.zero_init starts the
-    attention-out, MLP-down and untied head matrices at zero. Parameters are float32; compute
-    runs in cfg.dtype; logits are float32 (soft-capped by model.logit_softcap when it is > 0).
+    attention-out, MLP-down and untied head matrices at zero.
     """
+    return [attention_block(cfg)] * cfg.n_layers
 
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        cfg.validate()
-        self._init_stack(cfg, lambda: [Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)], rngs)
 
-    def _init_stack(self, cfg: Any, make_blocks: Callable[[], list], rngs: nnx.Rngs) -> None:
-        """Embedding, blocks, final norm and head; every family that subclasses Model uses it."""
-        self.cfg = cfg
-        self.dtype = jnp.dtype(cfg.dtype)
-        std = cfg.init_std
-        self.token_embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, std=std, dtype=self.dtype)
-        self.blocks = nnx.List(make_blocks())
-        self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=self.dtype)
-        if cfg.tie_embeddings:
-            self.head = None  # logits come from token_embed.attend
-        else:
-            head_axes = ("embed", "vocab")
-            head_std = 0.0 if cfg.zero_init else std
-            self.head = Linear(
-                cfg.d_model, cfg.vocab_size, head_axes, rngs=rngs, std=head_std, dtype=self.dtype
-            )
-
-    def embed(self, tokens_BxL: jax.Array) -> jax.Array:
-        """Token ids -> x_BxLxD in the compute dtype."""
-        return self.token_embed(tokens_BxL)
-
-    def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
-        x_BxLxD = self.final_norm(x_BxLxD)
-        if self.head is None:
-            logits_BxLxV = self.token_embed.attend(x_BxLxD)
-        else:
-            logits_BxLxV = self.head(x_BxLxD, out_dtype=jnp.float32)
-        cap = self.cfg.logit_softcap
-        if cap > 0:
-            logits_BxLxV = cap * jnp.tanh(logits_BxLxV / cap)
-        return constrain(logits_BxLxV, "batch", "length", "vocab")
-
-    def blocks_forward(
-        self,
-        x_BxLxD: jax.Array,
-        segment_ids_BxL: jax.Array | None = None,
-        positions_BxL: jax.Array | None = None,
-    ) -> jax.Array:
-        """Embeddings -> the last block's output; positions default to 0..L-1 in every row."""
-        B, L, _ = x_BxLxD.shape
-        if positions_BxL is None:
-            positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32)[None, :], (B, L))
-        x_BxLxD = constrain(x_BxLxD.astype(self.dtype), "batch", "length", "embed")
-        return run_blocks(
-            self.blocks,
-            x_BxLxD,
-            segment_ids_BxL,
-            positions_BxL,
-            remat=self.cfg.remat,
-            scan=self.cfg.scan_layers,
-        )
-
-    def forward(
-        self,
-        x_BxLxD: jax.Array,
-        segment_ids_BxL: jax.Array | None = None,
-        positions_BxL: jax.Array | None = None,
-    ) -> jax.Array:
-        """Embeddings -> float32 logits_BxLxV; positions default to 0..L-1 in every row."""
-        return self._logits(self.blocks_forward(x_BxLxD, segment_ids_BxL, positions_BxL))
-
-    def hidden(
-        self,
-        tokens_BxL: jax.Array,
-        segment_ids_BxL: jax.Array | None = None,
-        positions_BxL: jax.Array | None = None,
-    ) -> jax.Array:
-        """Token ids -> the last block's output x_BxLxD (before the final norm and head)."""
-        return self.blocks_forward(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL)
-
-    def head_logits(self, x_BxTxD: jax.Array) -> jax.Array:
-        """Final norm and output head on some positions' hidden states -> float32 logits."""
-        return self._logits(x_BxTxD)
-
-    def __call__(
-        self,
-        tokens_BxL: jax.Array,
-        segment_ids_BxL: jax.Array | None = None,
-        positions_BxL: jax.Array | None = None,
-    ) -> jax.Array:
-        """Token ids -> float32 logits_BxLxV."""
-        return self.forward(self.embed(tokens_BxL), segment_ids_BxL, positions_BxL)
-
-    def init_cache(self, batch_size: int, max_len: int) -> Cache:
-        """Empty decode cache for up to `max_len` tokens per row."""
-        layers = [b.init_state(batch_size, max_len) for b in self.blocks]
-        return {"index": jnp.zeros((), jnp.int32), "layers": layers}
-
-    def decode(self, tokens_BxT: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
-        """Appends T tokens (a prompt, or 1) to `cache`; returns their logits and the new cache.
-
-        Pure: the model is not mutated. The caller keeps index + T <= max_len.
-        """
-        index = cache["index"]
-        x_BxTxD = self.embed(tokens_BxT)
-        layers = []
-        for block, layer_cache in zip(self.blocks, cache["layers"], strict=True):
-            x_BxTxD, layer_cache = block.decode(x_BxTxD, layer_cache, index)
-            layers.append(layer_cache)
-        new_index = index + jnp.int32(tokens_BxT.shape[1])
-        return self._logits(x_BxTxD), {"index": new_index, "layers": layers}
+def attention_block(cfg: Config) -> BlockSpec:
+    """One transformer layer (also the hybrid's letter A)."""
+    out_std = cfg.out_std()  # GPT-2's scaled init of residual-branch outputs, or zero
+    mlp_cls = MLPS[cfg.activation][0]
+    return BlockSpec(
+        mixer=lambda rngs: Attention(cfg, rngs=rngs, out_std=out_std),
+        mlp=lambda rngs: mlp_cls(
+            cfg.d_model,
+            cfg.ffn_width,
+            rngs=rngs,
+            std=cfg.init_std,
+            out_std=out_std,
+            dtype=jnp.dtype(cfg.dtype),
+        ),  # fmt: skip
+        names=("attn_norm", "attn"),
+    )
