@@ -17,7 +17,7 @@ from lmtrain.config_values import (  # noqa: F401  (lmtrain.config.parse_sets, .
     parse_sets,
     read_mapping,
 )
-from lmtrain.errors import ConfigError
+from lmtrain.errors import ConfigError, check
 from lmtrain.models import hybrid
 from lmtrain.models.base import ModelConfig
 
@@ -211,61 +211,61 @@ class Config:
         """
         t, d, o = self.train, self.data, self.optim
         self.model.validate()
-        _check(o.name in OPTIMIZER_NAMES, "optim.name", _unknown(o.name, OPTIMIZER_NAMES))
-        _check(o.schedule in SCHEDULE_NAMES, "optim.schedule", _unknown(o.schedule, SCHEDULE_NAMES))
-        _check(d.packing in PACKINGS, "data.packing", f"must be one of {', '.join(PACKINGS)}")
-        _check(t.tokens_per_step >= 0, "train.tokens_per_step", "must be >= 0")
-        _check(t.restore in RESTORE_MODES, "train.restore", _unknown(t.restore, RESTORE_MODES))
-        _check(all(n > 0 for n in self.eval.lengths), "eval.lengths", "must be positive")
-        _check(d.seq_len > 0, "data.seq_len", "must be positive")
+        check(o.name in OPTIMIZER_NAMES, "optim.name", _unknown(o.name, OPTIMIZER_NAMES))
+        check(o.schedule in SCHEDULE_NAMES, "optim.schedule", _unknown(o.schedule, SCHEDULE_NAMES))
+        check(d.packing in PACKINGS, "data.packing", f"must be one of {', '.join(PACKINGS)}")
+        check(t.tokens_per_step >= 0, "train.tokens_per_step", "must be >= 0")
+        check(t.restore in RESTORE_MODES, "train.restore", _unknown(t.restore, RESTORE_MODES))
+        check(all(n > 0 for n in self.eval.lengths), "eval.lengths", "must be positive")
+        check(d.seq_len > 0, "data.seq_len", "must be positive")
         if d.packing == "decompose":
             self._validate_decompose()
         else:
-            _check(
+            check(
                 self.tokens_per_step() % d.seq_len == 0,
                 "train.tokens_per_step",
                 f"must be a multiple of data.seq_len ({d.seq_len})",
             )
-        _check(t.steps > 0, "train.steps", "must be positive")
-        _check(t.batch_size > 0, "train.batch_size", "must be positive")
-        _check(t.grad_accum > 0, "train.grad_accum", "must be positive")
-        _check(t.loss_chunk >= 0, "train.loss_chunk", "must be >= 0 (0: no chunks)")
+        check(t.steps > 0, "train.steps", "must be positive")
+        check(t.batch_size > 0, "train.batch_size", "must be positive")
+        check(t.grad_accum > 0, "train.grad_accum", "must be positive")
+        check(t.loss_chunk >= 0, "train.loss_chunk", "must be >= 0 (0: no chunks)")
         lengths = {*self.train_lengths(), d.seq_len, *self.eval_lengths()}
-        _check(
+        check(
             not t.loss_chunk or all(n <= t.loss_chunk or n % t.loss_chunk == 0 for n in lengths),
             "train.loss_chunk",
             f"must divide every sequence length longer than it ({sorted(lengths)})",
         )
-        _check(min(t.profile_steps) >= 0, "train.profile_steps", "must be (first step, count)")
+        check(min(t.profile_steps) >= 0, "train.profile_steps", "must be (first step, count)")
         smallest = min(b for b, _ in self.train_shapes())
-        _check(
+        check(
             smallest % t.grad_accum == 0,
             "train.grad_accum",
             f"must divide the batch size ({smallest} sequences per step)",
         )
-        _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
-        _check(o.lr > 0, "optim.lr", "must be positive")
-        _check(  # a typo is refused even where the value is unused (packing="concat")
+        check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+        check(o.lr > 0, "optim.lr", "must be positive")
+        check(  # a typo is refused even where the value is unused (packing="concat")
             d.decompose.curriculum in CURRICULA,
             "data.decompose.curriculum",
             f"must be one of {', '.join(CURRICULA)}",
         )
-        _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        _check(list(self.mesh.shape).count(-1) <= 1, "mesh.shape", "allows at most one -1")
-        _check(len(self.mesh.shape) == 3, "mesh.shape", "needs 3 entries (data, fsdp, tensor)")
+        check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        check(list(self.mesh.shape).count(-1) <= 1, "mesh.shape", "allows at most one -1")
+        check(len(self.mesh.shape) == 3, "mesh.shape", "needs 3 entries (data, fsdp, tensor)")
         return self
 
     def _validate_decompose(self) -> None:
         dc = self.data.decompose
-        _check(
+        check(
             0 <= dc.min_log2_len <= dc.max_log2_len <= 24,
             "data.decompose.min_log2_len",
             f"must satisfy 0 <= min_log2_len <= max_log2_len <= 24 (got {dc.min_log2_len}, "
             f"{dc.max_log2_len})",
         )
-        _check(dc.cycles >= 1, "data.decompose.cycles", "must be >= 1")
+        check(dc.cycles >= 1, "data.decompose.cycles", "must be >= 1")
         longest = 1 << dc.max_log2_len
-        _check(
+        check(
             self.tokens_per_step() % longest == 0,
             "train.tokens_per_step",
             f"must be a multiple of 2^data.decompose.max_log2_len = {longest} "
@@ -280,11 +280,6 @@ SCHEDULE_NAMES = ("cosine", "wsd", "constant")
 
 def _unknown(value: str, known) -> str:
     return f"{value!r} is unknown; valid: {', '.join(known)}"
-
-
-def _check(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} {msg}")
 
 
 # ---------------------------------------------------------------------------- model families

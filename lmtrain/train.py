@@ -79,16 +79,126 @@ def train(cfg: Config, workdir: Path) -> dict:
             return _train(cfg, workdir)
 
 
+def _check_resume(cfg: Config, cfg_path: Path) -> None:
+    """Refuses (ConfigError) a resume whose settings would change the run; warns of the
+    settings that may change (run_lib.check_resume_config)."""
+    if not cfg_path.exists():
+        return
+    saved = config_lib.load_json(cfg_path)
+    vocab = cfg.model.vocab_size or saved.model.vocab_size
+    new = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    changed = run_lib.check_resume_config(saved, new)
+    if changed:
+        log.warning("resuming with changed settings: %s", ", ".join(changed))
+
+
+def _restore_or_init(run: run_lib.Run, ckpt: Checkpointer, it: Any) -> tuple[dict, str]:
+    """(the train state, how it began: the header's last words): the newest usable checkpoint,
+    else model.init_from's weights, else a random init."""
+    cfg = run.cfg
+    restored = ckpt.restore_latest(
+        run.abstract_state,
+        it,
+        config=config_lib.to_dict(cfg),
+        optimizer_optional=cfg.train.restore == "params",
+    )
+    if restored and restored.fresh_optimizer:
+        state = run.init_state(restored.state["params"], step=restored.state["step"])
+        how = f"with a fresh {cfg.optim.name} optimizer state (train.restore=params)"
+        return state, f"resumed at step {int(state['step'])} {how}"
+    if restored:
+        return restored.state, f"resumed at step {int(restored.state['step'])}"
+    if cfg.model.init_from:
+        from lmtrain.export import load_init
+
+        return run.init_state(load_init(cfg.model.init_from, run)), (
+            f"fresh start from {cfg.model.init_from}"
+        )
+    return run.init_state(), "fresh start"
+
+
+def _header(run, corpus, fpt: dict, peak: float, peak_src: str, compile_s: dict, how: str) -> str:
+    """The run's one-line summary: model, mesh, data, peak, compile time, how it began."""
+    cfg, mesh = run.cfg, run.mesh
+    tokens_per_step = cfg.tokens_per_step()
+    optimizer = ""
+    if run.optimizer_flops:
+        per_token = run.optimizer_flops / tokens_per_step / 1e6
+        optimizer = f" (+{per_token:.1f} of {cfg.optim.name}'s orthogonalisation)"
+    return (
+        f"lmtrain | {cfg.model.name} {run.n_params / 1e6:.2f}M params, "
+        f"{fpt[max(fpt)] / 1e6:.1f} MFLOP/token at {max(fpt)}{optimizer}"
+        f" | mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
+        f"devices, {jax.process_count()} process(es) | data {cfg.data.source}: "
+        f"{corpus.stats['train']['tokens']:,} train tokens, {tokens_per_step:,} tokens/step | "
+        f"peak {peak / 1e9:.0f} GFLOP/s ({peak_src}) | compile {sum(compile_s.values()):.1f}s | "
+        + how
+    )
+
+
+class StepLog:
+    """A step's metrics are fetched one step late (`flush`), so the host never waits on the
+    step that is running: NaN stops the run, log rows and the progress bar are written, and a
+    stop agreed through a step's metrics is noticed at the same step on every process."""
+
+    def __init__(self, cfg: Config, tracker: Tracker, window: MetricsWindow, ckpt, start: int):
+        self.cfg, self.tracker, self.window, self.ckpt = cfg, tracker, window, ckpt
+        self.pending: tuple[int, dict, int] | None = None
+        self.agreed_stop = False  # set from a step's metrics: every process sees it at one step
+        self.summary: dict[str, Any] = {"step": start}
+        self.multi_length = len(window.fpt) > 1
+
+    def flush(self) -> None:
+        """Fetches the pending step's metrics, stops on NaN, logs."""
+        if self.pending is None:
+            return
+        n, m, seq_len = self.pending
+        self.pending = None
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if m.pop("finite") < 1:
+            raise NonFiniteLoss(
+                f"non-finite loss or gradient at step {n} (loss={m['loss']}, "
+                f"grad_norm={m['grad_norm']}); stopped without saving that state. The last "
+                f"checkpoint is step {self.ckpt.latest_step()}; try a lower optim.lr or "
+                "optim.z_loss=1e-4"
+            )
+        self.agreed_stop = self.agreed_stop or m.pop("stop", 0.0) > 0
+        self.summary.update(step=n, loss=m["loss"])
+        self.window.add(seq_len)
+        t = self.cfg.train
+        if n % t.log_every == 0 or n == t.steps:
+            self._row(n, m, seq_len)
+        self.tracker.progress(n, {"loss": m["loss"]})
+
+    def _row(self, n: int, m: dict, seq_len: int) -> None:
+        tokens_per_step = self.window.tokens_per_step
+        rate = self.window.close(n)
+        row = {
+            "loss": m["loss"],
+            "lr": m["lr"],
+            "grad_norm": m["grad_norm"],
+            **rate,
+            "seq_len": seq_len,
+            "batch_size": tokens_per_step // seq_len,
+            "tokens": n * tokens_per_step,
+        }
+        if self.multi_length:
+            row["bucket"] = seq_len.bit_length() - 1  # k of the 2^k bucket
+        self.tracker.write(n, row)
+        self.summary.update(rate)
+        if not self.tracker.bar_shown:  # SLURM logs, pipes: a plain line instead of the bar
+            with_opt = rate.get("mfu_with_optimizer")
+            self.tracker.print(
+                f"step {n}/{self.cfg.train.steps}: loss {m['loss']:.4f}, "
+                f"{rate['tokens_per_sec']:,.0f} tokens/s, MFU {rate['mfu']:.3f}"
+                + (f" ({with_opt:.3f} with the optimizer)" if with_opt is not None else "")
+            )
+
+
 def _train(cfg: Config, workdir: Path) -> dict:
     t_start = time.time()
     cfg_path = workdir / "config.json"
-    if cfg_path.exists():
-        saved = config_lib.load_json(cfg_path)
-        vocab = cfg.model.vocab_size or saved.model.vocab_size
-        new = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
-        changed = run_lib.check_resume_config(saved, new)
-        if changed:
-            log.warning("resuming with changed settings: %s", ", ".join(changed))
+    _check_resume(cfg, cfg_path)
     run = run_lib.setup(cfg)
     cfg, mesh = run.cfg, run.mesh
     if jax.process_index() == 0:
@@ -100,22 +210,7 @@ def _train(cfg: Config, workdir: Path) -> dict:
     it, scored = train_data.iterator, corpus.train.targets_per_row
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints, writer=True)
     ckpt.warn_sidelined()
-    restored = ckpt.restore_latest(
-        run.abstract_state,
-        it,
-        config=config_lib.to_dict(cfg),
-        optimizer_optional=cfg.train.restore == "params",
-    )
-    if restored and restored.fresh_optimizer:
-        state = run.init_state(restored.state["params"], step=restored.state["step"])
-    elif restored:
-        state = restored.state
-    elif cfg.model.init_from:
-        from lmtrain.export import load_init
-
-        state = run.init_state(load_init(cfg.model.init_from, run))
-    else:
-        state = run.init_state()
+    state, how = _restore_or_init(run, ckpt, it)
     start = int(state["step"])
 
     train_steps, compile_s = run_lib.compile_train_steps(run, train_data.shapes, scored)
@@ -143,90 +238,18 @@ def _train(cfg: Config, workdir: Path) -> dict:
             "compiled train step per (batch x seq_len): "
             + ", ".join(f"{tokens_per_step // n}x{n} {t:.1f}s" for n, t in compile_s.items())
         )
-    tracker.print(
-        f"lmtrain | {cfg.model.name} {run.n_params / 1e6:.2f}M params, "
-        f"{fpt[max(fpt)] / 1e6:.1f} MFLOP/token at {max(fpt)}"
-        + (
-            f" (+{run.optimizer_flops / tokens_per_step / 1e6:.1f} of {cfg.optim.name}'s "
-            "orthogonalisation)"
-            if run.optimizer_flops
-            else ""
-        )
-        + f" | mesh {dict(mesh.shape)} on "
-        f"{jax.device_count()} {jax.devices()[0].platform} devices, {jax.process_count()} "
-        f"process(es) | data {cfg.data.source}: {corpus.stats['train']['tokens']:,} train tokens, "
-        f"{tokens_per_step:,} tokens/step | peak {peak / 1e9:.0f} GFLOP/s ({peak_src}) | "
-        f"compile {sum(compile_s.values()):.1f}s | "
-        + (
-            f"resumed at step {start} with a fresh {cfg.optim.name} optimizer state "
-            "(train.restore=params)"
-            if restored and restored.fresh_optimizer
-            else f"resumed at step {start}"
-            if restored
-            else f"fresh start from {cfg.model.init_from}"
-            if cfg.model.init_from
-            else "fresh start"
-        )
-    )
+    tracker.print(_header(run, corpus, fpt, peak, peak_src, compile_s, how))
     if start == 0 and jax.process_index() == 0:
         tracker.text("config", "```\n" + cfg_path.read_text() + "\n```")
 
-    summary: dict[str, Any] = {"step": start}
-    pending: tuple[int, dict, int] | None = None
     window = MetricsWindow(start, tokens_per_step, fpt, peak, run.optimizer_flops)
-    s = start
-    agreed_stop = False  # set from a step's metrics, so every process sees it at the same step
-
-    def flush() -> None:
-        """Fetches the pending step's metrics (one step late), stops on NaN, logs."""
-        nonlocal pending, agreed_stop
-        if pending is None:
-            return
-        n, m, seq_len = pending
-        pending = None
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        if m.pop("finite") < 1:
-            raise NonFiniteLoss(
-                f"non-finite loss or gradient at step {n} (loss={m['loss']}, "
-                f"grad_norm={m['grad_norm']}); stopped without saving that state. The last "
-                f"checkpoint is step {ckpt.latest_step()}; try a lower optim.lr or "
-                "optim.z_loss=1e-4"
-            )
-        agreed_stop = agreed_stop or m.pop("stop", 0.0) > 0
-        summary.update(step=n, loss=m["loss"])
-        window.add(seq_len)
-        if n % cfg.train.log_every == 0 or n == cfg.train.steps:
-            rate = window.close(n)
-            row = {
-                "loss": m["loss"],
-                "lr": m["lr"],
-                "grad_norm": m["grad_norm"],
-                **rate,
-                "seq_len": seq_len,
-                "batch_size": tokens_per_step // seq_len,
-                "tokens": n * tokens_per_step,
-            }
-            if len(fpt) > 1:
-                row["bucket"] = seq_len.bit_length() - 1  # k of the 2^k bucket
-            tracker.write(n, row)
-            summary.update(rate)
-            if not tracker.bar_shown:  # SLURM logs, pipes: a plain line instead of the bar
-                tracker.print(
-                    f"step {n}/{cfg.train.steps}: loss {m['loss']:.4f}, "
-                    f"{rate['tokens_per_sec']:,.0f} tokens/s, MFU {rate['mfu']:.3f}"
-                    + (
-                        f" ({rate['mfu_with_optimizer']:.3f} with the optimizer)"
-                        if "mfu_with_optimizer" in rate
-                        else ""
-                    )
-                )
-        tracker.progress(n, {"loss": m["loss"]})
-
+    steps = StepLog(cfg, tracker, window, ckpt, start)
+    summary, s = steps.summary, start
     watchdog = runguard.Watchdog(cfg.train.hang_timeout_s)
     profiler = runguard.Profiler(workdir, cfg.train.profile_steps, cfg.train.profile_process)
     try:
         with runguard.StopFlag() as stop:
-            while s < cfg.train.steps and not agreed_stop:
+            while s < cfg.train.steps and not steps.agreed_stop:
                 local = next(it)
                 rows, seq_len = local["inputs"].shape
                 local["stop"] = np.full((rows,), float(stop.signal is not None), np.float32)
@@ -235,30 +258,30 @@ def _train(cfg: Config, workdir: Path) -> dict:
                     state, metrics = train_steps[seq_len](state, batch)
                 profiler.done(s + 1, state)
                 s += 1
-                flush()  # step s-1's metrics, while step s runs
+                steps.flush()  # step s-1's metrics, while step s runs
                 watchdog.pet(f"step {s - 1}")
-                pending = (s, metrics, seq_len)
+                steps.pending = (s, metrics, seq_len)
                 last = s == cfg.train.steps
                 if evaluator and (last or (cfg.train.eval_every and s % cfg.train.eval_every == 0)):
-                    flush()
+                    steps.flush()
                     ev = evaluator(state["params"], cfg.eval.max_batches, watchdog.pet)
                     tracker.write(s, ev, prefix="eval")
                     tracker.print(f"step {s}: " + " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
                     summary.update(ev)
                 save_now = cfg.train.checkpoint_every and s % cfg.train.checkpoint_every == 0
-                if last or save_now or agreed_stop:
-                    flush()  # never save a state whose step we haven't checked for NaN
+                if last or save_now or steps.agreed_stop:
+                    steps.flush()  # never save a state whose step we haven't checked for NaN
                     ckpt.save(s, state, it.get_state(), config_lib.to_dict(cfg))
                     watchdog.pet(f"checkpoint {s}")
-            flush()
-            if agreed_stop and s < cfg.train.steps:
+            steps.flush()
+            if steps.agreed_stop and s < cfg.train.steps:
                 tracker.print(
                     f"stopped by a signal at step {s}; checkpoint saved. "
                     "Run the same command again to resume."
                 )
                 summary["interrupted"] = True
     finally:
-        pending = None
+        steps.pending = None
         profiler.close()
         try:
             ckpt.close()  # waits for async saves: a started checkpoint is completed or reported

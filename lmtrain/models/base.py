@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from lmtrain.errors import ConfigError
+from lmtrain.errors import check_all
 
 DTYPES = ("float32", "bfloat16", "float16")
 CONV_INITS = ("uniform", "identity")  # lmtrain.models.layers.conv_init
@@ -104,10 +104,3 @@ class ModelConfig:
                 (self.conv_init in CONV_INITS, "model.conv_init", f"must be one of {CONV_INITS}"),
             ]
         )
-
-
-def check_all(checks: list[tuple[bool, str, str]]) -> None:
-    """Raises ConfigError("KEY MESSAGE") for the first (ok, key, message) that is not ok."""
-    for ok, key, msg in checks:
-        if not ok:
-            raise ConfigError(f"{key} {msg}")

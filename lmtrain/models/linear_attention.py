@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmtrain.errors import check_all
 from lmtrain.models import linear_ops as ops
-from lmtrain.models.base import ModelConfig, check_all
+from lmtrain.models.base import ModelConfig
 from lmtrain.models.decoder import BlockSpec
 from lmtrain.models.layers import (
     HeadNorm,

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmtrain.errors import check_all
 from lmtrain.models import ssm_ops
-from lmtrain.models.base import ModelConfig, check_all
+from lmtrain.models.base import ModelConfig
 from lmtrain.models.decoder import BlockSpec
 from lmtrain.models.layers import Linear, ShortConv, SwiGLU, param
 from lmtrain.models.mixer import Mixer, State, continues, keep_rows, last_segment

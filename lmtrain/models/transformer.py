@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmtrain.errors import check_all
 from lmtrain.models.attention import IMPLEMENTATIONS, attend
-from lmtrain.models.base import ModelConfig, check_all
+from lmtrain.models.base import ModelConfig
 from lmtrain.models.decoder import BlockSpec
 from lmtrain.models.layers import MLPS, Linear, RMSNorm, ShortConv, apply_rope
 from lmtrain.models.mixer import Mixer, State, continues, keep_rows, last_segment
