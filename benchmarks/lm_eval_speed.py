@@ -64,8 +64,8 @@ def main() -> None:
     from lm_eval.tasks import TaskManager
 
     from lmtrain import run as run_lib
-    from lmtrain.export import export
-    from lmtrain.harness import make_adapter
+    from lmtrain.interop.export import export
+    from lmtrain.interop.lm_eval_adapter import make_adapter
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

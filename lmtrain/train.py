@@ -109,7 +109,7 @@ def _restore_or_init(run: run_lib.Run, ckpt: Checkpointer, it: Any) -> tuple[dic
     if restored:
         return restored.state, f"resumed at step {int(restored.state['step'])}"
     if cfg.model.init_from:
-        from lmtrain.export import load_init
+        from lmtrain.interop.export import load_init
 
         return run.init_state(load_init(cfg.model.init_from, run)), (
             f"fresh start from {cfg.model.init_from}"

@@ -198,7 +198,7 @@ def test_impossible_names_are_refused_when_the_config_is_built(key, value, messa
 def test_config_file_json_or_yaml_whole_or_partial(tmp_path, capsys):
     import argparse
 
-    from lmtrain.cli import train_workdir
+    from lmtrain.cli.run import train_workdir
 
     (tmp_path / "small.yaml").write_text(
         "model:\n  d_model: 48\ntrain:\n  steps: 3\n  progress: false\n"

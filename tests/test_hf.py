@@ -14,7 +14,7 @@ from flax import nnx
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmtrain import config as config_lib
-from lmtrain import export as export_lib
+from lmtrain.interop import export as export_lib
 from lmtrain import run as run_lib
 from lmtrain import train
 from lmtrain.cli import main
@@ -210,7 +210,8 @@ def test_bytes_tokenizer_json_is_lmtrains_bytes_tokenizer():
 
 
 def test_options_llama_and_mamba2_lack_are_refused_by_name():
-    from lmtrain import hf, models
+    from lmtrain import models
+    from lmtrain.interop import hf
 
     base = models.family("transformer").Config(d_model=32, n_heads=4)
     assert hf.architecture(base) == "LlamaForCausalLM"

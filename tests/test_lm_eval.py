@@ -117,7 +117,7 @@ def test_adapter_scores_any_family_as_its_own_forward_pass(corpus, tmp_path):
     from lm_eval.api.instance import Instance
 
     from lmtrain import run as run_lib
-    from lmtrain.harness import make_adapter
+    from lmtrain.interop.lm_eval_adapter import make_adapter
 
     sets = {"model.name": "hybrid", "model.pattern": "MAG", "model.n_layers": 3}
     wd = tmp_path / "run"

@@ -1,6 +1,6 @@
 """`lmtrain export` and `model.init_from`: a workdir's checkpoint written as an HF model
 directory or in lmtrain's safetensors format, and a fresh run started from either (see
-lmtrain/hf.py for the formats and the weight layouts)."""
+lmtrain/interop/hf.py for the formats and the weight layouts)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from lmtrain import hf
 from lmtrain.errors import ConfigError
+from lmtrain.interop import hf
 
 FORMATS = ("hf", "safetensors")
 

@@ -1,5 +1,5 @@
 """`lmtrain export` and `lmtrain lm-eval`: models out to HF transformers, evaluations in
-through lm-evaluation-harness (parsers and commands; the work is in export.py, harness.py)."""
+through lm-evaluation-harness (parsers and commands; the work is in lmtrain.interop)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def add_parsers(sub, sets: dict) -> None:
+    """Adds the export and lm-eval subcommands to the `lmtrain` parser's subparsers."""
     x = sub.add_parser(
         "export",
         help="write a checkpoint as an HF transformers model directory (or lmtrain safetensors)",
@@ -43,7 +44,7 @@ def add_parsers(sub, sets: dict) -> None:
 
 def cmd_export(args) -> int:
     from lmtrain.config import parse_sets
-    from lmtrain.export import export
+    from lmtrain.interop.export import export
 
     summary = export(
         Path(args.workdir), Path(args.out), args.step, args.format, parse_sets(args.sets)
@@ -54,7 +55,7 @@ def cmd_export(args) -> int:
 
 def cmd_lm_eval(args) -> int:
     from lmtrain.config import parse_sets
-    from lmtrain.harness import evaluate
+    from lmtrain.interop.lm_eval_adapter import evaluate
 
     tasks = [t for t in args.tasks.split(",") if t]
     results, table = evaluate(
@@ -74,3 +75,6 @@ def cmd_lm_eval(args) -> int:
         Path(args.output).write_text(json.dumps(results, indent=2, default=str))
         print(f"wrote {args.output}")
     return 0
+
+
+COMMANDS = {"export": cmd_export, "lm-eval": cmd_lm_eval}

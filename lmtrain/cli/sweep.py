@@ -1,11 +1,11 @@
-"""The `lmtrain sweep` and `lmtrain fit` subcommands: their parsers and commands."""
+"""`lmtrain sweep` and `lmtrain fit`: scaling-law sweeps and their fits."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def add_parsers(sub) -> None:
+def add_parsers(sub, sets: dict) -> None:
     """Adds the sweep and fit subcommands to the `lmtrain` parser's subparsers."""
     s = sub.add_parser(
         "sweep",
@@ -145,14 +145,6 @@ def add_parsers(sub) -> None:
     f.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
     f.add_argument("--out", default=None, help="output directory (default: the sweep directory)")
 
-    lp = sub.add_parser(
-        "launchers",
-        help="where the launch scripts are (local, SLURM, TPU VM), or copy them to --out",
-        description="The launch scripts ship inside the lmtrain package. Without --out, prints "
-        "their folder; with --out DIR, copies them there (existing files are left alone).",
-    )
-    lp.add_argument("--out", default=None, help="copy the scripts into this folder")
-
 
 def cmd_sweep(args) -> int:
     """Runs, lists, collects or writes a SLURM array for a sweep."""
@@ -189,29 +181,6 @@ def cmd_sweep(args) -> int:
     )
 
 
-def cmd_launchers(args) -> int:
-    """Prints the package's launch folder, or copies its scripts to --out."""
-    import shutil
-
-    from lmtrain.sweeps.workdirs import LAUNCH
-
-    scripts = sorted(p for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
-    if args.out is None:
-        print(LAUNCH)
-        for p in scripts:
-            print(f"  {p.name}")
-        return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for p in scripts:
-        if (out / p.name).exists():
-            print(f"kept {out / p.name} (exists)")
-            continue
-        shutil.copy2(p, out / p.name)
-        print(f"wrote {out / p.name}")
-    return 0
-
-
 def cmd_fit(args) -> int:
     """Fits scaling laws to a sweep's results."""
     from lmtrain.sweeps import report
@@ -231,3 +200,6 @@ def cmd_fit(args) -> int:
         reference=args.reference,
     )
     return 0
+
+
+COMMANDS = {"sweep": cmd_sweep, "fit": cmd_fit}
