@@ -29,6 +29,22 @@ warnings.filterwarnings("ignore", **NEVER_AWAITED)
 # slowest 5-30 s tests whose kind keeps a cheaper representative in the fast lane (e.g.
 # segment isolation stays fast for the transformer variants, the sharded step for one mesh).
 SLOW_FOR_TIME = {
+    "test_mixers.py::test_a_fresh_call_equals_a_call_from_the_empty_state",
+    *(  # the contract stays fast for attention, a linear mixer with decay (GLA) and Mamba-2
+        f"test_mixers.py::test_parallel_from_a_state_equals_the_recurrent_form[{m}]"
+        for m in (
+            "attention-primer-qknorm",
+            "swa",
+            "based",
+            "retention",
+            "lightning",
+            "conv",
+            "conv-base",
+            "s4d",
+            "s4d-fft",
+            "h3",
+        )
+    ),  # fmt: skip
     "test_lm_eval.py::test_lm_eval_usage_errors",
     *(
         f"test_models.py::test_segment_isolation[{f}]"

@@ -135,7 +135,10 @@ def test_sections_nest_and_old_keys_point_to_the_new_ones(tmp_path):
 
 
 def test_a_key_of_another_family_says_which_families_have_it(capsys):
-    with pytest.raises(ConfigError, match=r"model.state_size belongs to s4d/h3/mamba2/hybrid \(as model.ssm.state_size\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.state_size belongs to s4d/h3/mamba2/hybrid \(as model.ssm.state_size\)",
+    ):
         config_lib.override(Config(), {"model.state_size": 8})
     # The same key after choosing a family that has it is fine, in either order of --set.
     both = {"model.state_size": 8, "model.name": "mamba2"}

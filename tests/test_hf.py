@@ -14,11 +14,11 @@ from flax import nnx
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmtrain import config as config_lib
-from lmtrain.interop import export as export_lib
 from lmtrain import run as run_lib
 from lmtrain import train
 from lmtrain.cli import main
 from lmtrain.config import ConfigError
+from lmtrain.interop import export as export_lib
 
 PROMPT = "alpha beta gamma delta "
 
