@@ -48,7 +48,7 @@ local["stop"] = np.zeros((8,), np.float32)
 state = run.init_state()
 batch = sharding.global_batch(local, run.mesh)
 ts = []
-for i in range(25):
+for _ in range(25):
     t = time.perf_counter()
     state, m = steps[256](state, batch)
     jax.block_until_ready(m)
