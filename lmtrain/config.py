@@ -118,7 +118,13 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    shape: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor); one -1 means "the rest"
+    # (data, fsdp, tensor, sequence); one -1 means "the rest". Three numbers (the layout before
+    # the sequence axis) mean sequence = 1.
+    shape: tuple[int, ...] = (-1, 1, 1, 1)
+
+    def __post_init__(self):
+        if len(self.shape) == 3:
+            object.__setattr__(self, "shape", (*self.shape, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +258,11 @@ class Config:
         )
         check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         check(list(self.mesh.shape).count(-1) <= 1, "mesh.shape", "allows at most one -1")
-        check(len(self.mesh.shape) == 3, "mesh.shape", "needs 3 entries (data, fsdp, tensor)")
+        check(
+            len(self.mesh.shape) == 4,
+            "mesh.shape",
+            "needs 4 entries (data, fsdp, tensor, sequence), or 3 with sequence 1",
+        )
         return self
 
     def _validate_decompose(self) -> None:

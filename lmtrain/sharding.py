@@ -14,7 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 from lmtrain.errors import ConfigError
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "tensor", "sequence")
+SEQUENCE = "sequence"  # splits each row along its length (models/sequence.py)
 BATCH = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
 
 # Logical parameter axis -> mesh axis. Everything not listed is replicated.
@@ -35,7 +36,7 @@ RULES: dict[str, str | None] = {
 # chip where data parallelism needs 9).
 ACTIVATION_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": BATCH,
-    "length": None,
+    "length": SEQUENCE,
     "embed": None,  # the residual stream stays whole on each chip; its batch is split
     "heads": "tensor",
     "kv": "tensor",
@@ -48,10 +49,11 @@ def activation_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
     """Logical activation axes -> PartitionSpec over `mesh`; an axis whose mesh size is 1 or
     does not divide the dimension (a decode batch of 1, say) stays unsplit."""
     out: list = []
+    manual = set(getattr(mesh, "manual_axes", ()))  # inside a shard_map: those are its own
     for name, size in zip(axes, shape, strict=True):
         rule = ACTIVATION_RULES.get(name) if name else None
         names = (rule,) if isinstance(rule, str) else tuple(rule or ())
-        names = tuple(a for a in names if mesh.shape[a] > 1)
+        names = tuple(a for a in names if mesh.shape[a] > 1 and a not in manual)
         n = math.prod(mesh.shape[a] for a in names)
         if not names or size % n:
             out.append(None)
@@ -84,7 +86,7 @@ def mesh_shape(shape: tuple[int, ...], n_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(cfg: Any, devices: list | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh of `cfg.shape` (a config.MeshConfig: this module cannot
+    """A (data, fsdp, tensor, sequence) mesh of `cfg.shape` (a config.MeshConfig: this module cannot
     import the config, which imports the models, which import this) over `devices` (default:
     all), with automatic propagation.
 
@@ -96,7 +98,7 @@ def make_mesh(cfg: Any, devices: list | None = None) -> Mesh:
     if -1 not in shape and math.prod(shape) < len(devices) and jax.process_count() == 1:
         devices = devices[: math.prod(shape)]  # e.g. (1, 1, 1): one device of several
     shape = mesh_shape(shape, len(devices))
-    types = (AxisType.Auto,) * 3
+    types = (AxisType.Auto,) * len(AXES)
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices > 1:
         if shape[0] % slices:
@@ -106,7 +108,7 @@ def make_mesh(cfg: Any, devices: list | None = None) -> Mesh:
             )
         ici = (shape[0] // slices, *shape[1:])
         grid = mesh_utils.create_hybrid_device_mesh(
-            ici, (slices, 1, 1), devices, allow_split_physical_axes=True
+            ici, (slices, 1, 1, 1), devices, allow_split_physical_axes=True
         )
         return Mesh(grid, AXES, axis_types=types)
     try:

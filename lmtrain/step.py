@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lmtrain import sharding
+from lmtrain.models import sequence
 
 Batch = dict[str, jax.Array]
 TRAIN_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
@@ -51,14 +52,20 @@ def score(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0) -> 
     B, T, D = x_BxLxD.shape
     if not chunk or T <= chunk or T % chunk:
         return _score_positions(model, x_BxLxD, targets_BxT)
-    n = T // chunk
-    x_NxBxCxD = sharding.constrain(
-        x_BxLxD.reshape(B, n, chunk, D).swapaxes(0, 1), None, "batch", "length", "embed"
-    )
-    t_NxBxC = targets_BxT.reshape(B, n, chunk).swapaxes(0, 1)
+    # Rows split over s sequence devices: step j takes the j-th chunk of every device's piece
+    # (s chunks side by side), so no position leaves its device.
+    s = sequence.size() if "target_index" not in batch else 1
+    s = s if (T // chunk) % s == 0 else 1
+    m = T // chunk // s
+
+    def chunks(a_BxT):  # [B, T, ...] -> [m, B, s * chunk, ...]
+        a = a_BxT.reshape(B, s, m, chunk, *a_BxT.shape[2:]).swapaxes(1, 2).swapaxes(0, 1)
+        return a.reshape(m, B, s * chunk, *a_BxT.shape[2:])
+
+    x_MxBxCxD = sharding.constrain(chunks(x_BxLxD), None, "batch", "length", "embed")
     scored = jax.checkpoint(lambda xt: _score_positions(model, *xt))
-    outs = jax.lax.map(scored, (x_NxBxCxD, t_NxBxC))
-    return tuple(o.swapaxes(0, 1).reshape(B, T) for o in outs)
+    outs = jax.lax.map(scored, (x_MxBxCxD, chunks(targets_BxT)))
+    return tuple(o.reshape(m, B, s, chunk).transpose(1, 2, 0, 3).reshape(B, T) for o in outs)
 
 
 def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0) -> tuple:

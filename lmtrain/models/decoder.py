@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmtrain.models.layers import Embed, Linear, RMSNorm
+from lmtrain.models import sequence
 from lmtrain.models.mixer import default_positions
 from lmtrain.sharding import constrain
 
@@ -81,7 +82,11 @@ class Block(nnx.Module):
     def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, state=None):
         """(x_BxLxD, the mixer's new state)."""
         norm = getattr(self, self.norm_name)
-        h_BxLxD, state = self.mixer_module(norm(x_BxLxD), segment_ids_BxL, positions_BxL, state)
+        args = (norm(x_BxLxD), segment_ids_BxL, positions_BxL)
+        if state is None and sequence.size() > 1:  # rows split over the sequence axis
+            h_BxLxD = sequence.split_call(self.mixer_module, *args)
+        else:
+            h_BxLxD, state = self.mixer_module(*args, state)
         x_BxLxD = x_BxLxD + h_BxLxD.astype(x_BxLxD.dtype)
         if self.mlp is not None:
             x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))

@@ -158,6 +158,8 @@ class _LinearMixer(Mixer):
     """Shared forms; subclasses give `_qkv(x, positions) -> (q, k, v, log_decay)` and `_out`.
     State: "S" (B, H, P, E) float32, whatever the length."""
 
+    CARRIED = ("S",)
+
     def __init__(self, cfg: Config, kind: str, chunk: int):
         self.H, self.K, self.chunk = cfg.n_heads, cfg.head_dim, chunk
         self.P, self.E = ops.linear_dims(cfg, kind)

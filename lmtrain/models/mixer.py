@@ -19,6 +19,10 @@ lightning, GLA, gated conv, S4D, H3, Mamba-2):
   that continues a state and the parallel form otherwise; `form=` forces one (the tests
   compare them on the same tokens).
 
+Split over the mesh's sequence axis (models/sequence.py), a mixer's training call becomes such
+a chain across devices: `CARRIED` names the state leaves that carry a recurrence (an
+elementwise-decayed sum: "S", "h"); every other leaf but "seg" is a window of recent inputs.
+
 A mixer subclasses `Mixer` and writes `init_state`, `parallel`, and either `step` (T tokens of
 one document from a state; `recurrent` then scans it token by token, restarting the state
 where a document starts) or its own `recurrent`.
@@ -29,6 +33,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from lmtrain.models import sequence
 
 State = dict  # {name: array (B, ...)} plus "seg" (B,) int32
 FORMS = ("auto", "parallel", "recurrent")
@@ -86,8 +92,15 @@ class Mixer(nnx.Module):
             raise ValueError(f"form must be one of {FORMS}, not {form!r}")
         return self.parallel(x_BxLxD, segment_ids_BxL, positions_BxL, state)
 
+    CARRIED: tuple[str, ...] = ()
+
     def init_state(self, batch_size: int, max_len: int) -> State:
         raise NotImplementedError
+
+    def split_parallel(self, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
+        """The output of this device's piece of rows split over the sequence axis (called
+        inside sequence.split_call's shard_map): the chain of calls of models/sequence.py."""
+        return sequence.chained(self, x_BxLxD, segment_ids_BxL, positions_BxL)
 
     def parallel(self, x_BxLxD, segment_ids_BxL, positions_BxL, state) -> tuple[jax.Array, State]:
         raise NotImplementedError

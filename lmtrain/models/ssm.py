@@ -144,6 +144,8 @@ class S4D(Mixer):
     State: "h" (B, D, M, 1, 1) complex.
     """
 
+    CARRIED = ("h",)
+
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         D, self.dtype = cfg.d_model, jnp.dtype(cfg.dtype)
         self.chunk, self.fft = cfg.chunk_size, cfg.s4d_fft
@@ -196,6 +198,8 @@ class H3(Mixer):
     (S4D-Lin, one per head, shared by the head's K x K entries) runs over the outer products.
     State: the shift conv's window "conv" (B, W, D) and "h" (B, H, M, K, K) complex.
     """
+
+    CARRIED = ("h",)
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         D, H = cfg.d_model, cfg.n_heads
@@ -259,6 +263,8 @@ class Mamba2(Mixer):
     """Mamba-2 mixer: in-proj (z, x, B, C, dt); conv + SiLU on x, B, C; SSD; D skip; gated
     RMSNorm with z; out-proj. One B/C group shared by all heads.
     State: the conv windows "conv_x", "conv_b", "conv_c" and "h" (B, H, P, N) float32."""
+
+    CARRIED = ("h",)
 
     CONVS = ("conv_x", "conv_b", "conv_c")
 

@@ -13,6 +13,7 @@ from lmtrain.models.attention import IMPLEMENTATIONS, attend
 from lmtrain.models.base import ModelConfig
 from lmtrain.models.decoder import BlockSpec
 from lmtrain.models.layers import MLPS, Linear, RMSNorm, ShortConv, apply_rope
+from lmtrain.models import sequence
 from lmtrain.models.mixer import Mixer, State, continues, keep_rows, last_segment
 
 
@@ -210,6 +211,15 @@ class Attention(Mixer):
             new["index"] = index + jnp.int32(L)
         new.update(windows, seg=last_segment(state, segment_ids_BxL, B))
         return self.o(o_BxLxHxK.reshape(B, L, self.H * self.K)), new
+
+    def split_parallel(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+        """This device's piece of a row split over the sequence axis (models/sequence.py):
+        its queries attend to the all-gathered keys and values of the whole row."""
+        B, L, _ = x_BxLxD.shape
+        state = sequence.entry_state(self, x_BxLxD, segment_ids_BxL, positions_BxL)
+        q, k, v, _ = self._qkv(x_BxLxD, segment_ids_BxL, positions_BxL, state)
+        o_BxLxHxK = sequence.gathered_attention(q, k, v, segment_ids_BxL, self.impl)
+        return self.o(o_BxLxHxK.reshape(B, L, self.H * self.K))
 
     def recurrent(self, x_BxLxD, segment_ids_BxL, positions_BxL, state):
         """The cache path, whatever L: masks, not restarts, keep documents apart."""

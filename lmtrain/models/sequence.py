@@ -1,0 +1,155 @@
+"""Rows split along their length over the mesh's `sequence` axis (long context across chips).
+
+Under a mesh whose `sequence` axis has n > 1 devices, a training call of a mixer (no state)
+runs in a shard_map that is manual over that axis only: device i holds positions
+[i L/n, (i+1) L/n) of every row (the batch and width stay with the automatic partitioner), and
+
+- attention (`Attention.split_parallel`) all-gathers K/V with their segment ids and attends
+  its own queries to them under the causal and document mask by global position;
+- every other mixer keeps the mixer contract's promise that a long sequence is a chain of
+  calls, each continuing the state of the one before (`chained` below):
+  1. halo: the last `halo` inputs of device i-1 (the widest short-conv or sliding window the
+     mixer keeps) arrive by one ppermute; a call on them gives the windows device i starts
+     from, cut at a document start as every call's windows are;
+  2. each device runs its piece from an empty carried state (S, h) and, by a forward-mode
+     derivative of the final state in the carried state's direction, gets the affine map
+     s -> A * s + b that its piece applies to an incoming state (A elementwise: every
+     recurrence here is diagonal; a document start inside the piece makes A zero);
+  3. the small (A, b) are all-gathered (LASP-2's choice over a ppermute chain: one collective
+     of n small states instead of n sequential hops) and an exclusive scan gives each device
+     the state that reaches it;
+  4. the device replays its piece from that state (and the halo's windows): its outputs and
+     final state are then exactly the unsplit model's, up to float roundoff.
+  The replay costs a second forward of the mixer; the derivative pass only touches the
+  carried state's path.
+Decode and generation run unsplit (they pass a state, which takes the ordinary path).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from lmtrain.errors import ConfigError
+from lmtrain.sharding import SEQUENCE
+
+NO_SEGMENT = jnp.iinfo(jnp.int32).min  # the "previous token" of device 0: no document continues
+
+
+def size() -> int:
+    """Devices on the traced mesh's sequence axis (1 without a mesh or outside a jit)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or SEQUENCE not in mesh.axis_names or SEQUENCE in mesh.manual_axes:
+        return 1
+    return mesh.shape[SEQUENCE]
+
+
+def split_call(mixer: nnx.Module, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
+    """The mixer's training output y_BxLxD with each row split over the sequence axis."""
+    n = size()
+    B, L, _ = x_BxLxD.shape
+    if L % n:
+        raise ConfigError(f"a row of {L} tokens does not split over {n} sequence devices")
+    if segment_ids_BxL is None:
+        segment_ids_BxL = jnp.zeros((B, L), jnp.int32)
+    graphdef, params = nnx.split(mixer)
+
+    def local(params, x, seg, pos):
+        return nnx.merge(graphdef, params).split_parallel(x, seg, pos)
+
+    rows = P(None, SEQUENCE)
+    fn = jax.shard_map(
+        local,
+        mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=(P(), rows, rows, rows),
+        out_specs=rows,
+        axis_names={SEQUENCE},
+        check_vma=False,
+    )
+    return fn(params, x_BxLxD, segment_ids_BxL.astype(jnp.int32), positions_BxL)
+
+
+def _from_previous(a_BxT: jax.Array, fill) -> jax.Array:
+    """Device i receives device i-1's `a`; device 0 receives `fill`."""
+    n = jax.lax.axis_size(SEQUENCE)
+    got = jax.lax.ppermute(a_BxT, SEQUENCE, [(j, j + 1) for j in range(n - 1)])
+    return jnp.where(jax.lax.axis_index(SEQUENCE) == 0, jnp.full_like(a_BxT, fill), got)
+
+
+def halo_of(state: dict, carried: tuple[str, ...]) -> int:
+    """Tokens of earlier context a state's windows hold (axis 1 of its window leaves)."""
+    widths = [v.shape[1] for k, v in state.items() if k not in (*carried, "seg") and v.ndim >= 2]
+    return max(widths, default=0)
+
+
+def entry_state(mixer, x_BxLxD, segment_ids_BxL, positions_BxL, carried=()) -> dict:
+    """The state device i starts from, except the carried leaves (left empty): the previous
+    device's last segment id and the windows of its last `halo` inputs."""
+    B, L, _ = x_BxLxD.shape
+    state = mixer.init_state(B, 0)
+    state["seg"] = _from_previous(segment_ids_BxL[:, -1], NO_SEGMENT)
+    halo = halo_of(state, carried)
+    if halo:
+        if L < halo:
+            raise ConfigError(
+                f"each sequence device holds {L} tokens of a row, fewer than the {halo} of "
+                "earlier context a mixer window needs: use fewer sequence devices"
+            )
+        tail = [_from_previous(a[:, L - halo :], 0) for a in (x_BxLxD, positions_BxL)]
+        tail_seg = _from_previous(segment_ids_BxL[:, L - halo :], NO_SEGMENT)
+        _, tail_state = mixer.parallel(tail[0], tail_seg, tail[1], None)
+        state.update({k: v for k, v in tail_state.items() if k not in (*carried, "seg")})
+    return state
+
+
+def chained(mixer, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
+    """A mixer with carried state (see the module docstring), inside the shard_map."""
+    carried = tuple(mixer.CARRIED)
+    state = entry_state(mixer, x_BxLxD, segment_ids_BxL, positions_BxL, carried)
+    if not carried:  # a short convolution or a sliding window: the halo is all it needs
+        return mixer.parallel(x_BxLxD, segment_ids_BxL, positions_BxL, state)[0]
+    empty = {k: state[k] for k in carried}
+
+    def final(carry):
+        _, out = mixer.parallel(x_BxLxD, segment_ids_BxL, positions_BxL, {**state, **carry})
+        return {k: out[k] for k in carried}
+
+    ones = jax.tree.map(jnp.ones_like, empty)
+    b, a = jax.jvp(final, (empty,), (ones,))  # final(s) = a * s + b
+    a_all, b_all = jax.lax.all_gather((a, b), SEQUENCE)  # leading axis: the device
+
+    mine = _exclusive_scan(a_all, b_all, empty)
+    y, _ = mixer.parallel(x_BxLxD, segment_ids_BxL, positions_BxL, {**state, **mine})
+    return y
+
+
+def gathered_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl: str):
+    """Causal attention of this device's queries (positions i L .. (i+1) L - 1 of the row) to
+    the keys and values of every device, gathered, under the document mask."""
+    L = q_BxLxHxK.shape[1]
+    k_all, v_all, seg_all = (
+        jax.lax.all_gather(a, SEQUENCE, axis=1, tiled=True)
+        for a in (k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
+    )
+    q_L = jax.lax.axis_index(SEQUENCE) * L + jnp.arange(L)
+    causal_LxS = jnp.arange(k_all.shape[1])[None, :] <= q_L[:, None]
+    same_BxLxS = segment_ids_BxL[:, :, None] == seg_all[:, None, :]
+    mask_Bx1xLxS = (causal_LxS[None] & same_BxLxS)[:, None]
+    impl = "cudnn" if impl == "cudnn" else "xla"
+    return jax.nn.dot_product_attention(
+        q_BxLxHxK, k_all, v_all, mask=mask_Bx1xLxS, implementation=impl
+    )
+
+
+def _exclusive_scan(a_all: dict, b_all: dict, empty: dict) -> dict:
+    """The state reaching this device: s_0 = empty, s_{j+1} = a_j * s_j + b_j over the
+    devices before it (a_all, b_all: every device's map, stacked on a leading axis)."""
+
+    def step(s, ab):
+        a, b = ab
+        return jax.tree.map(lambda a, b, s: a * s + b, a, b, s), s
+
+    _, incoming = jax.lax.scan(step, empty, (a_all, b_all))
+    return jax.tree.map(lambda s: s[jax.lax.axis_index(SEQUENCE)], incoming)

@@ -1,0 +1,141 @@
+"""Rows split over the mesh's sequence axis (models/sequence.py) on 8 fake CPU devices: every
+family's logits and parameter gradients equal the unsplit model's, with documents crossing
+device boundaries; and breaking the state pass, the halo or the document cut is caught."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmtrain import sharding
+from lmtrain.config import MeshConfig
+from lmtrain.errors import ConfigError
+from lmtrain.models import build, family, mixer, sequence
+
+B, L, V = 2, 1024, 64
+# Row 0: five documents, one (400 tokens) longer than a device's piece on either mesh (128 on
+# (1,1,1,8), 256 on (2,1,1,4)), boundaries inside pieces and one (at 128) on a piece boundary.
+# Row 1: a document of 896 then one of 128.
+LENGTHS = ([100, 28, 300, 122, 74, 400], [896, 128])
+MESHES = [(1, 1, 1, 8), (2, 1, 1, 4)]
+
+MODELS = {
+    # Primer's Q/K/V convolutions and QK-norm: attention with a halo
+    "transformer": dict(qkv_conv=3, qk_norm=True, n_kv_heads=1),
+    "based": dict(n_layers=3, window=16),  # C B W: gated conv, BASED, sliding window
+    "retnet": {},
+    "lightning": {},
+    "gla": {},
+    "s4d": {},
+    "h3": {},
+    "mamba2": {},
+    "hybrid": dict(pattern="CWAM", n_layers=4),
+}
+FAST = ("transformer", "gla")
+
+
+def _rows():
+    seg = np.stack([np.repeat(np.arange(len(n)) + 1 + 10 * r, n) for r, n in enumerate(LENGTHS)])
+    pos = np.concatenate([np.concatenate([np.arange(k) for k in n])[None] for n in LENGTHS])
+    ids = np.random.default_rng(0).integers(0, V, (B, L))
+    return ids.astype(np.int32), seg.astype(np.int32), pos.astype(np.int32)
+
+
+def _model(name: str) -> nnx.Module:
+    kw = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=2, init_std=0.1)
+    return build(family(name).Config(name=name, **{**kw, **MODELS[name]}), nnx.Rngs(0))
+
+
+def _logits_and_grads(model, mesh_shape=None):
+    """Logits, and the gradient of a loss that weighs every position, on a mesh or unsplit."""
+    graphdef, params = nnx.split(model)
+    ids, seg, pos = _rows()
+    w = np.random.default_rng(1).normal(size=(B, L, V)).astype(np.float32)
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(ids, seg, pos)
+        return jnp.mean(logits * w), logits
+
+    fn = jax.jit(jax.grad(loss, has_aux=True))
+    if mesh_shape is None:
+        return jax.device_get(fn(params)[::-1])
+    mesh = sharding.make_mesh(MeshConfig(shape=mesh_shape))
+    with jax.set_mesh(mesh):
+        text = fn.lower(params).as_text()
+        assert "all_gather" in text or "all-gather" in text  # the split path ran
+        return jax.device_get(fn(params)[::-1])
+
+
+def _errors(ref, got) -> tuple[float, float]:
+    """(max |logits difference|, max over parameters of |grad difference| / max |grad|)."""
+    logit_err = float(np.abs(ref[0] - got[0]).max())
+    grad_err = max(
+        float(np.abs(a - b).max() / (np.abs(a).max() + 1e-30))
+        for a, b in zip(jax.tree.leaves(ref[1]), jax.tree.leaves(got[1]), strict=True)
+    )
+    return logit_err, grad_err
+
+
+LOGIT_TOL, GRAD_TOL = 2e-5, 2e-4  # observed: <= 2e-6 and <= 3e-5 (float32, L = 1024)
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in MODELS]
+)
+def test_split_rows_equal_the_unsplit_model(name):
+    model = _model(name)
+    ref = _logits_and_grads(model)
+    assert np.abs(ref[0]).max() > 0.1  # the logits are not all alike
+    for mesh in MESHES:
+        logit_err, grad_err = _errors(ref, _logits_and_grads(model, mesh))
+        assert logit_err < LOGIT_TOL and grad_err < GRAD_TOL, (mesh, logit_err, grad_err)
+
+
+def _broken(monkeypatch, what: str) -> None:
+    if what == "state pass":  # every device starts from an empty carried state
+        monkeypatch.setattr(sequence, "_exclusive_scan", lambda a, b, empty: empty)
+    elif what == "halo":  # windows start empty on every device
+        monkeypatch.setattr(sequence, "halo_of", lambda state, carried: 0)
+    elif what == "document cut":  # an incoming state always continues
+        for module in (mixer, *(family(n) for n in ("gla", "mamba2", "transformer"))):
+            if hasattr(module, "continues"):
+                monkeypatch.setattr(module, "continues", lambda state, seg, batch: seg[:, 0] > 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [
+        ("gla", "state pass"),
+        ("mamba2", "state pass"),
+        ("mamba2", "halo"),  # its convolutions
+        ("transformer", "halo"),  # Primer's convolutions
+        ("based", "halo"),  # the gated convolution and the sliding window
+        ("gla", "document cut"),
+        ("mamba2", "document cut"),
+    ],
+)
+def test_each_part_of_the_split_is_needed(monkeypatch, name, what):
+    """Each piece of machinery, removed, makes the split model differ far beyond tolerance."""
+    model = _model(name)
+    ref = _logits_and_grads(model)
+    _broken(monkeypatch, what)
+    logit_err, _ = _errors(ref, _logits_and_grads(model, (1, 1, 1, 8)))
+    assert logit_err > 100 * LOGIT_TOL, logit_err
+
+
+def test_a_piece_shorter_than_a_window_is_refused():
+    """128-token pieces cannot hold the 200 tokens of context a sliding window needs."""
+    kw = dict(vocab_size=V, d_model=32, n_layers=1, n_heads=2, pattern="W", window=200)
+    model = build(family("based").Config(name="based", **kw), nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="fewer than the 200 of earlier context"):
+        _logits_and_grads(model, (1, 1, 1, 8))
+
+
+def test_three_number_mesh_shapes_mean_no_sequence_split():
+    assert MeshConfig(shape=(2, -1, 1)).shape == (2, -1, 1, 1)
+    mesh = sharding.make_mesh(MeshConfig(shape=(2, 2, 2)))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "sequence": 1}
