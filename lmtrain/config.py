@@ -263,6 +263,14 @@ class Config:
             "mesh.shape",
             "needs 4 entries (data, fsdp, tensor, sequence), or 3 with sequence 1",
         )
+        n = self.mesh.shape[-1]  # every row, of every bucket, is split: none is kept whole
+        check(
+            n < 2 or all(k % n == 0 for k in lengths),
+            "mesh.shape",
+            f"splits every row in {n} along its length (sequence axis), but not every sequence "
+            f"length is a multiple of {n}: {sorted(lengths)}"
+            + (" (raise data.decompose.min_log2_len)" if d.packing == "decompose" else ""),
+        )
         return self
 
     def _validate_decompose(self) -> None:

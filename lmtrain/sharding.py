@@ -179,8 +179,12 @@ def named(mesh: Mesh, specs: Any) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows of a [batch, ...] array split over the data-parallel axes."""
+def batch_sharding(mesh: Mesh, shape: tuple[int, ...] = ()) -> NamedSharding:
+    """Rows of a [batch, ...] array split over the data-parallel axes, and the length of a
+    [batch, length] array over `sequence` (where it divides)."""
+    n = mesh.shape[SEQUENCE]
+    if len(shape) == 2 and n > 1 and shape[1] % n == 0:
+        return NamedSharding(mesh, P(BATCH, SEQUENCE))
     return NamedSharding(mesh, P(BATCH))
 
 
@@ -190,5 +194,7 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 def global_batch(local: dict, mesh: Mesh) -> dict:
     """Host-local numpy batch -> global jax arrays sharded over the batch axes."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.shape), v)
+        for k, v in local.items()
+    }

@@ -189,11 +189,11 @@ def compile_train_step(
     fn: Callable, state_shardings: Any, mesh: Mesh, abstract_state: Any, batch_shape: dict
 ) -> Any:
     """Ahead-of-time compiled train step: sharded state in and out, state buffers donated."""
-    bs = sharding.batch_sharding(mesh)
+    bs = {k: sharding.batch_sharding(mesh, v.shape) for k, v in batch_shape.items()}
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(
         fn,
-        in_shardings=(state_shardings, {k: bs for k in batch_shape}),
+        in_shardings=(state_shardings, bs),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),  # the old state is dead after the step; reuse its memory
     )
@@ -203,10 +203,10 @@ def compile_train_step(
 
 def compile_eval_step(fn: Callable, param_shardings: Any, mesh: Mesh, abstract_params, batch_shape):
     """Ahead-of-time compiled eval step (no donation: params live on)."""
-    bs = sharding.batch_sharding(mesh)
+    bs = {k: sharding.batch_sharding(mesh, v.shape) for k, v in batch_shape.items()}
     jitted = jax.jit(
         fn,
-        in_shardings=(param_shardings, {k: bs for k in batch_shape}),
+        in_shardings=(param_shardings, bs),
         out_shardings=NamedSharding(mesh, P()),
     )
     with jax.set_mesh(mesh):

@@ -424,3 +424,27 @@ def test_loss_at_each_length_is_the_loss_of_evaluating_at_that_length(corpus, tm
     np.testing.assert_allclose(ev["val_bpb@8"], alone["val_bpb"], rtol=1e-6)
     assert ev["val_loss@32"] == ev["val_loss"]  # the main context is not evaluated twice
     assert abs(ev["val_loss@8"] - ev["val_loss@32"]) > 1e-4  # the contexts really differ
+
+
+@pytest.mark.slow
+def test_with_a_sequence_axis_every_bucket_splits_or_the_config_is_refused(corpus, tmp_path):
+    """Every bucket is split over the sequence axis, the 8-token one too (one token a device
+    on (1, 1, 1, 8)): four steps give the unsplit run's losses. A bucket the axis does not
+    divide, or whose pieces are shorter than a convolution's halo, is refused before any step."""
+    steps = {"train.steps": 4, "train.eval_every": 0}
+    train.train(tiny(corpus, tmp_path, **steps), tmp_path / "one")
+    train.train(tiny(corpus, tmp_path, **steps, **{"mesh.shape": (1, 1, 1, 8)}), tmp_path / "seq")
+    a = {x["step"]: (x["seq_len"], x["loss"]) for x in rows(tmp_path / "one") if "loss" in x}
+    b = {x["step"]: (x["seq_len"], x["loss"]) for x in rows(tmp_path / "seq") if "loss" in x}
+    assert [a[s][0] for s in a] == [b[s][0] for s in a] and len({a[s][0] for s in a}) > 1
+    np.testing.assert_allclose([b[s][1] for s in a], [a[s][1] for s in a], rtol=1e-5)
+
+    with pytest.raises(ConfigError, match="raise data.decompose.min_log2_len"):
+        tiny(corpus, tmp_path, **{"mesh.shape": (1, 1, 1, 16), "data.decompose.min_log2_len": 3})
+    # Mamba-2's width-4 convolution needs 3 tokens of the previous device: 8 / 4 = 2 is too few.
+    mamba = {"model.name": "mamba2", "mesh.shape": (2, 1, 1, 4)}
+    with pytest.raises(ConfigError, match="fewer than the 3 of earlier context"):
+        train.train(tiny(corpus, tmp_path, **mamba), tmp_path / "m")
+    assert not (tmp_path / "m/checkpoints").exists() or not any(
+        (tmp_path / "m/checkpoints").iterdir()
+    )
