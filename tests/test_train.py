@@ -115,8 +115,8 @@ def test_stopped_with_a_sequence_axis_resumes_without_one(corpus, tmp_path):
     does not know the mesh."""
 
     def cfg(shape, steps):  # constant lr: the step count is free
-        return tiny(corpus, **{"mesh.shape": shape, "train.steps": steps,
-                               "optim.schedule": "constant", "train.checkpoint_every": 2})  # fmt: skip
+        sets = {"optim.schedule": "constant", "train.checkpoint_every": 2}
+        return tiny(corpus, **{"mesh.shape": shape, "train.steps": steps, **sets})
 
     full, part = tmp_path / "full", tmp_path / "part"
     train.train(cfg((1, 1, 1, 8), 4), full)

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmtrain.models.layers import Embed, Linear, RMSNorm
 from lmtrain.models import sequence
+from lmtrain.models.layers import Embed, Linear, RMSNorm
 from lmtrain.models.mixer import default_positions
 from lmtrain.sharding import constrain
 

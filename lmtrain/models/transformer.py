@@ -9,11 +9,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmtrain.errors import check_all
+from lmtrain.models import sequence
 from lmtrain.models.attention import IMPLEMENTATIONS, attend
 from lmtrain.models.base import ModelConfig
 from lmtrain.models.decoder import BlockSpec
 from lmtrain.models.layers import MLPS, Linear, RMSNorm, ShortConv, apply_rope
-from lmtrain.models import sequence
 from lmtrain.models.mixer import Mixer, State, continues, keep_rows, last_segment
 
 
