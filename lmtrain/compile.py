@@ -14,10 +14,15 @@ MaxText's train_compile.py does. Per step and per chip this reports what XLA its
   Two gaps in XLA's count: a loop body counts once whatever its trip count, so with scanned
   layers the costs are extrapolated from unscanned compiles of one and two periods of layers
   (_loop_costs); and work inside a Pallas kernel (splash attention) is not counted at all;
+- the bytes each chip moves through collectives per step, by kind (all-gather, reduce-scatter,
+  all-reduce, all-to-all, collective-permute), read from the compiled HLO (lmtrain.hlo: ring
+  algorithm costs, loop bodies times their trip counts);
 - an ESTIMATED step time and MFU: a roofline, max(FLOPs / peak FLOP/s, bytes / HBM bandwidth),
-  from the chip's published figures. It ignores communication and overlap, so treat it as a
-  lower bound on time. XLA's own `optimal_seconds` is shown only when it is positive; it came
-  back negative for real steps on this libtpu.
+  plus the collective bytes at the chip's published interconnect bandwidth (flops.CHIPS: one
+  direction, all links; v5p 600 GB/s). Adding the communication assumes none of it overlaps
+  compute, while the roofline assumes perfect use of both units: read it as a rough estimate
+  that shows what a mesh's communication costs, not as a bound. XLA's own `optimal_seconds` is
+  shown only when it is positive; it came back negative for real steps on this libtpu.
 
 A step that does not fit in HBM makes XLA refuse to compile it (CompileTimeHbmOom); that is
 reported as `fits: false` with the size XLA asked for, not raised.
@@ -39,7 +44,7 @@ from typing import Any
 
 import jax
 
-from lmtrain import data, flops, sharding
+from lmtrain import data, flops, hlo, sharding
 from lmtrain import run as run_lib
 from lmtrain.config import Config, ConfigError
 
@@ -141,12 +146,17 @@ class StepPlan:
     xla_flops: float = 0.0
     bytes_accessed: float = 0.0
     xla_optimal_s: float | None = None
+    collectives: dict = dataclasses.field(default_factory=dict)  # {kind: bytes}, per chip
+    comm_s: float | None = None  # collectives at the interconnect bandwidth
     est_step_s: float | None = None
     est_mfu: float | None = None
     error: str = ""
 
-    def estimate(self, peak: float, bandwidth: float, recompute: float = 1.0) -> None:
-        """Fills the roofline step time and MFU from XLA's FLOPs and bytes. The work is at
+    def estimate(
+        self, peak: float, bandwidth: float, recompute: float = 1.0, interconnect: float = 0.0
+    ) -> None:
+        """Fills the roofline step time and MFU from XLA's FLOPs and bytes, plus the collective
+        bytes at `interconnect` bytes/s (none when 0: the chip's figure is unknown). The work is at
         least the model's FLOPs times `recompute` (4/3 under full remat: the forward pass runs
         twice), because XLA's count misses work: a Pallas kernel's (splash attention) and all
         but one trip of any loop left inside a layer (the chunked loss, chunked scans)."""
@@ -154,6 +164,9 @@ class StepPlan:
             return
         work = max(self.xla_flops, self.model_flops * recompute)
         self.est_step_s = max(work / peak, self.bytes_accessed / bandwidth)
+        if interconnect and self.collectives:
+            self.comm_s = self.collectives["total"] / interconnect
+            self.est_step_s += self.comm_s
         self.est_mfu = self.model_flops / (self.est_step_s * peak)
 
 
@@ -206,6 +219,7 @@ def _compile(name: str, thunk, model_flops: float, state_bytes: int) -> StepPlan
     cost = cost[0] if isinstance(cost, list) else cost
     plan.xla_flops = float(cost.get("flops", 0.0))
     plan.bytes_accessed = float(cost.get("bytes accessed", 0.0))
+    plan.collectives = hlo.collective_bytes(compiled.as_text())
     optimal = float(cost.get("optimal_seconds", -1.0))
     plan.xla_optimal_s = optimal if optimal > 0 else None
     return plan
@@ -250,6 +264,7 @@ def compile_for(cfg: Config, topology: str, slices: int = 1, evals: bool = True)
     topology; returns the report (see `summary`)."""
     devices = topology_devices(topology, slices)
     peak, hbm, bandwidth = chip_specs(devices[0].device_kind)
+    interconnect = flops.lookup_chip(devices[0].device_kind).ici_bytes_s
     sharding.mesh_shape(tuple(cfg.mesh.shape), len(devices))  # the mesh must use every chip
     run = run_lib.setup(cfg, devices=devices)
     cfg, chips = run.cfg, len(devices)
@@ -281,8 +296,9 @@ def compile_for(cfg: Config, topology: str, slices: int = 1, evals: bool = True)
     for p in plans:
         p.fits = p.fits and p.peak_gib <= hbm
         recompute = 4 / 3 if p.name.startswith("train") and cfg.model.remat == "full" else 1.0
-        p.estimate(peak, bandwidth, recompute)
-    return summary(cfg, run, topology, slices, devices, plans, (peak, hbm, bandwidth))
+        p.estimate(peak, bandwidth, recompute, interconnect)
+    chip = (peak, hbm, bandwidth, interconnect)
+    return summary(cfg, run, topology, slices, devices, plans, chip)
 
 
 def _unrolled(plan: StepPlan, cfg: Config, devices: list, compile_one) -> StepPlan:
@@ -303,7 +319,7 @@ def eval_shapes(run: run_lib.Run) -> dict[int, int]:
 
 
 def summary(cfg, run, topology, slices, devices, plans, chip) -> dict:
-    peak, hbm, bandwidth = chip
+    peak, hbm, bandwidth, interconnect = chip
     train = [p for p in plans if p.name.startswith("train")]
     main = max(train, key=lambda p: p.model_flops)  # the costliest train shape
     return {
@@ -327,11 +343,14 @@ def summary(cfg, run, topology, slices, devices, plans, chip) -> dict:
             if main.xla_flops
             else None
         ),
+        "collective_bytes": main.collectives,
+        "comm_s": main.comm_s,
         "est_step_s": main.est_step_s,
         "est_mfu": round(main.est_mfu, 4) if main.est_mfu is not None else None,
         "compile_s": round(sum(p.compile_s for p in plans), 1),
         "peak_tflops": peak / 1e12,
         "hbm_gbps": bandwidth / 1e9,
+        "interconnect_gbps": interconnect / 1e9,
         "steps": [dataclasses.asdict(p) for p in plans],
     }
 
@@ -363,12 +382,19 @@ def format_table(report: dict) -> str:
                 f"{p['optimizer_flops'] / p['model_flops']:.1%} of the model's FLOPs, counted "
                 f"once): XLA/(model+optimizer) FLOPs {ratio}"
             )
+        if p["collectives"].get("total"):
+            comm = f" = {p['comm_s'] * 1e3:.1f}ms" if p["comm_s"] else ""
+            lines.append(
+                f"{'':<18}collectives {hlo.summary_line(p['collectives'])}{comm}"
+                + (" (some loops counted once)" if p["collectives"]["unknown_trips"] else "")
+            )
         if p["xla_optimal_s"]:
             lines.append(f"{'':<18}XLA's own estimate: {p['xla_optimal_s'] * 1e3:.1f}ms")
         if p["error"]:
             lines.append(f"{'':<18}{p['error']}")
     lines.append(
         "per chip; est. = roofline from XLA's FLOPs and bytes against the chip's published "
-        "peaks (no communication): an estimate, not a measurement"
+        f"peaks, plus collectives at {r['interconnect_gbps']:g} GB/s (no overlap): an estimate, "
+        "not a measurement"
     )
     return "\n".join(lines)

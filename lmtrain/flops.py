@@ -43,31 +43,38 @@ log = logging.getLogger("lmtrain")
 
 
 class Chip(NamedTuple):
-    """One accelerator's published figures: dense bf16 FLOP/s, HBM GiB and HBM bytes/s."""
+    """One accelerator's published figures: dense bf16 FLOP/s, HBM GiB, HBM bytes/s and the
+    chip's interconnect bytes/s in one direction, all its links together (ICI on TPUs, NVLink
+    on GPUs; the vendors' bidirectional figures are twice these)."""
 
     bf16_flops: float
     hbm_gib: float
     hbm_bytes_s: float
+    ici_bytes_s: float = 0.0
 
 
 # THE chip table (MFU here, the memory and roofline estimates of lmtrain.compile), keyed by a
 # lower-case substring of `device.device_kind` (e.g. "NVIDIA H100 80GB HBM3", "NVIDIA H100
 # PCIe", "TPU v5 lite" = v5e, "TPU v5" = v5p, "TPU v6 lite" = v6e). The longest matching key
-# wins, so "tpu v5 lite" beats "tpu v5" and "h100 pcie" beats "h100". Vendors' datasheets.
+# wins, so "tpu v5 lite" beats "tpu v5" and "h100 pcie" beats "h100". Vendors' datasheets;
+# interconnect: NVLink 3 600 GB/s and NVLink 4 900 GB/s bidirectional (halved here, PCIe cards
+# with an NVLink bridge as NVLink 3), Google's Cloud TPU pages' "interchip interconnect BW"
+# (v4 2,400, v5e 1,600, v5p 4,800, v6e 3,584 Gbps; v5p's page also gives 1,200 GB/s
+# bidirectional = 2 x 4,800 Gbps / 8).
 CHIPS: dict[str, Chip] = {
-    "a100": Chip(312e12, 80, 2.039e12),  # SXM4 80GB
-    "a100-sxm4-40gb": Chip(312e12, 40, 1.555e12),
-    "a100-pcie-40gb": Chip(312e12, 40, 1.555e12),
-    "h100": Chip(989e12, 80, 3.35e12),  # SXM5
-    "h100 pcie": Chip(756e12, 80, 2.0e12),  # lower clocks and power than SXM, HBM2e
-    "h200": Chip(989e12, 141, 4.8e12),
-    "tpu v4": Chip(275e12, 32, 1.2e12),
-    "tpu v5 lite": Chip(197e12, 16, 819e9),
-    "tpu v5e": Chip(197e12, 16, 819e9),
-    "tpu v5": Chip(459e12, 95, 2.765e12),
-    "tpu v5p": Chip(459e12, 95, 2.765e12),
-    "tpu v6 lite": Chip(918e12, 32, 1.64e12),
-    "tpu v6e": Chip(918e12, 32, 1.64e12),
+    "a100": Chip(312e12, 80, 2.039e12, 300e9),  # SXM4 80GB
+    "a100-sxm4-40gb": Chip(312e12, 40, 1.555e12, 300e9),
+    "a100-pcie-40gb": Chip(312e12, 40, 1.555e12, 300e9),
+    "h100": Chip(989e12, 80, 3.35e12, 450e9),  # SXM5
+    "h100 pcie": Chip(756e12, 80, 2.0e12, 300e9),  # lower clocks and power than SXM, HBM2e
+    "h200": Chip(989e12, 141, 4.8e12, 450e9),
+    "tpu v4": Chip(275e12, 32, 1.2e12, 300e9),
+    "tpu v5 lite": Chip(197e12, 16, 819e9, 200e9),
+    "tpu v5e": Chip(197e12, 16, 819e9, 200e9),
+    "tpu v5": Chip(459e12, 95, 2.765e12, 600e9),
+    "tpu v5p": Chip(459e12, 95, 2.765e12, 600e9),
+    "tpu v6 lite": Chip(918e12, 32, 1.64e12, 448e9),
+    "tpu v6e": Chip(918e12, 32, 1.64e12, 448e9),
 }
 
 

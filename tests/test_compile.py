@@ -29,7 +29,7 @@ def test_unknown_topology_is_exit_2_with_known_names(capsys):
 def test_mesh_that_does_not_divide_the_chips_is_a_clear_error(capsys):
     argv = ["experiments/quickstart.py:smoke", "--topology", "v5e:2x2", "--set"]
     code, _, text = _report(capsys, *argv, "mesh.shape=(3,1,1)")
-    assert code == 2 and "mesh.shape (3, 1, 1) needs 3 devices, have 4" in text
+    assert code == 2 and "mesh.shape (3, 1, 1, 1) needs 3 devices, have 4" in text
 
 
 def test_missing_libtpu_says_how_to_install_it(monkeypatch):
@@ -144,3 +144,27 @@ def test_scanned_splash_model_fits_a_small_topology_with_sane_flops(capsys):
     # remat recomputation; what it adds: norms, softmax, the optimizer.
     assert 0.6 < r["flops_ratio"] < 1.6, r["flops_ratio"]  # un-extrapolated: ~0.36
     assert 0 < r["est_mfu"] <= 0.75  # full remat: at most 3/4 of the hardware FLOPs are model
+
+
+@pytest.mark.slow
+def test_collectives_are_counted_and_priced(capsys):
+    """Data parallelism over 4 chips all-reduces every f32 gradient: 2 x 3/4 x 4 bytes a
+    parameter (plus a few scalars). Splitting rows over a sequence axis instead all-gathers
+    each layer's keys and values and reduce-scatters their gradients; the estimate adds the
+    bytes at v5e's 200 GB/s."""
+    argv = ["experiments/quickstart.py", "--topology", "v5e:2x2", "--no-eval"]
+    argv += ["--set", "optim.name=adamw"]
+    code, dp, text = _report(capsys, *argv, "--set", "mesh.shape=[4,1,1,1]")
+    assert code == 0, text
+    moved = dp["collective_bytes"]
+    assert moved["all-reduce"] == pytest.approx(6 * dp["n_params"], rel=1e-4)
+    assert moved["all-gather"] == moved["collective-permute"] == 0
+    assert dp["comm_s"] == pytest.approx(moved["total"] / 200e9)
+    assert "collectives all-reduce" in text and "200 GB/s" in text
+    code, seq, text = _report(capsys, *argv, "--set", "mesh.shape=[1,1,1,4]")
+    assert code == 0, text
+    assert seq["mesh"]["sequence"] == 4
+    assert (
+        seq["collective_bytes"]["all-gather"] > 0 and seq["collective_bytes"]["reduce-scatter"] > 0
+    )
+    assert seq["comm_s"] > dp["comm_s"]
