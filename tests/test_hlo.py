@@ -1,5 +1,6 @@
 """lmtrain.hlo: collective bytes read from compiled HLO, loops counted by their trip counts."""
 
+# ruff: noqa: E501 (HLO lines as XLA writes them)
 from __future__ import annotations
 
 import jax
