@@ -125,6 +125,12 @@ def chained(mixer, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
     return y
 
 
+# Gathered rows longer than this attend block by block (_blocked_attention); shorter ones
+# build the [L/n, L] scores at once.
+DENSE_MAX = 8192
+Q_BLOCK, KV_BLOCK = 2048, 4096
+
+
 def gathered_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl: str):
     """Causal attention of this device's queries (positions i L .. (i+1) L - 1 of the row) to
     the keys and values of every device, gathered, under the document mask."""
@@ -133,14 +139,69 @@ def gathered_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl: s
         jax.lax.all_gather(a, SEQUENCE, axis=1, tiled=True)
         for a in (k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
     )
-    q_L = jax.lax.axis_index(SEQUENCE) * L + jnp.arange(L)
-    causal_LxS = jnp.arange(k_all.shape[1])[None, :] <= q_L[:, None]
+    q_start = jax.lax.axis_index(SEQUENCE) * L
+    S = k_all.shape[1]
+    if S > DENSE_MAX and L % min(Q_BLOCK, L) == 0 and S % KV_BLOCK == 0:
+        return blocked_attention(
+            q_BxLxHxK, k_all, v_all, segment_ids_BxL, seg_all, q_start, Q_BLOCK, KV_BLOCK
+        )
+    q_L = q_start + jnp.arange(L)
+    causal_LxS = jnp.arange(S)[None, :] <= q_L[:, None]
     same_BxLxS = segment_ids_BxL[:, :, None] == seg_all[:, None, :]
     mask_Bx1xLxS = (causal_LxS[None] & same_BxLxS)[:, None]
     impl = "cudnn" if impl == "cudnn" else "xla"
     return jax.nn.dot_product_attention(
         q_BxLxHxK, k_all, v_all, mask=mask_Bx1xLxS, implementation=impl
     )
+
+
+def blocked_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxL, seg_BxS, q_start, bq, bk):
+    """Causal, document-masked attention of queries at positions q_start .. q_start + L - 1 to
+    keys 0 .. S - 1, in float32 with an online softmax (flash attention's recurrence) over
+    key blocks of `bk`, for query blocks of `bq` one at a time: the scores held at once are
+    [B, bq, H, bk], never [B, L, H, S]. Each query block is rematerialised in the backward
+    pass, so what the key loop saves lives for one query block only. Every key block is
+    visited (masked, not skipped): the work is the same on every device."""
+    B, L, H, K = q_BxLxHxK.shape
+    S, G = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
+    bq = min(bq, L)
+    R = H // G
+    kv = (
+        k_BxSxGxK.reshape(B, S // bk, bk, G, K).swapaxes(0, 1),
+        v_BxSxGxK.reshape(B, S // bk, bk, G, K).swapaxes(0, 1),
+        seg_BxS.reshape(B, S // bk, bk).swapaxes(0, 1),
+        jnp.arange(S).reshape(S // bk, bk),
+    )
+
+    @jax.checkpoint
+    def one_query_block(args):
+        q_BxQxGxRxK, seg_BxQ, pos_Q = args
+        q_BxQxGxRxK = q_BxQxGxRxK.astype(jnp.float32) / jnp.sqrt(K).astype(jnp.float32)
+
+        def step(carry, block):
+            o, m, total = carry
+            k, v, seg_k, pos_k = block
+            s = jnp.einsum("bqgrk,bsgk->bqgrs", q_BxQxGxRxK, k.astype(jnp.float32))
+            ok = (pos_k[None, :] <= pos_Q[:, None])[None] & (seg_BxQ[:, :, None] == seg_k[:, None])
+            s = jnp.where(ok[:, :, None, None, :], s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))
+            safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(s - safe[..., None])
+            scale = jnp.exp(jnp.where(jnp.isfinite(m), m, safe) - safe)
+            total = total * scale + p.sum(-1)
+            o = o * scale[..., None] + jnp.einsum("bqgrs,bsgk->bqgrk", p, v.astype(jnp.float32))
+            return (o, m_new, total), None
+
+        shape = q_BxQxGxRxK.shape[:-1]
+        init = (jnp.zeros((*shape, K)), jnp.full(shape, -jnp.inf), jnp.zeros(shape))
+        (o, _, total), _ = jax.lax.scan(step, init, kv)
+        return o / jnp.where(total > 0, total, 1.0)[..., None]
+
+    q = q_BxLxHxK.reshape(B, L // bq, bq, G, R, K).swapaxes(0, 1)
+    segs = seg_BxL.reshape(B, L // bq, bq).swapaxes(0, 1)
+    pos = (q_start + jnp.arange(L)).reshape(L // bq, bq)
+    o = jax.lax.map(one_query_block, (q, segs, pos))  # [L/bq, B, bq, G, R, K]
+    return o.swapaxes(0, 1).reshape(B, L, H, K).astype(q_BxLxHxK.dtype)
 
 
 def _exclusive_scan(a_all: dict, b_all: dict, empty: dict) -> dict:
