@@ -159,8 +159,8 @@ def blocked_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxL, seg_BxS, q_start
     """Causal, document-masked attention of queries at positions q_start .. q_start + L - 1 to
     keys 0 .. S - 1, in float32 with an online softmax (flash attention's recurrence) over
     key blocks of `bk`, for query blocks of `bq` one at a time: the scores held at once are
-    [B, bq, H, bk], never [B, L, H, S]. Each query block is rematerialised in the backward
-    pass, so what the key loop saves lives for one query block only. Every key block is
+    [B, bq, H, bk], never [B, L, H, S]. Query blocks and key steps are rematerialised in the
+    backward pass: what it keeps is one query block's running outputs per key block. Every key block is
     visited (masked, not skipped): the work is the same on every device."""
     B, L, H, K = q_BxLxHxK.shape
     S, G = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
@@ -194,7 +194,8 @@ def blocked_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxL, seg_BxS, q_start
 
         shape = q_BxQxGxRxK.shape[:-1]
         init = (jnp.zeros((*shape, K)), jnp.full(shape, -jnp.inf), jnp.zeros(shape))
-        (o, _, total), _ = jax.lax.scan(step, init, kv)
+        # each key step rematerialised too: its scan then saves the carries, not the scores
+        (o, _, total), _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), init, kv)
         return o / jnp.where(total > 0, total, 1.0)[..., None]
 
     q = q_BxLxHxK.reshape(B, L // bq, bq, G, R, K).swapaxes(0, 1)
