@@ -184,10 +184,36 @@ def _state_bytes(abstract: Any) -> int:
 _OOM = re.compile(r"(Used|HLO temporaries)[^0-9]*([0-9.]+)([GM])", re.I)
 
 
+@contextlib.contextmanager
+def _hlo_dumped():
+    """Steps compiled in the block write their optimised HLO under the yielded directory."""
+    from lmtrain import step
+
+    with tempfile.TemporaryDirectory(prefix="lmtrain-hlo-") as d:
+        step.COMPILER_OPTIONS.update(xla_dump_to=d, xla_dump_hlo_as_text=True)
+        try:
+            yield d
+        finally:
+            step.COMPILER_OPTIONS.clear()
+
+
+def _optimised_hlo(dump_dir: str, compiled) -> str:
+    """The compiled step's optimised HLO text: the dump's largest module, else as_text()."""
+    dumps = [os.path.join(dump_dir, f) for f in os.listdir(dump_dir)]
+    dumps = [f for f in dumps if f.endswith(".after_optimizations.txt")]
+    if dumps:
+        with open(max(dumps, key=os.path.getsize)) as f:
+            return f.read()
+    with _stderr_held():  # libtpu prints a stack trace where it cannot (async collectives)
+        return compiled.as_text()
+
+
 def _compile(name: str, thunk, model_flops: float, state_bytes: int) -> StepPlan:
     t0 = time.perf_counter()
     try:
-        compiled = thunk()
+        with _hlo_dumped() as dump_dir:
+            compiled = thunk()
+            text = _optimised_hlo(dump_dir, compiled)
     except Exception as e:  # XLA's CompileTimeHbmOom is a JaxRuntimeError(RESOURCE_EXHAUSTED)
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text and "HbmOom" not in text:
@@ -219,10 +245,7 @@ def _compile(name: str, thunk, model_flops: float, state_bytes: int) -> StepPlan
     cost = cost[0] if isinstance(cost, list) else cost
     plan.xla_flops = float(cost.get("flops", 0.0))
     plan.bytes_accessed = float(cost.get("bytes accessed", 0.0))
-    try:
-        plan.collectives = hlo.collective_bytes(compiled.as_text())
-    except Exception as e:  # libtpu 0.0.52's HLO of some async collectives does not print
-        log.warning("collective bytes unknown: XLA could not print the compiled HLO (%s)", e)
+    plan.collectives = hlo.collective_bytes(text)
     optimal = float(cost.get("optimal_seconds", -1.0))
     plan.xla_optimal_s = optimal if optimal > 0 else None
     return plan

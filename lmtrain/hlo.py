@@ -2,9 +2,10 @@
 
 `collective_bytes(compiled.as_text())` walks the module from its ENTRY computation, following
 the computations an instruction calls (fusions, async wrappers, conditionals) and multiplying
-a while loop's body by its `known_trip_count` (XLA writes it into the loop's backend config; a
-loop without one counts once, and the result says so). For each collective it charges the bytes
-one chip sends or receives in a bandwidth-optimal (ring) algorithm over its group of n chips:
+a while loop's body by its trip count (XLA's `known_trip_count`, or the `i < N` of a scan's
+loop condition; a loop with neither counts once, and the result says so). For each collective
+it charges the bytes one chip sends or receives in a bandwidth-optimal (ring) algorithm over
+its group of n chips:
 
     all-gather          result x (n - 1) / n
     reduce-scatter      result x (n - 1)          (the operand is n results)
@@ -107,6 +108,25 @@ def _computations(text: str) -> tuple[dict[str, list[str]], str]:
     return comps, entry
 
 
+_CONDITION = re.compile(r"condition=%([^\s,)]+)")
+_INT_CONSTANT = re.compile(r"= [su](?:32|64)\[\][^ ]* constant\(([0-9]+)\)")
+
+
+def _trip_count(line: str, comps: dict[str, list[str]]) -> int | None:
+    """A while loop's trip count: XLA's known_trip_count, else (libtpu does not write it) the
+    bound of a condition `i < N` with one integer constant, the form every lax.scan takes
+    (its counter starts at 0 and steps by 1); None when neither says."""
+    if t := _TRIPS.search(line):
+        return int(t.group(1))
+    cond = _CONDITION.search(line)
+    body = comps.get(cond.group(1), []) if cond else []
+    constants = [int(c) for ln in body for c in _INT_CONSTANT.findall(ln)]
+    root = next((ln for ln in body if ln.lstrip().startswith("ROOT")), "")
+    if len(constants) == 1 and " compare(" in root and "direction=LT" in root:
+        return constants[0]
+    return None
+
+
 def collective_bytes(text: str) -> dict:
     """{kind: bytes one chip moves per step} for KINDS, plus "total" and "unknown_trips" (the
     number of while loops whose trip count XLA did not record: each counted once)."""
@@ -127,9 +147,9 @@ def collective_bytes(text: str) -> dict:
                 totals[moved[0]] += moved[1] * times
             trips = 1
             if op == "while":
-                t = _TRIPS.search(line)
-                trips = int(t.group(1)) if t else 1
-                unknown[0] += t is None
+                trips = _trip_count(line, comps)
+                unknown[0] += trips is None
+                trips = trips or 1
             for target in _CALLED.findall(line):
                 for callee in re.findall(r"%?([^\s,{}%]+)", target):
                     body = op == "while" and f"body=%{callee}" in line

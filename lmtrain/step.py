@@ -185,6 +185,11 @@ def batch_spec(
     }
 
 
+# XLA debug options for every step compiled (lmtrain.compile sets a dump directory here to
+# read the optimised HLO, which libtpu cannot always hand back through compiled.as_text()).
+COMPILER_OPTIONS: dict = {}
+
+
 def compile_train_step(
     fn: Callable, state_shardings: Any, mesh: Mesh, abstract_state: Any, batch_shape: dict
 ) -> Any:
@@ -198,7 +203,7 @@ def compile_train_step(
         donate_argnums=(0,),  # the old state is dead after the step; reuse its memory
     )
     with jax.set_mesh(mesh):  # lets the step name mesh axes in sharding constraints
-        return jitted.lower(abstract_state, batch_shape).compile()
+        return jitted.lower(abstract_state, batch_shape).compile(COMPILER_OPTIONS or None)
 
 
 def compile_eval_step(fn: Callable, param_shardings: Any, mesh: Mesh, abstract_params, batch_shape):
@@ -210,7 +215,7 @@ def compile_eval_step(fn: Callable, param_shardings: Any, mesh: Mesh, abstract_p
         out_shardings=NamedSharding(mesh, P()),
     )
     with jax.set_mesh(mesh):
-        return jitted.lower(abstract_params, batch_shape).compile()
+        return jitted.lower(abstract_params, batch_shape).compile(COMPILER_OPTIONS or None)
 
 
 def bits_per_byte(nll_sum: float, n_bytes: float) -> float:

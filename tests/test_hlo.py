@@ -46,20 +46,28 @@ TEXT = """HloModule m
   ROOT %c = pred[] constant(true)
 }
 
+%cond5 (p: (s32[], bf16[4,8])) -> pred[] {
+  %n = s32[]{:T(128)} constant(5)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT
+}
+
 ENTRY %main (a: bf16[4,8]) -> bf16[4,8] {
   %w = (s32[], bf16[4,8]) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   %rs = f32[2,8]{1,0} reduce-scatter(f32[16,8]{1,0} %z), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
   %w2 = (s32[], bf16[4,8]) while(%t1), condition=%cond, body=%body
+  %w3 = (s32[], bf16[4,8]) while(%t1), condition=%cond5, body=%body
   ROOT %r = bf16[4,8] get-tuple-element(%w), index=1
 }
 """
 
 
-def test_async_pairs_iota_groups_and_loops_without_a_trip_count():
+def test_async_pairs_iota_groups_and_trip_counts_from_the_loop_condition():
     moved = hlo.collective_bytes(TEXT)
     per_trip_ag, per_trip_cp = 4 * 8 * 2 * 3 / 4, 16 * 4  # the result of each, once
-    assert moved["all-gather"] == pytest.approx((3 + 1) * per_trip_ag)
-    assert moved["collective-permute"] == pytest.approx((3 + 1) * per_trip_cp)
+    # trips: 3 (XLA's known_trip_count), 1 (unknown: counted once), 5 (libtpu's i < 5)
+    assert moved["all-gather"] == pytest.approx((3 + 1 + 5) * per_trip_ag)
+    assert moved["collective-permute"] == pytest.approx((3 + 1 + 5) * per_trip_cp)
     assert moved["reduce-scatter"] == pytest.approx(2 * 8 * 4 * 7)  # result x (n - 1)
     assert moved["unknown_trips"] == 1  # the second loop, counted once
     assert hlo.summary_line(moved).startswith("all-gather 0.00G")

@@ -160,8 +160,8 @@ def blocked_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxL, seg_BxS, q_start
     keys 0 .. S - 1, in float32 with an online softmax (flash attention's recurrence) over
     key blocks of `bk`, for query blocks of `bq` one at a time: the scores held at once are
     [B, bq, H, bk], never [B, L, H, S]. Query blocks and key steps are rematerialised in the
-    backward pass: what it keeps is one query block's running outputs per key block. Every key block is
-    visited (masked, not skipped): the work is the same on every device."""
+    backward pass: what it keeps is one query block's running outputs per key block. Every
+    key block is visited (masked, not skipped): the work is the same on every device."""
     B, L, H, K = q_BxLxHxK.shape
     S, G = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
     bq = min(bq, L)
