@@ -63,6 +63,14 @@ def score(graphdef: nnx.GraphDef, params: Any, batch: Batch, chunk: int = 0) -> 
         return a.reshape(m, B, s * chunk, *a_BxT.shape[2:])
 
     x_MxBxCxD = sharding.constrain(chunks(x_BxLxD), None, "batch", "length", "embed")
+    # The head's weight gathered over fsdp once for all chunks: left inside the loop it was
+    # gathered on every trip (1 GiB a trip for Llama-3's bf16 head) and its gradient
+    # all-reduced on every trip; now the gradient sums locally and is reduced once.
+    tied = model.head is None
+    weight = model.token_embed.table if tied else model.head.kernel
+    weight.value = sharding.constrain(
+        weight[...], *(("vocab", "embed") if tied else ("embed", "vocab"))
+    )
     scored = jax.checkpoint(lambda xt: _score_positions(model, *xt))
     outs = jax.lax.map(scored, (x_MxBxCxD, chunks(targets_BxT)))
     return tuple(o.reshape(m, B, s, chunk).transpose(1, 2, 0, 3).reshape(B, T) for o in outs)

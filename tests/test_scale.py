@@ -383,9 +383,11 @@ def test_profile_steps_write_a_trace_naming_the_train_step(tiny_config, tmp_path
 
 @needs_8
 @pytest.mark.slow
-def test_scan_remat_chunked_loss_on_fsdp_tensor_mesh_match_plain_single_device(corpus):
-    """Everything a large run turns on at once, sharded over (data 1, fsdp 4, tensor 2), trains
-    like the plain model on one device."""
+@pytest.mark.parametrize("mesh", [(1, 4, 2), (1, 2, 2, 2)])
+def test_scan_remat_chunked_loss_on_fsdp_tensor_mesh_match_plain_single_device(corpus, mesh):
+    """Everything a large run turns on at once, sharded over (data 1, fsdp 4, tensor 2), or
+    with rows split in two along their length as well, trains like the plain model on one
+    device."""
     from conftest import tiny
     from test_train import _run_steps
 
@@ -393,7 +395,7 @@ def test_scan_remat_chunked_loss_on_fsdp_tensor_mesh_match_plain_single_device(c
     big = tiny(
         corpus,
         **{
-            "mesh.shape": (1, 4, 2),
+            "mesh.shape": mesh,
             "model.scan_layers": True,
             "model.remat": "minimal",
             "train.loss_chunk": 8,
@@ -401,7 +403,8 @@ def test_scan_remat_chunked_loss_on_fsdp_tensor_mesh_match_plain_single_device(c
     )
     _, ref_losses, ref_params = _run_steps(plain, 3)
     run, got_losses, got_params = _run_steps(big, 3)
-    assert run.mesh.shape["fsdp"] == 4 and run.mesh.shape["tensor"] == 2
+    assert run.mesh.shape["fsdp"] * run.mesh.shape["sequence"] == 4
+    assert run.mesh.shape["tensor"] == 2
     np.testing.assert_allclose(got_losses, ref_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(got_params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)

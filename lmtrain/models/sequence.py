@@ -27,13 +27,15 @@ Decode and generation run unsplit (they pass a state, which takes the ordinary p
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from lmtrain.errors import ConfigError
-from lmtrain.sharding import SEQUENCE
+from lmtrain.sharding import BATCH, SEQUENCE
 
 NO_SEGMENT = jnp.iinfo(jnp.int32).min  # the "previous token" of device 0: no document continues
 
@@ -59,13 +61,21 @@ def split_call(mixer: nnx.Module, x_BxLxD, segment_ids_BxL, positions_BxL) -> ja
     def local(params, x, seg, pos):
         return nnx.merge(graphdef, params).split_parallel(x, seg, pos)
 
-    rows = P(None, SEQUENCE)
+    # The batch axes are manual too: left to the automatic partitioner inside a shard_map
+    # manual over `sequence` alone, every row was gathered onto every chip (8x the K/V
+    # all-gathered on an fsdp 8 mesh, and the attention of every row computed on each chip).
+    # The mixer's weights enter whole (gathered over fsdp, as ZeRO-3 gathers them per layer).
+    mesh = jax.sharding.get_abstract_mesh()
+    batch_axes = tuple(a for a in BATCH if a not in mesh.manual_axes)
+    if B % math.prod(mesh.shape[a] for a in batch_axes):
+        batch_axes = ()  # a batch the data axes do not divide: rows whole on every chip
+    rows = P(batch_axes or None, SEQUENCE)
     fn = jax.shard_map(
         local,
-        mesh=jax.sharding.get_abstract_mesh(),
+        mesh=mesh,
         in_specs=(P(), rows, rows, rows),
         out_specs=rows,
-        axis_names={SEQUENCE},
+        axis_names={SEQUENCE, *batch_axes},
         check_vma=False,
     )
     return fn(params, x_BxLxD, segment_ids_BxL.astype(jnp.int32), positions_BxL)
