@@ -1,11 +1,13 @@
 """Rows split along their length over the mesh's `sequence` axis (long context across chips).
 
 Under a mesh whose `sequence` axis has n > 1 devices, a training call of a mixer (no state)
-runs in a shard_map that is manual over that axis only: device i holds positions
-[i L/n, (i+1) L/n) of every row (the batch and width stay with the automatic partitioner), and
+runs in a shard_map that is manual over that axis and the batch axes: device i of the axis
+holds positions [i L/n, (i+1) L/n) of its rows (the tensor axis stays with the automatic
+partitioner), and
 
 - attention (`Attention.split_parallel`) all-gathers K/V with their segment ids and attends
-  its own queries to them under the causal and document mask by global position;
+  its own queries to them under the causal and document mask by global position (dense for
+  rows up to DENSE_MAX tokens, else in blocks with an online softmax, `blocked_attention`);
 - every other mixer keeps the mixer contract's promise that a long sequence is a chain of
   calls, each continuing the state of the one before (`chained` below):
   1. halo: the last `halo` inputs of device i-1 (the widest short-conv or sliding window the
