@@ -6,9 +6,10 @@ device against split over 8 fake CPU devices on the sequence axis (mesh (1, 1, 1
 
 d128, 2 layers, 4 heads, vocab 512, batch 1, 16 documents; median of 5 timed steps after 2
 warm-up steps. A side that runs out of memory is reported as such (the unsplit transformer at
-16,384 tokens asks XLA:CPU for 30 GB: its dense [L, L] scores). The 8 fake devices share this machine's cores, so the split's time shows what
-the split adds in work and overhead (K/V gathers, the state pass, the replay), not a speedup;
-its memory per device is what a real 8-chip split would hold. Read ratios within one run.
+16,384 tokens asks XLA:CPU for 30 GB: its dense [L, L] scores). The 8 fake devices share this
+machine's cores, so the split's time shows what the split adds in work and overhead (K/V
+gathers, the state pass, the replay), not a speedup; its memory per device is what a real
+8-chip split would hold. Read ratios within one run.
 """
 
 import json
