@@ -123,6 +123,11 @@ class MeshConfig:
     shape: tuple[int, ...] = (-1, 1, 1, 1)
 
     def __post_init__(self):
+        if len(self.shape) not in (3, 4):
+            raise ConfigError(
+                f"mesh.shape needs 4 entries (data, fsdp, tensor, sequence), or 3 with "
+                f"sequence 1; got {tuple(self.shape)}"
+            )
         if len(self.shape) == 3:
             object.__setattr__(self, "shape", (*self.shape, 1))
 

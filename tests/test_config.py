@@ -32,7 +32,7 @@ def test_override_parses_literals_and_keeps_types():
     )
     assert cfg.model.d_model == 512
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # int accepted for float
-    assert cfg.mesh.shape == (2, -1, 1)
+    assert cfg.mesh.shape == (2, -1, 1, 1)  # three numbers: sequence 1
     assert cfg.data.source == "/tmp/x.txt"  # unquoted strings stay strings
     assert cfg.model.remat == "full"  # True in older configs means the "full" policy
 
@@ -49,7 +49,7 @@ def test_wrong_type_names_key():
         config_lib.override(Config(), {"model.n_layers": 2.5})
     with pytest.raises(ConfigError, match=r"train.steps must be int"):
         config_lib.override(Config(), {"train.steps": "many"})
-    with pytest.raises(ConfigError, match=r"mesh.shape needs 3 entries"):
+    with pytest.raises(ConfigError, match=r"mesh.shape needs 4 entries"):
         config_lib.override(Config(), {"mesh.shape": (1, 2)})
     with pytest.raises(ConfigError, match=r"--set expects"):
         config_lib.parse_sets(["model.d_model"])
