@@ -195,3 +195,22 @@ def test_split_attention_in_blocks_equals_the_unsplit_model(monkeypatch):
     ref = _logits_and_grads(model)
     logit_err, grad_err = _errors(ref, _logits_and_grads(model, (1, 1, 1, 8)))
     assert logit_err < LOGIT_TOL and grad_err < GRAD_TOL, (logit_err, grad_err)
+
+
+@pytest.mark.slow
+def test_rows_stay_split_over_the_batch_axes_inside_the_split():
+    """On (2, 1, 1, 4) each chip gathers the keys and values of its own row only ([1, 1024, 1,
+    16] per all-gather), never both rows: left to the partitioner, the split once gathered
+    every row onto every chip."""
+    graphdef, params = nnx.split(_model("transformer"))
+    ids, seg, pos = _rows()
+
+    def loss(params):
+        return nnx.merge(graphdef, params)(ids, seg, pos).mean()
+
+    with jax.set_mesh(sharding.make_mesh(MeshConfig(shape=(2, 1, 1, 4)))):
+        text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    gathers = [ln.split("=")[1].split("{")[0].strip() for ln in text.splitlines()
+               if " all-gather(" in ln]  # fmt: skip
+    assert "f32[1,1024,1,16]" in gathers, gathers
+    assert "f32[2,1024,1,16]" not in gathers, gathers
