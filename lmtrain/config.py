@@ -263,11 +263,6 @@ class Config:
         )
         check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         check(list(self.mesh.shape).count(-1) <= 1, "mesh.shape", "allows at most one -1")
-        check(
-            len(self.mesh.shape) == 4,
-            "mesh.shape",
-            "needs 4 entries (data, fsdp, tensor, sequence), or 3 with sequence 1",
-        )
         n = self.mesh.shape[-1]  # every row, of every bucket, is split: none is kept whole
         check(
             n < 2 or all(k % n == 0 for k in lengths),
