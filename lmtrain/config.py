@@ -29,6 +29,7 @@ __all__ = [
     "EvalConfig",
     "MQARConfig",
     "MeshConfig",
+    "MixtureComponent",
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
@@ -68,7 +69,26 @@ class MQARConfig:
     train_lengths: tuple[int, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class MixtureComponent:
+    """data.mixture.NAME.*: one corpus of a mixture (lmtrain/data/mixture.py)."""
+
+    source: str = ""  # anything data.source takes but a synthetic task
+    # Relative weight (normalised over the components), or stages ((first step, weight), ...)
+    # starting at step 0, as Levanter's train_weights. With data.mixture_weighting="tokens" it
+    # multiplies the component's training tokens.
+    weight: float | tuple[tuple[int, float], ...] = 1.0
+    # Passes over its training split after which it leaves the mixture (data.mixture_exhausted);
+    # 0: no limit (it starts a new epoch, in a new order, whenever it runs out).
+    max_epochs: float = 0.0
+    # Read only the first N training tokens (a unique-token budget, experiments/repetition.py);
+    # 0: all of them.
+    unique_tokens: int = 0
+
+
 PACKINGS = ("concat", "decompose")
+WEIGHTINGS = ("given", "tokens")  # data.mixture_weighting
+EXHAUSTED = ("renormalise", "stop")  # data.mixture_exhausted
 RESTORE_MODES = ("all", "params")  # train.restore
 CURRICULA = ("uniform", "grow_p2", "shrink")
 
@@ -92,6 +112,44 @@ class DataConfig:
     packing: str = "concat"
     decompose: DecomposeConfig = dataclasses.field(default_factory=DecomposeConfig)
     mqar: MQARConfig = dataclasses.field(default_factory=MQARConfig)
+    # Named corpora read at chosen weights, {name: MixtureComponent} (held as (name, component)
+    # pairs); data.source is then unused. () = data.source alone. In a file:
+    # data: {mixture: {code: {source: DIR, weight: 0.7}, prose: {source: stdlib-prose, ...}}}
+    mixture: tuple[tuple[str, MixtureComponent], ...] = ()
+    mixture_weighting: str = "given"  # given | tokens (weight x the component's train tokens)
+    # A component reaching max_epochs: "renormalise" the others' weights, or "stop" the run.
+    mixture_exhausted: str = "renormalise"
+
+    def __post_init__(self):
+        object.__setattr__(self, "mixture", mixture_pairs(self.mixture))
+
+    def components(self) -> dict[str, MixtureComponent]:
+        return dict(self.mixture)
+
+
+def mixture_pairs(value: Any) -> tuple[tuple[str, MixtureComponent], ...]:
+    """data.mixture as (name, component) pairs from a mapping or pairs of components or dicts."""
+    items = value.items() if isinstance(value, dict) else value
+    out = []
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ConfigError(f"data.mixture must map names to components, got {value!r}")
+        name, comp = item
+        if isinstance(comp, dict):
+            unknown = set(comp) - {f.name for f in dataclasses.fields(MixtureComponent)}
+            if unknown:
+                raise ConfigError(
+                    f"data.mixture.{name}: unknown key {sorted(unknown)[0]!r}; a component "
+                    "takes source, weight, max_epochs, unique_tokens"
+                )
+            hints = typing.get_type_hints(MixtureComponent)
+            comp = MixtureComponent(
+                **{k: _coerce(v, hints[k], f"data.mixture.{name}.{k}") for k, v in comp.items()}
+            )
+        if not isinstance(comp, MixtureComponent):
+            raise ConfigError(f"data.mixture.{name} must be a component, got {comp!r}")
+        out.append((str(name), comp))
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +287,8 @@ class Config:
         check(t.restore in RESTORE_MODES, "train.restore", _unknown(t.restore, RESTORE_MODES))
         check(all(n > 0 for n in self.eval.lengths), "eval.lengths", "must be positive")
         check(d.seq_len > 0, "data.seq_len", "must be positive")
+        if d.mixture:
+            self._validate_mixture()
         if d.packing == "decompose":
             self._validate_decompose()
         else:
@@ -273,6 +333,48 @@ class Config:
         )
         return self
 
+    def _validate_mixture(self) -> None:
+        d = self.data
+        check(
+            d.mixture_weighting in WEIGHTINGS, "data.mixture_weighting",
+            _unknown(d.mixture_weighting, WEIGHTINGS),
+        )  # fmt: skip
+        check(
+            d.mixture_exhausted in EXHAUSTED, "data.mixture_exhausted",
+            _unknown(d.mixture_exhausted, EXHAUSTED),
+        )  # fmt: skip
+        check(
+            d.packing == "concat", "data.packing",
+            "must be 'concat' with data.mixture (decomposition of a mixture is not built yet)",
+        )  # fmt: skip
+        check(d.source == "stdlib", "data.source", "is unused with data.mixture: set one of them")
+        for name, c in d.mixture:
+            key = f"data.mixture.{name}"
+            check(name.isidentifier(), key, "needs a name of letters, digits and _")
+            check(bool(c.source), f"{key}.source", "must be set (a corpus path, stdlib, hf:...)")
+            check(c.source != "mqar", f"{key}.source", "cannot be a synthetic task")
+            check(c.max_epochs >= 0, f"{key}.max_epochs", "must be >= 0 (0: no limit)")
+            check(c.unique_tokens >= 0, f"{key}.unique_tokens", "must be >= 0 (0: all)")
+            stages = mixture_stages(c.weight)
+            check(
+                stages[0][0] == 0
+                and all(a[0] < b[0] for a, b in zip(stages, stages[1:], strict=False)),
+                f"{key}.weight",
+                "stages must start at step 0 with ascending steps: ((0, w0), (step, w1), ...)",
+            )
+            check(
+                all(w >= 0 and w < float("inf") for _, w in stages),
+                f"{key}.weight",
+                f"must be finite and >= 0, got {c.weight!r}",
+            )
+        starts = sorted({s for _, c in d.mixture for s, _ in mixture_stages(c.weight)})
+        for step in starts:
+            check(
+                any(_weight_at(c.weight, step) > 0 for _, c in d.mixture),
+                "data.mixture",
+                f"every component's weight is 0 at step {step}: give one a positive weight",
+            )
+
     def _validate_decompose(self) -> None:
         dc = self.data.decompose
         check(
@@ -289,6 +391,17 @@ class Config:
             f"must be a multiple of 2^data.decompose.max_log2_len = {longest} "
             f"(got {self.tokens_per_step()})",
         )
+
+
+def mixture_stages(weight: Any) -> list[tuple[int, float]]:
+    """A component weight as stages [(first step, weight), ...]."""
+    if isinstance(weight, (int, float)):
+        return [(0, float(weight))]
+    return [(int(s), float(w)) for s, w in weight] or [(0, 0.0)]
+
+
+def _weight_at(weight: Any, step: int) -> float:
+    return [w for s, w in mixture_stages(weight) if s <= step][-1]
 
 
 # lmtrain.optim's registries (it checks at import that they are exactly these names)
@@ -339,7 +452,10 @@ def _leaves(obj: Any, prefix: str) -> dict[str, tuple[Any, Any]]:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value, key = getattr(obj, f.name), f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
+        if key == "data.mixture":  # one section per component: data.mixture.NAME.weight
+            for name, comp in value:
+                out.update(_leaves(comp, f"{key}.{name}."))
+        elif dataclasses.is_dataclass(value):
             out.update(_leaves(value, key + "."))
         else:
             out[key] = (value, hints[f.name])
@@ -359,6 +475,11 @@ def flat(cfg: Config) -> dict[str, Any]:
 def _replace(obj: Any, path: list[str], value: Any) -> Any:
     """`obj` with the field at `path` (a list of names through nested sections) set."""
     head, *rest = path
+    if isinstance(obj, DataConfig) and head == "mixture" and rest:
+        comps = obj.components()
+        name, field = rest
+        comps[name] = dataclasses.replace(comps.get(name, MixtureComponent()), **{field: value})
+        return dataclasses.replace(obj, mixture=mixture_pairs(comps))
     new = _replace(getattr(obj, head), rest, value) if rest else value
     return dataclasses.replace(obj, **{head: new})
 
@@ -381,17 +502,40 @@ def _unknown_key(cfg: Config, key: str) -> ConfigError:
                 f"model.{field} belongs to {'/'.join(owners)}, not model.name="
                 f"{cfg.model.name!r}: set model.name first (--set model.name={owners[0]})"
             )
+    parts = key.split(".")
+    if parts[:2] == ["data", "mixture"] and len(parts) == 4:
+        name, names = parts[2], ", ".join(cfg.data.components()) or "none yet"
+        if name in cfg.data.components():
+            valid = [f.name for f in dataclasses.fields(MixtureComponent)]
+            return ConfigError(
+                f"data.mixture.{name} has no key {parts[3]!r}{_closest(parts[3], valid)}; a "
+                f"component takes {', '.join(valid)}"
+            )
+        return ConfigError(
+            f"data.mixture has no component {name!r} (components: {names}); add one with "
+            f"--set data.mixture.{name}.source=PATH"
+        )
     return ConfigError(f"unknown config key {key!r}{_closest(key, all_keys(cfg))}")
 
 
 def override(cfg: Config, assignments: dict[str, Any]) -> Config:
     """Applies {"section.field": value} (values already parsed); `model.name` goes first."""
-    items = sorted(assignments.items(), key=lambda kv: kv[0] != "model.name")
-    for key, value in items:
+
+    def first(kv) -> int:  # model.name, then new mixture components (by their source)
+        return 0 if kv[0] == "model.name" else 1 if _new_component(cfg, kv[0]) else 2
+
+    for key, value in sorted(assignments.items(), key=first):
         if key == "model.name":
             if not isinstance(value, str):
                 raise ConfigError(f"model.name must be str, got {value!r}")
             cfg = dataclasses.replace(cfg, model=_retype_model(cfg.model, value))
+            continue
+        if key == "data.mixture":  # a whole mixture: {name: {source: ..., weight: ...}}, {}
+            mixture = mixture_pairs(value if isinstance(value, (dict, list, tuple)) else [value])
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mixture=mixture))
+            continue
+        if _new_component(cfg, key):
+            cfg = _replace(cfg, key.split("."), _coerce(value, str, key))
             continue
         leaves = _leaves(cfg, "")
         if key not in leaves:
@@ -399,6 +543,17 @@ def override(cfg: Config, assignments: dict[str, Any]) -> Config:
         value = _coerce(value, leaves[key][1], key)
         cfg = _replace(cfg, key.split("."), value)
     return cfg
+
+
+def _new_component(cfg: Config, key: str) -> bool:
+    """`key` is data.mixture.NAME.source of a component not in the mixture yet (it adds it)."""
+    parts = key.split(".")
+    return (
+        len(parts) == 4
+        and parts[:2] == ["data", "mixture"]
+        and parts[3] == "source"
+        and parts[2] not in cfg.data.components()
+    )
 
 
 # ---------------------------------------------------------------------------- files
@@ -442,7 +597,9 @@ def with_family_config(cfg: Config) -> Config:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    d = dataclasses.asdict(cfg)
+    d["data"]["mixture"] = {n: dataclasses.asdict(c) for n, c in cfg.data.mixture}
+    return d
 
 
 def from_dict(d: dict[str, Any]) -> Config:

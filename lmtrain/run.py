@@ -235,7 +235,7 @@ def check_resume_config(saved: Config, new: Config) -> list[str]:
         said = setting_change(d, a[d], b.get(d))
         if d.startswith("model.") and d not in FREE_ON_RESUME:
             problems.append((said, _MODEL_WAY_OUT))
-        elif d in _DATA_CHANGES:
+        elif d in _DATA_CHANGES or d.startswith("data.mixture"):
             problems.append((said, _DATA_WAY_OUT))
         elif d == "optim.name" and new.train.restore != "params":
             problems.append((said, _OPTIM_WAY_OUT))

@@ -121,6 +121,7 @@ def _header(run, corpus, fpt: dict, peak: float, peak_src: str, compile_s: dict,
     """The run's one-line summary: model, mesh, data, peak, compile time, how it began."""
     cfg, mesh = run.cfg, run.mesh
     tokens_per_step = cfg.tokens_per_step()
+    what = corpus.train.describe(cfg.data.seq_len) if cfg.data.mixture else cfg.data.source
     optimizer = ""
     if run.optimizer_flops:
         per_token = run.optimizer_flops / tokens_per_step / 1e6
@@ -129,7 +130,7 @@ def _header(run, corpus, fpt: dict, peak: float, peak_src: str, compile_s: dict,
         f"lmtrain | {cfg.model.name} {run.n_params / 1e6:.2f}M params, "
         f"{fpt[max(fpt)] / 1e6:.1f} MFLOP/token at {max(fpt)}{optimizer}"
         f" | mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
-        f"devices, {jax.process_count()} process(es) | data {cfg.data.source}: "
+        f"devices, {jax.process_count()} process(es) | data {what}: "
         f"{corpus.stats['train']['tokens']:,} train tokens, {tokens_per_step:,} tokens/step | "
         f"peak {peak / 1e9:.0f} GFLOP/s ({peak_src}) | compile {sum(compile_s.values()):.1f}s | "
         + how
@@ -147,6 +148,7 @@ class StepLog:
         self.agreed_stop = False  # set from a step's metrics: every process sees it at one step
         self.summary: dict[str, Any] = {"step": start}
         self.multi_length = len(window.fpt) > 1
+        self.seen = None  # a mixture's tokens/NAME and epochs/NAME after a step
 
     def flush(self) -> None:
         """Fetches the pending step's metrics, stops on NaN, logs."""
@@ -184,6 +186,8 @@ class StepLog:
         }
         if self.multi_length:
             row["bucket"] = seq_len.bit_length() - 1  # k of the 2^k bucket
+        if self.seen is not None:
+            row.update(self.seen(n))
         self.tracker.write(n, row)
         self.summary.update(rate)
         if not self.tracker.bar_shown:  # SLURM logs, pipes: a plain line instead of the bar
@@ -220,6 +224,8 @@ def _train(cfg: Config, workdir: Path) -> dict:
         mesh.devices.flatten().tolist(), cfg.model.dtype, cache_dir(cfg.data) / "cpu_peak.json"
     )
     tokens_per_step = cfg.tokens_per_step()
+    end_step = getattr(it, "end_step", None)  # a mixture whose data runs out
+    end = cfg.train.steps if end_step is None else min(cfg.train.steps, end_step)
 
     t = cfg.train
     wandb = dict(
@@ -239,17 +245,20 @@ def _train(cfg: Config, workdir: Path) -> dict:
             + ", ".join(f"{tokens_per_step // n}x{n} {t:.1f}s" for n, t in compile_s.items())
         )
     tracker.print(_header(run, corpus, fpt, peak, peak_src, compile_s, how))
+    if end < cfg.train.steps:
+        tracker.print(f"data | {it.end_message()}: the run will stop there")
     if start == 0 and jax.process_index() == 0:
         tracker.text("config", "```\n" + cfg_path.read_text() + "\n```")
 
     window = MetricsWindow(start, tokens_per_step, fpt, peak, run.optimizer_flops)
     steps = StepLog(cfg, tracker, window, ckpt, start)
+    steps.seen = getattr(it, "seen", None)
     summary, s = steps.summary, start
     watchdog = runguard.Watchdog(cfg.train.hang_timeout_s)
     profiler = runguard.Profiler(workdir, cfg.train.profile_steps, cfg.train.profile_process)
     try:
         with runguard.StopFlag() as stop:
-            while s < cfg.train.steps and not steps.agreed_stop:
+            while s < end and not steps.agreed_stop:
                 local = next(it)
                 rows, seq_len = local["inputs"].shape
                 local["stop"] = np.full((rows,), float(stop.signal is not None), np.float32)
@@ -261,7 +270,7 @@ def _train(cfg: Config, workdir: Path) -> dict:
                 steps.flush()  # step s-1's metrics, while step s runs
                 watchdog.pet(f"step {s - 1}")
                 steps.pending = (s, metrics, seq_len)
-                last = s == cfg.train.steps
+                last = s == end
                 if evaluator and (last or (cfg.train.eval_every and s % cfg.train.eval_every == 0)):
                     steps.flush()
                     ev = evaluator(state["params"], cfg.eval.max_batches, watchdog.pet)
@@ -280,6 +289,9 @@ def _train(cfg: Config, workdir: Path) -> dict:
                     "Run the same command again to resume."
                 )
                 summary["interrupted"] = True
+            elif s == end < cfg.train.steps:  # a mixture's data ran out: said, never silent
+                tracker.print(f"{it.end_message()}; stopped at step {s} of {cfg.train.steps}.")
+                summary["data_ended"] = True
     finally:
         steps.pending = None
         profiler.close()

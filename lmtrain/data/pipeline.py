@@ -15,6 +15,7 @@ from lmtrain.config import Config, DataConfig
 from lmtrain.data import prepare, tasks
 from lmtrain.data.contract import Batch, RowSource
 from lmtrain.data.decompose import DecomposedData
+from lmtrain.data.mixture import Mixture, MixtureIterator
 from lmtrain.data.sources import (
     cache_dir,
     cache_lock,
@@ -22,7 +23,7 @@ from lmtrain.data.sources import (
     source_fingerprint,
     val_fraction,
 )
-from lmtrain.data.tokenizers import Tokenizer
+from lmtrain.data.tokenizers import Tokenizer, component_config
 from lmtrain.errors import DataError
 
 
@@ -87,8 +88,10 @@ class TokenStream(RowSource):
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    train: RowSource  # a TokenStream for text corpora, a task's split for synthetic tasks
-    val: RowSource | None  # None when val_fraction == 0
+    # a TokenStream for text corpora, a task's split for synthetic tasks, a Mixture (mixture.py)
+    train: Any
+    # None when val_fraction == 0; for a mixture {name: each component's validation split}
+    val: RowSource | dict[str, RowSource] | None
     # {"train": {docs, tokens, bytes, bytes_per_token}, "val": {...}, "bytes_per_token": all}
     # tokens include one eod per document; bytes are the UTF-8 bytes of the text.
     stats: dict[str, Any]
@@ -102,6 +105,8 @@ def load_corpus(cfg: DataConfig, tok: Tokenizer) -> Corpus:
 
     A directory written by `lmtrain prepare` is mapped where it is, never tokenised again.
     """
+    if cfg.mixture:
+        return _load_mixture(cfg, tok)
     task = tasks.task(cfg.source)
     if task is not None:
         train, val, stats = task.corpus_splits(cfg)
@@ -125,6 +130,36 @@ def load_corpus(cfg: DataConfig, tok: Tokenizer) -> Corpus:
     total = [sum(s[k] for s in meta["splits"].values()) for k in ("bytes", "tokens")]
     stats["bytes_per_token"] = total[0] / total[1]
     return Corpus(train=streams["train"], val=streams.get("val"), stats=stats)
+
+
+def _load_mixture(cfg: DataConfig, tok: Tokenizer) -> Corpus:
+    """Every component as its own corpus (prepared and cached as a single source is); the
+    training side is a Mixture, the validation side each component's split by name."""
+    parts: dict[str, Corpus] = {}
+    for name in cfg.components():
+        try:
+            parts[name] = load_corpus(component_config(cfg, name), tok)
+        except DataError as e:
+            raise DataError(f"data.mixture.{name}: {e}") from None
+    train = Mixture(
+        {n: c.train for n, c in parts.items()},
+        cfg.components(),
+        cfg.mixture_weighting,
+        cfg.mixture_exhausted,
+    )
+    vals = {n: c.val for n, c in parts.items() if c.val is not None}
+    stats: dict[str, Any] = {"components": {n: c.stats for n, c in parts.items()}}
+    for split in ("train", "val"):
+        got = [c.stats[split] for c in parts.values() if split in c.stats]
+        if got:
+            stats[split] = {k: sum(g[k] for g in got) for k in ("docs", "tokens", "bytes")}
+            stats[split]["bytes_per_token"] = stats[split]["bytes"] / stats[split]["tokens"]
+    total = [
+        sum(s[k] for s in (stats.get("train", {}), stats.get("val", {})) if s)
+        for k in ("bytes", "tokens")
+    ]
+    stats["bytes_per_token"] = total[0] / total[1]
+    return Corpus(train=train, val=vals or None, stats=stats)
 
 
 # ---------------------------------------------------------------------------- packing
@@ -304,6 +339,13 @@ def make_train_data(
         shapes = [(s.batch[k], 1 << k) for k in s.ks if s.batches[k] > 0]
         return TrainData(dd.iterator(cfg.data.prefetch), shapes, dd.report())
     shapes = cfg.train_shapes()
+    if isinstance(source, Mixture):
+        b = _local_batch(shapes[0][0], process_index, process_count)
+        it = MixtureIterator(
+            source, seq_len=cfg.data.seq_len, global_batch=shapes[0][0], seed=cfg.train.seed,
+            first_row=process_index * b, local_batch=b, prefetch=cfg.data.prefetch,
+        )  # fmt: skip
+        return TrainData(it, shapes, {})
     it = train_iterator(
         source,
         seq_len=cfg.data.seq_len,

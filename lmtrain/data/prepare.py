@@ -33,7 +33,7 @@ from tqdm import tqdm
 from lmtrain.config import DataConfig
 from lmtrain.data import shards, tasks
 from lmtrain.data.sources import (
-    STDLIB,
+    EMBEDDED,
     DataError,
     cache_lock,
     prepared_meta,
@@ -256,7 +256,7 @@ def prepare(cfg: DataConfig, out: Path, *, progress: bool = True, workers: int =
         raise DataError(f"--val-fraction {cfg.val_fraction} must be in [0, 1)")
     fingerprint = source_fingerprint(cfg)  # fails first if the source does not exist
     spec = normal_tokenizer_spec(cfg.tokenizer)
-    keep = cfg.source == STDLIB or cfg.source.startswith("hf:")
+    keep = cfg.source in EMBEDDED or cfg.source.startswith("hf:")
     source = cfg.source if keep else os.path.abspath(os.path.expanduser(cfg.source))
     _usable_out(out)
     with cache_lock(out / "meta.json"):  # two prepares into one directory take turns

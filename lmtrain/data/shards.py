@@ -33,11 +33,14 @@ import numpy as np
 from lmtrain.data import formats, hf_source
 from lmtrain.data.sources import (
     STDLIB,
+    STDLIB_PROSE,
     _has_one_document,
     _read_text,
     in_validation,
     iter_documents,
+    prose_documents,
     resolve_files,
+    source_bytes,
     stdlib_files,
     val_fraction,
 )
@@ -61,6 +64,8 @@ def plan(cfg: DataConfig) -> list[dict[str, Any]]:
     """The units of cfg.source, each {"kind", ..., "bytes"} (JSON-serialisable)."""
     if _has_one_document(cfg):  # its tail is the validation text: not split by key
         return [{"kind": "whole", "bytes": 0}]
+    if cfg.source == STDLIB_PROSE:
+        return [{"kind": "prose", "bytes": source_bytes(cfg)}]
     if hf_source.is_hf(cfg.source):
         rows = len(hf_source.load(cfg.source))
         total = max(hf_source.nbytes(cfg.source), 1)
@@ -102,6 +107,10 @@ def _unit_documents(cfg: DataConfig, unit: dict[str, Any]) -> Iterator[tuple[str
         for split in SPLITS:
             for key, text in iter_documents(cfg, split):
                 yield split, key, text
+        return
+    if unit["kind"] == "prose":
+        for key, text in prose_documents():
+            yield split_of(key), key, text
         return
     if unit["kind"] == "hf":
         a, b = unit["rows"]

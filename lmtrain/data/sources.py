@@ -28,6 +28,11 @@ if TYPE_CHECKING:  # lmtrain.config imports the models (jax); spawned workers ne
     from lmtrain.config import DataConfig
 
 STDLIB = "stdlib"
+# English prose that ships with CPython: pydoc's help topics (pydoc_data.topics, 79 sections of
+# the Python Language Reference as plain text, ~465 KB). A second embedded corpus for mixtures;
+# prose about Python, where "stdlib" is Python code (the two share vocabulary, not text).
+STDLIB_PROSE = "stdlib-prose"
+EMBEDDED = (STDLIB, STDLIB_PROSE)
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages"})
 
 
@@ -46,10 +51,17 @@ def stdlib_files() -> tuple[Path, list[str]]:
     return root, sorted(rels)
 
 
+def prose_documents() -> list[tuple[str, str]]:
+    """(key, text) of every help topic of the stdlib-prose corpus, sorted by key."""
+    from pydoc_data.topics import topics
+
+    return [(f"topics/{k}", topics[k]) for k in sorted(topics)]
+
+
 def prepared_meta(source: str) -> dict[str, Any] | None:
     """meta.json of `source` if it is a directory written by `lmtrain prepare`, else None."""
     meta_path = Path(os.path.expanduser(source)) / "meta.json"
-    if source == STDLIB or hf_source.is_hf(source) or not meta_path.is_file():
+    if source in EMBEDDED or hf_source.is_hf(source) or not meta_path.is_file():
         return None
     try:
         meta = json.loads(meta_path.read_text())
@@ -145,6 +157,9 @@ def _keyed_docs(cfg: DataConfig, want: Callable[[str], bool]) -> Iterator[tuple[
             if want(rel):
                 yield rel, _read_text(root / rel)
         return
+    if cfg.source == STDLIB_PROSE:
+        yield from ((k, t) for k, t in prose_documents() if want(k))
+        return
     if hf_source.is_hf(cfg.source):
         yield from hf_source.documents(cfg.source, cfg.text_key, want)
         return
@@ -165,6 +180,9 @@ def _document_keys(cfg: DataConfig) -> Iterator[str]:
     """Document keys only (cheap: .txt files are not opened)."""
     if cfg.source == STDLIB:
         yield from stdlib_files()[1]
+        return
+    if cfg.source == STDLIB_PROSE:
+        yield from (k for k, _ in prose_documents())
         return
     if hf_source.is_hf(cfg.source):
         yield from (k for k, _ in hf_source.documents(cfg.source, cfg.text_key, keys_only=True))
@@ -217,6 +235,9 @@ def source_fingerprint(cfg: DataConfig) -> str:
         version = platform.python_version()
         digest = hashlib.sha1(f"{version}|{root}|{len(rels)}".encode()).hexdigest()
         return f"stdlib-py{version}-{digest[:12]}"
+    if cfg.source == STDLIB_PROSE:
+        text = "".join(t for _, t in prose_documents()).encode()
+        return f"prose-py{platform.python_version()}-{hashlib.sha1(text).hexdigest()[:12]}"
     if hf_source.is_hf(cfg.source):
         key = f"{hf_source.fingerprint(cfg.source)}|text_key={cfg.text_key}"
         return f"hf-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
@@ -232,6 +253,8 @@ def source_bytes(cfg: DataConfig) -> int:
     if cfg.source == STDLIB:
         root, rels = stdlib_files()
         return sum((root / rel).stat().st_size for rel in rels)
+    if cfg.source == STDLIB_PROSE:
+        return sum(len(t.encode()) for _, t in prose_documents())
     if hf_source.is_hf(cfg.source):
         return hf_source.nbytes(cfg.source)
     return sum(path.stat().st_size for path, _ in resolve_files(cfg.source))

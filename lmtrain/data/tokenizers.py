@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import sys
@@ -200,10 +201,12 @@ def _train_bpe(texts: Iterator[list[str]], vocab_size: int):
     return tk
 
 
-def _train_batches(cfg: DataConfig) -> Iterator[list[str]]:
-    """Training-split texts in batches; raises DataError if there is no text at all."""
+def _train_batches(cfgs: list[DataConfig]) -> Iterator[list[str]]:
+    """Training-split texts of every source in turn, in batches; raises DataError if there is
+    no text at all."""
     batch, total = [], 0
-    for _, text in iter_documents(cfg, "train"):
+    docs = (text for cfg in cfgs for _, text in iter_documents(cfg, "train"))
+    for text in docs:
         batch.append(text)
         total += len(text)
         if len(batch) == _TRAIN_BATCH_DOCS:
@@ -212,20 +215,27 @@ def _train_batches(cfg: DataConfig) -> Iterator[list[str]]:
     if batch:
         yield batch
     if total == 0:
-        raise DataError(f"data source {cfg.source!r} is an empty corpus (no training text)")
+        names = " + ".join(repr(cfg.source) for cfg in cfgs)
+        raise DataError(f"data source {names} is an empty corpus (no training text)")
 
 
-def _bpe(cfg: DataConfig, vocab_size: int) -> HFTokenizer:
+def _bpe(cfg: DataConfig, vocab_size: int, sources: list[DataConfig] | None = None) -> HFTokenizer:
+    """BPE trained on the training split of cfg's source, or of every config in `sources` (a
+    mixture's components, in turn)."""
     from tokenizers import Tokenizer as HFModel
 
+    sources = sources or [cfg]
     frac = val_fraction(cfg.val_fraction)
     # val_fraction is in the key because the tokenizer sees only the training split.
-    stem = f"bpe{vocab_size}-{source_fingerprint(cfg)}-val{frac.numerator}_{frac.denominator}"
+    fingerprint = "+".join(source_fingerprint(c) for c in sources)
+    if len(sources) > 1:
+        fingerprint = "mix-" + hashlib.sha1(fingerprint.encode()).hexdigest()[:12]
+    stem = f"bpe{vocab_size}-{fingerprint}-val{frac.numerator}_{frac.denominator}"
     path = cache_dir(cfg) / "tokenizers" / f"{stem}.json"
     with cache_lock(path):
         if not path.is_file():
             t0 = time.perf_counter()
-            tk = _train_bpe(_train_batches(cfg), vocab_size)
+            tk = _train_bpe(_train_batches(sources), vocab_size)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(tk.to_str())
             os.replace(tmp, path)
@@ -344,7 +354,10 @@ def _load_file(path: Path) -> Tokenizer:
 def make_tokenizer(cfg: DataConfig) -> Tokenizer:
     """The text tokenizer `cfg.tokenizer` names ("bytes", "bpe:N", a file, a tokenizer
     directory, a cached HF hub name; "" = bpe:4096), or a prepared dir's own (synthetic tasks
-    bring theirs: lmtrain.data.tasks.make_tokenizer)."""
+    bring theirs: lmtrain.data.tasks.make_tokenizer). A mixture has one tokenizer for all its
+    components: a prepared component's own, or bpe:N trained on every component's text."""
+    if cfg.mixture:
+        return _mixture_tokenizer(cfg)
     meta = prepared_meta(cfg.source)
     if meta is not None:
         return _prepared_tokenizer(cfg, meta)
@@ -357,3 +370,39 @@ def make_tokenizer(cfg: DataConfig) -> Tokenizer:
             raise DataError(f"data.tokenizer {spec!r}: N in 'bpe:N' must be an integer >= 258")
         return _bpe(cfg, int(n))
     return _load_file(tokenizer_file(spec))
+
+
+def component_config(cfg: DataConfig, name: str) -> DataConfig:
+    """The data config of mixture component `name` read alone."""
+    return dataclasses.replace(cfg, source=cfg.components()[name].source, mixture=())
+
+
+def _mixture_tokenizer(cfg: DataConfig) -> Tokenizer:
+    names = list(cfg.components())
+    parts = {n: component_config(cfg, n) for n in names}
+    prepared = {n: m for n in names if (m := prepared_meta(parts[n].source)) is not None}
+    if prepared and not cfg.tokenizer:  # the first prepared component's own tokenizer
+        first = next(iter(prepared))
+        tok, said = make_tokenizer(parts[first]), f"data.mixture.{first}'s own"
+    elif (cfg.tokenizer or DEFAULT_SPEC).startswith("bpe:") and not prepared:
+        n = (cfg.tokenizer or DEFAULT_SPEC)[4:]
+        if not n.isdigit() or int(n) < 258:
+            raise DataError(f"data.tokenizer {cfg.tokenizer!r}: N in 'bpe:N' must be >= 258")
+        tok, said = _bpe(cfg, int(n), [parts[k] for k in names]), f"data.tokenizer {cfg.tokenizer}"
+    elif cfg.tokenizer.startswith("bpe:"):
+        raise DataError(
+            f"data.tokenizer {cfg.tokenizer}: a BPE is trained on text, but data.mixture."
+            f"{next(iter(prepared))} is a prepared corpus of tokens; leave data.tokenizer empty "
+            "to use its own tokenizer, or name a tokenizer file"
+        )
+    else:  # bytes, a file, a directory or a cached hub name: not read from any corpus
+        tok = make_tokenizer(dataclasses.replace(parts[names[0]], source="stdlib"))
+        said = f"data.tokenizer {cfg.tokenizer!r}"
+    for n, meta in prepared.items():
+        if meta.get("tokenizer_name") != tok.name:
+            raise DataError(
+                f"data.mixture.{n}: {parts[n].source} was prepared with tokenizer "
+                f"{meta.get('tokenizer_name')}, but the mixture's tokenizer is {tok.name} "
+                f"({said}); a mixture needs one tokenizer: prepare every component with it"
+            )
+    return tok
