@@ -95,9 +95,9 @@ CURRICULA = ("uniform", "grow_p2", "shrink")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    # "stdlib" (embedded corpus); a corpus file, directory or glob (.txt, .jsonl, .json,
-    # .parquet, each optionally .gz/.zst/.xz/.bz2: lmtrain/data/formats.py); a directory
-    # written by `lmtrain prepare`; or a synthetic task ("mqar")
+    # "stdlib" or "stdlib-prose" (embedded corpora); a corpus file, directory or glob (.txt,
+    # .jsonl, .json, .parquet, each optionally .gz/.zst/.xz/.bz2: lmtrain/data/formats.py); a
+    # directory written by `lmtrain prepare`; or a synthetic task ("mqar")
     source: str = "stdlib"
     seq_len: int = 256
     # "bytes" | "bpe:N" (trained on the train split) | tokenizer.json or sentencepiece .model |
