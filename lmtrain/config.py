@@ -81,8 +81,8 @@ class MixtureComponent:
     # Passes over its training split after which it leaves the mixture (data.mixture_exhausted);
     # 0: no limit (it starts a new epoch, in a new order, whenever it runs out).
     max_epochs: float = 0.0
-    # Read only the first N training tokens (a unique-token budget, experiments/repetition.py);
-    # 0: all of them.
+    # A unique-token budget (experiments/repetition.py): train on a fixed random subset of N
+    # tokens (whole rows) of its training split, the same for every train.seed; 0: all of them.
     unique_tokens: int = 0
 
 

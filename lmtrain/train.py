@@ -148,7 +148,7 @@ class StepLog:
         self.agreed_stop = False  # set from a step's metrics: every process sees it at one step
         self.summary: dict[str, Any] = {"step": start}
         self.multi_length = len(window.fpt) > 1
-        self.seen = None  # a mixture's tokens/NAME and epochs/NAME after a step
+        self.seen = None  # TrainData.seen: epochs (a mixture's tokens/NAME, epochs/NAME)
 
     def flush(self) -> None:
         """Fetches the pending step's metrics, stops on NaN, logs."""
@@ -252,7 +252,7 @@ def _train(cfg: Config, workdir: Path) -> dict:
 
     window = MetricsWindow(start, tokens_per_step, fpt, peak, run.optimizer_flops)
     steps = StepLog(cfg, tracker, window, ckpt, start)
-    steps.seen = getattr(it, "seen", None)
+    steps.seen = train_data.seen
     summary, s = steps.summary, start
     watchdog = runguard.Watchdog(cfg.train.hang_timeout_s)
     profiler = runguard.Profiler(workdir, cfg.train.profile_steps, cfg.train.profile_process)

@@ -160,19 +160,24 @@ def tiny_config(corpus):
 def multiprocess_experiment(d):
     """A tiny experiment file on a synthetic corpus under `d`, for runs in other processes
     (multi-process, SLURM); constant lr, so the total step count is free. Its argument is the
-    step count, "ddN" for dataset decomposition over N steps."""
-    corpus = d / "corpus"
+    step count, "ddN" for dataset decomposition over N steps, "mxN" for a two-component
+    mixture (0.7 / 0.3) over N steps."""
+    corpus, other = d / "corpus", d / "other"
     corpus.mkdir()
+    other.mkdir()
     rng = np.random.default_rng(0)
     for i in range(40):
         words = rng.choice(["ab", "cd", "ef", "gh", "ij"], size=int(rng.integers(20, 120)))
         (corpus / f"{i}.txt").write_text(" ".join(words))
+        digits = rng.choice(["12", "345", "67", "890"], size=int(rng.integers(20, 120)))
+        (other / f"{i}.txt").write_text(" ".join(digits))
     p = d / "exp.py"
     p.write_text(f"""
 from lmtrain import config
 def get_config(arg):
     dd = arg.startswith("dd")  # "dd8": dataset decomposition, 8 steps
-    arg = arg[2:] if dd else arg
+    mx = arg.startswith("mx")  # "mx8": a two-component mixture, 8 steps
+    arg = arg[2:] if dd or mx else arg
     cfg = config.override(config.Config(), {{
         "model.name": "transformer", "model.d_model": 32, "model.n_layers": 2,
         "model.n_heads": 2, "data.source": {str(corpus)!r}, "data.tokenizer": "bytes",
@@ -187,6 +192,11 @@ def get_config(arg):
             "data.decompose.max_log2_len": 5,
             "train.tokens_per_step": 256,
         }})
+    if mx:
+        cfg = config.override(cfg, {{"data.source": "stdlib", "data.mixture": {{
+            "words": {{"source": {str(corpus)!r}, "weight": 0.7}},
+            "digits": {{"source": {str(other)!r}, "weight": 0.3}},
+        }}}})
     return cfg
 """)
     return p

@@ -153,3 +153,107 @@ def test_mixture_in_a_yaml_file(corpus, tmp_path):
     cfg = config_lib.load_file(p)
     assert cfg.data.components()["b"].weight == ((0, 0.5), (100, 0.1))
     assert config_lib.from_dict(config_lib.to_dict(cfg)).data == cfg.data
+
+
+@pytest.fixture
+def mix_json(corpus, tmp_path):
+    """A config file with a two-component mixture of text directories."""
+    p = tmp_path / "mix.json"
+    config_lib.save_json(_mixed(corpus, tmp_path), p)
+    return p
+
+
+@pytest.mark.parametrize(
+    "sets, words",
+    [
+        (["data.mixture.small.weight=-1"], ["data.mixture.small.weight", ">= 0"]),
+        (["data.mixture.big.weight=0", "data.mixture.small.weight=0"], ["every component"]),
+        (["data.mixture.small.weight=lots"], ["data.mixture.small.weight"]),
+        (["data.mixture.smal.weight=0.5"], ["no component 'smal'", "big, small"]),
+        (["data.mixture.small.wieght=0.5"], ["data.mixture.small", "did you mean 'weight'"]),
+        (["data.mixture.small.source=/no/such/dir"], ["data.mixture.small", "/no/such/dir"]),
+    ],
+)
+def test_cli_refusals_exit_2_naming_the_component(mix_json, tmp_path, capsys, sets, words):
+    from lmtrain.cli import main
+
+    args = ["train", "--config", str(mix_json), "--workdir", str(tmp_path / "wd")]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert len(err.strip().splitlines()) == 1, err  # one clear message, no traceback
+    assert not (tmp_path / "wd" / "checkpoints").exists()
+
+
+def test_cli_refuses_components_prepared_with_different_tokenizers(corpus, tmp_path, capsys):
+    from lmtrain.cli import main
+
+    cache = str(tmp_path / "cache")
+    for name, tok in (("a", "bytes"), ("b", "bpe:300")):
+        args = ["prepare", str(corpus), "--out", str(tmp_path / name), "--tokenizer", tok]
+        assert main([*args, "--cache-dir", cache, "--no-progress"]) == 0
+    capsys.readouterr()
+    cfg = _mixed(corpus, tmp_path, **{"data.tokenizer": "bytes"})
+    config_lib.save_json(config_lib.override(cfg, {"data.mixture": {}}), tmp_path / "c.json")
+    args = ["train", "--config", str(tmp_path / "c.json"), "--workdir", str(tmp_path / "wd")]
+    for name in ("a", "b"):
+        args += ["--set", f"data.mixture.{name}.source={tmp_path / name}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "data.mixture.b" in err and "prepared with tokenizer bpe300" in err, err
+
+
+def test_unique_tokens_is_a_fixed_random_subset_over_the_whole_split():
+    """A budget of U tokens trains on U / seq_len rows spread over the split (not its first
+    rows), the same rows for any train.seed, and nothing outside them."""
+    n_rows, seq_len = 400, 8
+    stream = TokenStream(np.arange(n_rows * seq_len + 1, dtype=np.int32) + 1, eod_id=0, pad_id=0)
+    comps = {"a": config_lib.MixtureComponent("x", 1.0, unique_tokens=40 * seq_len)}
+    mix = Mixture({"a": stream}, comps)
+    (subset,) = mix.subsets(seq_len)
+    assert len(subset) == 40 and len(set(subset)) == 40 and subset.max() > n_rows // 2
+    rows = set()
+    for seed in (0, 1):
+        it = MixtureIterator(
+            mix, seq_len=seq_len, global_batch=10, seed=seed, first_row=0, local_batch=10,
+            prefetch=0,
+        )  # fmt: skip
+        for _ in range(8):  # 2 epochs over the 40 rows
+            rows |= {int(r[0] - 1) // seq_len for r in next(it)["inputs"]}
+        assert it.seen(8)["epochs/a"] == pytest.approx(2.0)
+        assert it.seen(8)["tokens/a"] == 80 * seq_len
+    assert rows == set(subset.tolist())
+    full = Mixture({"a": stream}, {"a": config_lib.MixtureComponent("x", 1.0)})
+    assert full.subsets(seq_len) == [None]
+
+
+def test_sweep_results_carry_epochs_and_fit_leaves_repeated_runs_out(capsys):
+    from lmtrain.sweeps.report import split_repeated
+    from lmtrain.sweeps.runner import data_seen
+
+    last = {"tokens": 640, "tokens/a": 480, "epochs/a": 4.0, "tokens/b": 160, "epochs/b": 0.5}
+    got = data_seen(last, {"val_loss": 3.0, "val_loss/a": 2.5, "val_bpb/b": 4.0})
+    assert got["epochs"] == 4.0 and got["unique_tokens"] == 120 + 320
+    assert got["final_val_loss/a"] == 2.5 and got["final_val_bpb/b"] == 4.0
+    assert got["tokens/b"] == 160 and "final_val_loss" not in got
+    assert data_seen({"tokens": 300, "epochs": 1.5}, {}) == {"epochs": 1.5, "unique_tokens": 200}
+    rows = [{"name": "fresh", "epochs": 0.3}, {"name": "old"}, {"name": "rep", "epochs": 4.0}]
+    kept, out = split_repeated(rows, "exclude")
+    assert [r["name"] for r in kept] == ["fresh", "old"] and out == ["rep"]
+    assert (
+        "left out 1 of 3 runs that saw repeated tokens (up to 4 epochs)" in capsys.readouterr().out
+    )
+    assert split_repeated(rows, "include") == (rows, [])
+    with pytest.raises(ConfigError, match="every finished run saw repeated tokens"):
+        split_repeated(rows[2:], "exclude")
+
+
+def test_single_source_rows_count_epochs(corpus, tmp_path):
+    cfg = config_lib.override(config_lib.Config(), TINY_SETS).validate()
+    train.train(cfg, tmp_path / "wd")
+    rows = [json.loads(x) for x in (tmp_path / "wd/metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "loss" in r][-1]
+    train_rows = data.load_corpus(cfg.data, data.make_tokenizer(cfg.data)).train.num_rows(32)
+    assert last["epochs"] == pytest.approx(last["step"] * cfg.train.batch_size / train_rows)

@@ -106,6 +106,29 @@ def test_decomposition_two_processes_match_one(exp, tmp_path):
     np.testing.assert_allclose([x for _, x in rows["two"]], [x for _, x in rows["one"]], rtol=1e-5)
 
 
+def test_mixture_global_batch_is_the_same_on_any_process_count(exp, tmp_path):
+    """A mixture's global batch does not depend on the process count: one process on 4
+    devices, two on 2, and a run begun by two and resumed by one give the same losses and
+    the same tokens per component."""
+    runs = {"one": [(1, 4, 8)], "two": [(2, 2, 8)], "resumed": [(2, 2, 4), (1, 4, 8)]}
+    rows = {}
+    for name, legs in runs.items():
+        for n, devices, steps in legs:
+            rc, err = finish(launch(n, devices, exp, f"mx{steps}", tmp_path / name))
+            assert rc == 0, err
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        got = {r["step"]: r for r in map(json.loads, lines) if "loss" in r}
+        rows[name] = [
+            (got[s]["loss"], got[s]["tokens/words"], got[s]["tokens/digits"]) for s in range(1, 9)
+        ]
+    one = np.array(rows["one"])
+    assert one[-1, 1] > 0 and one[-1, 2] > 0  # both components are read
+    assert abs(one[-1, 2] / (one[-1, 1] + one[-1, 2]) - 0.3) < 0.05
+    for name in ("two", "resumed"):
+        np.testing.assert_array_equal(np.array(rows[name])[:, 1:], one[:, 1:])
+        np.testing.assert_allclose(np.array(rows[name])[:, 0], one[:, 0], rtol=1e-5)
+
+
 def test_sigterm_to_both_saves_the_same_step_and_resumes(exp, ref, tmp_path):
     wd = tmp_path / "term"
     p = launch(2, 2, exp, 100000, wd)

@@ -141,6 +141,13 @@ def add_parsers(sub, sets: dict) -> None:
         help="report each other group's compute multiplier at equal loss over this one "
         "(e.g. --by optimizer --reference adamw)",
     )
+    f.add_argument(
+        "--repeated",
+        choices=["exclude", "include"],
+        default="exclude",
+        help="runs that saw a token more than once (epochs > 1 in results.jsonl): leave them "
+        "out of the fit (default; the law assumes fresh tokens) or fit them as if fresh",
+    )
     f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (200)")
     f.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
     f.add_argument("--out", default=None, help="output directory (default: the sweep directory)")
@@ -198,6 +205,7 @@ def cmd_fit(args) -> int:
         by=args.by,
         best_lr=args.best_lr,
         reference=args.reference,
+        repeated=args.repeated,
     )
     return 0
 

@@ -229,6 +229,16 @@ class Mixture:
             stop=self.exhausted == "stop",
         )  # fmt: skip
 
+    def subsets(self, seq_len: int) -> list[np.ndarray | None]:
+        """Each component's stream rows under its unique_tokens budget: a fixed random subset
+        spread over the whole split (the same for every train.seed), or None: all of them."""
+        out = []
+        for n, r in self.num_rows(seq_len).items():
+            total = self.streams[n].num_rows(seq_len)
+            rng = np.random.default_rng(_seed(0, f"unique_tokens/{n}"))
+            out.append(None if r == total else np.sort(rng.choice(total, r, replace=False)))
+        return out
+
     def orders(self, seq_len: int, seed: int) -> list[Any]:
         """Each component's row order over endless epochs, reshuffled every epoch."""
         rows = self.num_rows(seq_len)
@@ -278,6 +288,7 @@ class MixtureIterator:
         self.rows = np.array(list(mixture.num_rows(seq_len).values()))
         self._fingerprint = mixture.fingerprint(seq_len, global_batch, seed)
         orders = mixture.orders(seq_len, seed)
+        subsets = mixture.subsets(seq_len)
         streams = [mixture.streams[n] for n in mixture.names]
         end = self.sampler.end_row
         self.end_step = None if end is None else end // global_batch
@@ -288,7 +299,10 @@ class MixtureIterator:
             out: Batch = {}
             for c in np.unique(comp):
                 where = np.flatnonzero(comp == c)
-                got = streams[c].load_rows([orders[c][i] for i in index[where]], seq_len)
+                rows = [orders[c][i] for i in index[where]]
+                if subsets[c] is not None:
+                    rows = subsets[c][rows].tolist()
+                got = streams[c].load_rows(rows, seq_len)
                 for key, value in got.items():
                     if key not in out:
                         out[key] = np.zeros((local_batch, *value.shape[1:]), value.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -23,7 +23,7 @@ from lmtrain.data.sources import (
     source_fingerprint,
     val_fraction,
 )
-from lmtrain.data.tokenizers import Tokenizer, component_config
+from lmtrain.data.tokenizers import Tokenizer, check_component_sources, component_config
 from lmtrain.errors import DataError
 
 
@@ -135,6 +135,7 @@ def load_corpus(cfg: DataConfig, tok: Tokenizer) -> Corpus:
 def _load_mixture(cfg: DataConfig, tok: Tokenizer) -> Corpus:
     """Every component as its own corpus (prepared and cached as a single source is); the
     training side is a Mixture, the validation side each component's split by name."""
+    check_component_sources(cfg)
     parts: dict[str, Corpus] = {}
     for name in cfg.components():
         try:
@@ -316,12 +317,14 @@ def _eval_batch(
 @dataclasses.dataclass
 class TrainData:
     """Training batches of either packing: an endless, checkpointable iterator (get_state /
-    set_state), every (global batch, seq_len) shape it yields, and the decomposition report
-    ({} for concat-and-chunk)."""
+    set_state), every (global batch, seq_len) shape it yields, the decomposition report ({} for
+    concat-and-chunk), and `seen(step)`: the data counts a metrics row carries after `step`
+    steps (epochs, or a mixture's tokens/NAME and epochs/NAME; None under decomposition)."""
 
     iterator: Any
     shapes: list[tuple[int, int]]
     report: dict[str, Any]
+    seen: Callable[[int], dict[str, float]] | None = None
 
 
 def make_train_data(
@@ -345,7 +348,7 @@ def make_train_data(
             source, seq_len=cfg.data.seq_len, global_batch=shapes[0][0], seed=cfg.train.seed,
             first_row=process_index * b, local_batch=b, prefetch=cfg.data.prefetch,
         )  # fmt: skip
-        return TrainData(it, shapes, {})
+        return TrainData(it, shapes, {}, it.seen)
     it = train_iterator(
         source,
         seq_len=cfg.data.seq_len,
@@ -355,4 +358,5 @@ def make_train_data(
         process_count=process_count,
         prefetch=cfg.data.prefetch,
     )
-    return TrainData(it, shapes, {})
+    rows, batch = source.num_rows(cfg.data.seq_len), shapes[0][0]
+    return TrainData(it, shapes, {}, lambda step: {"epochs": step * batch / rows})

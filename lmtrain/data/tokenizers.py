@@ -13,12 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lmtrain.data import hf_source
 from lmtrain.data.sources import (
+    EMBEDDED,
     DataError,
     cache_dir,
     cache_lock,
     iter_documents,
     prepared_meta,
+    resolve_files,
     source_fingerprint,
     val_fraction,
 )
@@ -377,7 +380,21 @@ def component_config(cfg: DataConfig, name: str) -> DataConfig:
     return dataclasses.replace(cfg, source=cfg.components()[name].source, mixture=())
 
 
+def check_component_sources(cfg: DataConfig) -> None:
+    """Every text component's files exist and are readable, before any is tokenised: a bad
+    source is one error naming its component, not a failure after the others were read."""
+    for name, comp in cfg.components().items():
+        src = comp.source
+        if src in EMBEDDED or hf_source.is_hf(src) or prepared_meta(src) is not None:
+            continue
+        try:
+            resolve_files(src)
+        except DataError as e:
+            raise DataError(f"data.mixture.{name}: {e}") from None
+
+
 def _mixture_tokenizer(cfg: DataConfig) -> Tokenizer:
+    check_component_sources(cfg)
     names = list(cfg.components())
     parts = {n: component_config(cfg, n) for n in names}
     prepared = {n: m for n in names if (m := prepared_meta(parts[n].source)) is not None}

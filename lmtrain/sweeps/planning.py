@@ -160,16 +160,23 @@ def si(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _unique(cfg: Config) -> str:
+    """-U<tokens>: the unique-token budget of a mixture that sets one (repetition sweeps)."""
+    budgets = [c.unique_tokens for _, c in cfg.data.mixture]
+    return f"-U{si(sum(budgets))}" if any(budgets) else ""
+
+
 def plan(configs: Sequence[Config]) -> list[PlannedRun]:
-    """Runs named family-N<non-embedding params>-D<tokens>-s<seed>, then -<optimizer>-lr<lr>
-    where that is not unique, then a hash of the config where even that is not."""
+    """Runs named family-N<non-embedding params>-D<tokens>[-U<unique tokens>]-s<seed>, then
+    -<optimizer>-lr<lr> where that is not unique, then a hash of the config where even that
+    is not."""
     cfgs = [
         config_lib.override(config_lib.with_family_config(c), {"train.progress": False}).validate()
         for c in configs
     ]
     counts = [param_counts(c) for c in cfgs]
     names = [
-        f"{c.model.name}-N{si(n)}-D{si(tokens(c))}-s{c.train.seed}"
+        f"{c.model.name}-N{si(n)}-D{si(tokens(c))}{_unique(c)}-s{c.train.seed}"
         for c, (_, n) in zip(cfgs, counts, strict=True)
     ]
     first = list(names)

@@ -82,6 +82,27 @@ def finished_rows(sweep_dir: Path, metric: str) -> list[dict]:
     return good
 
 
+def split_repeated(rows: list[dict], repeated: str) -> tuple[list[dict], list[str]]:
+    """(the rows to fit, the names of runs left out for repeated tokens); ConfigError when
+    none is left."""
+    if repeated not in ("exclude", "include"):
+        raise ConfigError(f"--repeated must be exclude or include, not {repeated!r}")
+    out = [r["name"] for r in rows if (r.get("epochs") or 0) > 1 + 1e-6]
+    if repeated == "include" or not out:
+        return rows, []
+    most = max(r["epochs"] for r in rows if r["name"] in out)
+    print(
+        f"left out {len(out)} of {len(rows)} runs that saw repeated tokens (up to {most:.3g} "
+        "epochs): the law assumes fresh tokens (--repeated include fits them anyway)"
+    )
+    if len(out) == len(rows):
+        raise ConfigError(
+            "every finished run saw repeated tokens; nothing is left to fit "
+            "(--repeated include fits them as if their tokens were fresh)"
+        )
+    return [r for r in rows if r["name"] not in out], out
+
+
 def fit_sweep(
     sweep_dir: Path,
     *,
@@ -96,6 +117,7 @@ def fit_sweep(
     by: str = "family",
     best_lr: bool = False,
     reference: str | None = None,
+    repeated: str = "exclude",
 ) -> dict:
     """Fits the laws of a sweep's finished runs; writes fit.json, fit.md and plots into `out`
     (default: the sweep directory), prints a summary, and returns the fit.
@@ -105,11 +127,14 @@ def fit_sweep(
     sweep directory whose runs are predicted and compared; `by`: the column that splits the
     runs into separately fitted groups ("family" or "optimizer"); `best_lr`: fit only the best
     lr of each (group, N, D) cell; `reference`: a group to report compute multipliers against
-    (lmtrain.sweeps.compare).
+    (lmtrain.sweeps.compare); `repeated`: "exclude" leaves out runs that saw a token more than
+    once (`epochs` > 1 in results.jsonl: the law assumes fresh tokens), "include" fits them
+    as if their tokens were fresh.
     """
     sweep_dir = Path(sweep_dir)
     n_key = "params_nonembed" if params == "nonembed" else "params"
-    rows = compare.group_rows(finished_rows(sweep_dir, metric), by)
+    rows, left_out = split_repeated(finished_rows(sweep_dir, metric), repeated)
+    rows = compare.group_rows(rows, by)
     lr_table = None
     if best_lr:
         rows, lr_table = compare.best_lr(rows, metric, n_key)
@@ -143,6 +168,7 @@ def fit_sweep(
         "best_lr": lr_table,
         "reference": reference,
         "compare": compared,
+        "repeated_left_out": left_out,
     }
     (out / "fit.json").write_text(json.dumps(result, indent=1) + "\n")
     try:
@@ -225,6 +251,13 @@ def report(fit: dict, plot_note: str) -> str:
         plot_note,
         "",
     ]
+    if fit.get("repeated_left_out"):
+        out += [
+            f"Left out {len(fit['repeated_left_out'])} runs that saw repeated tokens (the law "
+            "assumes fresh tokens; `--repeated include` fits them): "
+            + ", ".join(f"`{n}`" for n in fit["repeated_left_out"]),
+            "",
+        ]
     for name, fam in fit["families"].items():
         out += [f"## {fit.get('by', 'family').capitalize()} `{name}`", ""]
         if "error" in fam:

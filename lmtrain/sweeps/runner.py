@@ -49,8 +49,30 @@ from lmtrain.sweeps.workdirs import (
 COLUMNS = (
     "index name family status seed params params_nonembed tokens flops model_flops d_model "
     "n_layers seq_len batch_size lr steps step train_loss final_val_loss final_val_bpb "
-    "best_val_loss best_val_bpb wall_s tokens_per_sec"
+    "best_val_loss best_val_bpb unique_tokens epochs wall_s tokens_per_sec"
 ).split()
+
+
+def data_seen(last: dict, final_eval: dict) -> dict[str, Any]:
+    """A run's data counts from its last train row: `epochs` (the most passes over any
+    component's training rows, so > 1 means repeated tokens), `unique_tokens` (training tokens
+    it could draw), tokens/NAME and epochs/NAME of a mixture, and final_val_loss/NAME and
+    final_val_bpb/NAME from its last evaluation."""
+    out: dict[str, Any] = {}
+    seen = {k: v for k, v in last.items() if k.startswith(("tokens/", "epochs/"))}
+    names = [k.split("/", 1)[1] for k in seen if k.startswith("epochs/")]
+    if names:
+        out["epochs"] = max(seen[f"epochs/{n}"] for n in names)
+        per = [seen[f"tokens/{n}"] / seen[f"epochs/{n}"] for n in names if seen[f"epochs/{n}"]]
+        out["unique_tokens"] = round(sum(per)) if len(per) == len(names) else None
+    elif last.get("epochs"):
+        out["epochs"] = last["epochs"]
+        out["unique_tokens"] = round(last["tokens"] / last["epochs"])
+    out.update(seen)
+    for k, v in final_eval.items():
+        if k.startswith(("val_loss/", "val_bpb/")):
+            out[f"final_{k}"] = v
+    return out
 
 
 def result_row(run: PlannedRun, run_dir: Path, status: str | None = None) -> dict[str, Any]:
@@ -58,9 +80,11 @@ def result_row(run: PlannedRun, run_dir: Path, status: str | None = None) -> dic
     if status in (None, "done") and (run_dir / "result.json").is_file():
         return json.loads((run_dir / "result.json").read_text())
     attempts = read_attempts(run_dir)
+    train_rows, eval_rows = read_metrics(run_dir)
     if status is None:
         status = _disk_status(run_dir, attempts)
-    train_rows, eval_rows = read_metrics(run_dir)
+        if status == "stopped" and train_rows and max(train_rows) >= run.cfg.train.steps:
+            status = "done"  # finished, its result.json gone: --collect rebuilds it
     evals = [eval_rows[s] for s in sorted(eval_rows)]
     bpbs = [e["val_bpb"] for e in evals if "val_bpb" in e]
     rates = sorted(r["tokens_per_sec"] for r in train_rows.values() if "tokens_per_sec" in r)
@@ -92,6 +116,7 @@ def result_row(run: PlannedRun, run_dir: Path, status: str | None = None) -> dic
         "best_val_bpb": min(bpbs) if bpbs else None,
         "wall_s": sum(a["end"] - a["start"] for a in attempts if "end" in a),
         "tokens_per_sec": rates[len(rates) // 2] if rates else None,  # median logged rate
+        **data_seen(last, evals[-1] if evals else {}),
     }
 
 
@@ -111,7 +136,8 @@ def write_results(
     rows = [result_row(r, sweep_dir / r.name, live.get(r.name)) for r in runs]
     atomic_write(sweep_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, COLUMNS, extrasaction="ignore")
+    extra = sorted({k for r in rows for k in r if "/" in k})  # a mixture's per-component columns
+    writer = csv.DictWriter(buf, [*COLUMNS, *extra], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(sweep_dir / "results.csv", buf.getvalue())
