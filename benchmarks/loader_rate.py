@@ -1,8 +1,10 @@
 """Does the data pipeline keep up with the train step? Batches/s of the training iterator alone
 against steps/s of the compiled train step, for the quickstart model and a width-64 model (the
-cheapest step lmtrain runs), with concat-and-chunk and dataset decomposition.
+cheapest step lmtrain runs), with concat-and-chunk, dataset decomposition, and a
+three-component mixture (concat-and-chunk; stdlib 0.7, stdlib-prose 0.2 and a 40 KB slice of
+the stdlib's own text 0.1 with max_epochs 50, so it runs through epochs while it is timed).
 
-    python benchmarks/loader_rate.py [--seconds 10]
+    python benchmarks/loader_rate.py [--seconds 10] [--packing concat,decompose,mixture]
 
 The loader is timed on its own (next() on the iterator grain returns, prefetch as configured),
 the step over 32 batches it produced, cycled (block_until_ready each step; under decomposition
@@ -32,6 +34,16 @@ PACKINGS = {
         "data.decompose.max_log2_len": 8,
         "train.tokens_per_step": 16 * 256,
     },
+    "mixture": {
+        "data.mixture.code.source": "stdlib",
+        "data.mixture.code.weight": 0.7,
+        "data.mixture.prose.source": "stdlib-prose",
+        "data.mixture.prose.weight": 0.2,
+        "data.mixture.small.source": "stdlib",  # its unique_tokens: a 40k-token slice
+        "data.mixture.small.weight": 0.1,
+        "data.mixture.small.unique_tokens": 40_000,
+        "data.mixture.small.max_epochs": 50,
+    },
 }
 
 
@@ -47,6 +59,7 @@ def rate(fn, seconds: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--packing", default=",".join(PACKINGS), help="which of " + ", ".join(PACKINGS))
     args = ap.parse_args()
     import jax
 
@@ -54,6 +67,8 @@ def main() -> None:
 
     for case, model in CASES.items():
         for packing, sets in PACKINGS.items():
+            if packing not in args.packing.split(","):
+                continue
             cfg = config.override(
                 config.load_experiment("experiments/quickstart.py"), {**model, **sets}
             )
