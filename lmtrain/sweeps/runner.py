@@ -83,7 +83,7 @@ def result_row(run: PlannedRun, run_dir: Path, status: str | None = None) -> dic
     train_rows, eval_rows = read_metrics(run_dir)
     if status is None:
         status = _disk_status(run_dir, attempts)
-        if status == "stopped" and train_rows and max(train_rows) >= run.cfg.train.steps:
+        if status == "stopped" and _at_end(run, train_rows):
             status = "done"  # finished, its result.json gone: --collect rebuilds it
     evals = [eval_rows[s] for s in sorted(eval_rows)]
     bpbs = [e["val_bpb"] for e in evals if "val_bpb" in e]
@@ -169,7 +169,10 @@ def prepare(runs: Sequence[PlannedRun], sweep_dir: Path) -> None:
 
 def finished(run: PlannedRun, run_dir: Path) -> bool:
     """True when metrics.jsonl shows the run's last step."""
-    train_rows, _ = read_metrics(run_dir)
+    return _at_end(run, read_metrics(run_dir)[0])
+
+
+def _at_end(run: PlannedRun, train_rows: dict[int, dict]) -> bool:
     return bool(train_rows) and max(train_rows) >= run.cfg.train.steps
 
 
