@@ -1,6 +1,7 @@
 """Repeated data at fixed compute: the quickstart model trained on 1.1M tokens, drawn from
 unique-token budgets seen 1, 2, 4, 8 and 16 times, beside fresh-data runs of 1/2 .. 1/16 the
-tokens (for Muennighoff et al.'s data-constrained law). About 40 minutes on 2 CPU cores (--parallel 2).
+tokens (for Muennighoff et al.'s data-constrained law). About 40 minutes on 2 CPU cores
+(--parallel 2).
 
 lmtrain sweep experiments/repetition.py --dir runs/repetition --parallel 2
 python benchmarks/repetition.py runs/repetition    # the table, the fit and the plot
