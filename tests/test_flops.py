@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -138,7 +139,9 @@ def test_measure_cpu_peak_is_plausible():
     for dtype in (jnp.float32, jnp.bfloat16):
         peak = flops.measure_cpu_peak(n=1024, repeats=3, dtype=dtype)
         bound = flops.cpu_flops_bound(jnp.dtype(dtype).name)
-        assert math.isfinite(peak) and 1e8 < peak <= bound < 1e13
+        # The bound is per machine (a 2-core AMX host reads 1.06e13 in bf16); per core it stays
+        # below 1e13, what no CPU core does.
+        assert math.isfinite(peak) and 1e8 < peak <= bound < 1e13 * (os.cpu_count() or 1)
 
 
 def test_mfu_arithmetic():

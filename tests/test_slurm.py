@@ -208,7 +208,9 @@ def test_sweep_array_runs_under_sbatch_and_collects_the_local_runners_table(slur
         rows[name] = [{k: r.get(k) for k in keys} for r in map(json.loads, lines)]
     assert [r["status"] for r in rows["array"]] == ["done"] * 6
     assert rows["array"] == rows["local"]  # the same arithmetic on the same devices: exact
-    lmtrain("fit", str(local))
-    lmtrain("fit", str(array))
+    # The tiny corpus is seen up to 1.4 times by the longest runs: fit them anyway (the test
+    # compares the two fits, not the law).
+    lmtrain("fit", str(local), "--repeated", "include")
+    lmtrain("fit", str(array), "--repeated", "include")
     fits = [json.loads((d / "fit.json").read_text())["families"] for d in (local, array)]
     assert fits[0] == fits[1]

@@ -101,11 +101,16 @@ def test_sharded_step_matches_single_device(corpus, name, mesh):
     # Losses and gradient norms of every step (the params evolve between them) agree tightly.
     np.testing.assert_allclose(got_losses, ref_losses, rtol=1e-5)
     # One Adam update moves a weight by ~lr (1e-3 here). Adam's g / (|g| + eps) amplifies
-    # reduction-order noise on near-zero gradients (hybrid:GMA moved one weight of 8,256 by
-    # 6.7e-5 after three steps), so params are compared at 15% of one update: a wrong sharding
-    # (a lost or doubled shard) is off by whole updates.
+    # reduction-order noise on near-zero gradients (hybrid:GMA moved single weights of 8,256 by
+    # 6.7e-5 and 1.6e-4 after three steps, on two CPU models), so params agree to 15% of one
+    # update except at most one weight in 1,000 a leaf, and those within the three updates:
+    # a wrong sharding (a lost or doubled shard) is off by whole updates on whole slices.
     for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(got_params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1.5e-4)
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        diff = np.abs(a - b)
+        off = diff > 1.5e-4 + 1e-4 * np.abs(b)
+        assert off.sum() <= max(1, a.size // 1000), f"{off.sum()} of {a.size} weights differ"
+        assert diff.max() <= 3e-3, diff.max()
 
 
 @pytest.mark.slow
