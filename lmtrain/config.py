@@ -343,10 +343,6 @@ class Config:
             d.mixture_exhausted in EXHAUSTED, "data.mixture_exhausted",
             _unknown(d.mixture_exhausted, EXHAUSTED),
         )  # fmt: skip
-        check(
-            d.packing == "concat", "data.packing",
-            "must be 'concat' with data.mixture (decomposition of a mixture is not built yet)",
-        )  # fmt: skip
         check(d.source == "stdlib", "data.source", "is unused with data.mixture: set one of them")
         for name, c in d.mixture:
             key = f"data.mixture.{name}"
@@ -356,6 +352,11 @@ class Config:
             check(c.max_epochs >= 0, f"{key}.max_epochs", "must be >= 0 (0: no limit)")
             check(c.unique_tokens >= 0, f"{key}.unique_tokens", "must be >= 0 (0: all)")
             stages = mixture_stages(c.weight)
+            if d.packing == "decompose":  # lmtrain/data/decompose_mixture.py
+                dd = "with data.packing='decompose' (a concat-and-chunk option)"
+                check(len(stages) == 1, f"{key}.weight", f"cannot have stages {dd}")
+                check(c.max_epochs == 0, f"{key}.max_epochs", f"must be 0 {dd}")
+                check(c.unique_tokens == 0, f"{key}.unique_tokens", f"must be 0 {dd}")
             check(
                 stages[0][0] == 0
                 and all(a[0] < b[0] for a, b in zip(stages, stages[1:], strict=False)),

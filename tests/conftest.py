@@ -161,7 +161,7 @@ def multiprocess_experiment(d):
     """A tiny experiment file on a synthetic corpus under `d`, for runs in other processes
     (multi-process, SLURM); constant lr, so the total step count is free. Its argument is the
     step count, "ddN" for dataset decomposition over N steps, "mxN" for a two-component
-    mixture (0.7 / 0.3) over N steps."""
+    mixture (0.7 / 0.3) over N steps, "ddmxN" for both."""
     corpus, other = d / "corpus", d / "other"
     corpus.mkdir()
     other.mkdir()
@@ -176,8 +176,9 @@ def multiprocess_experiment(d):
 from lmtrain import config
 def get_config(arg):
     dd = arg.startswith("dd")  # "dd8": dataset decomposition, 8 steps
-    mx = arg.startswith("mx")  # "mx8": a two-component mixture, 8 steps
-    arg = arg[2:] if dd or mx else arg
+    arg = arg[2:] if dd else arg
+    mx = arg.startswith("mx")  # "mx8": a two-component mixture, 8 steps ("ddmx8": decomposed)
+    arg = arg[2:] if mx else arg
     cfg = config.override(config.Config(), {{
         "model.name": "transformer", "model.d_model": 32, "model.n_layers": 2,
         "model.n_heads": 2, "data.source": {str(corpus)!r}, "data.tokenizer": "bytes",

@@ -127,7 +127,6 @@ def test_per_component_eval_equals_a_single_source_eval(corpus, tmp_path):
         ({"data.mixture.big.weight": "heavy"}, "data.mixture.big.weight"),
         ({"data.mixture.bgi.weight": 0.5}, "no component 'bgi'"),
         ({"data.mixture.big.wieght": 0.5}, "did you mean 'weight'"),
-        ({"data.packing": "decompose"}, "data.packing"),
     ],
 )
 def test_bad_mixtures_are_refused_naming_the_component(corpus, tmp_path, sets, match):

@@ -15,6 +15,7 @@ from lmtrain.config import Config, DataConfig
 from lmtrain.data import prepare, tasks
 from lmtrain.data.contract import Batch, RowSource
 from lmtrain.data.decompose import DecomposedData
+from lmtrain.data.decompose_mixture import DecomposedMixture
 from lmtrain.data.mixture import Mixture, MixtureIterator
 from lmtrain.data.sources import (
     cache_dir,
@@ -332,15 +333,17 @@ def make_train_data(
 ) -> TrainData:
     """The training data of `source` in cfg.data.packing mode, this process's rows only."""
     if cfg.data.packing == "decompose":
-        if not isinstance(source, TokenStream):
+        if not isinstance(source, (TokenStream, Mixture)):
             raise DataError("data.packing='decompose' needs a text corpus")
-        dd = DecomposedData(
+        kind = DecomposedMixture if isinstance(source, Mixture) else DecomposedData
+        dd = kind(
             source, cfg, seed=cfg.train.seed, process_index=process_index,
             process_count=process_count,
         )  # fmt: skip
         s = dd.schedule
         shapes = [(s.batch[k], 1 << k) for k in s.ks if s.batches[k] > 0]
-        return TrainData(dd.iterator(cfg.data.prefetch), shapes, dd.report())
+        seen = dd.seen if isinstance(dd, DecomposedMixture) else None
+        return TrainData(dd.iterator(cfg.data.prefetch), shapes, dd.report(), seen)
     shapes = cfg.train_shapes()
     if isinstance(source, Mixture):
         b = _local_batch(shapes[0][0], process_index, process_count)
