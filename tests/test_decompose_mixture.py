@@ -73,6 +73,14 @@ def test_each_component_in_its_own_lengths_at_its_weight_over_an_epoch():
     seen = dm.seen(steps)
     assert seen["tokens/short"] == got["short"] and seen["tokens/long"] == got["long"]
     assert seen["epochs/short"] == pytest.approx(got["short"] / dm.kept[1])
+    for curriculum in ("uniform", "grow_p2", "shrink"):  # the bar: 1% over 1,000 steps
+        c = DecomposedMixture(
+            mixture(), cfg_for(**{"data.decompose.curriculum": curriculum}), seed=0
+        )
+        t = c.seen(1000)
+        assert t["tokens/short"] / (t["tokens/short"] + t["tokens/long"]) == pytest.approx(
+            0.3, abs=0.01
+        )
     # The schedule follows the mixture's lengths: the short corpus's weight is all 8-token.
     other = DecomposedMixture(mixture(0.7, 0.3), cfg_for(), seed=0)
     assert other.schedule.batches[3] > dm.schedule.batches[3]
