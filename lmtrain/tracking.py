@@ -1,15 +1,57 @@
-"""Run outputs on process 0: metrics.jsonl, TensorBoard events, progress bar, run header."""
+"""Run outputs on process 0: metrics.jsonl, TensorBoard events, progress bar, run header; and
+the throughput / MFU window a train row carries."""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import jax
+
+from lmtrain import flops
+
+
+class MetricsWindow:
+    """Throughput and MFU over the steps since the last log row (steps may differ in length,
+    so FLOPs are summed per step; MFU is `flops.mfu`, the one formula). `optimizer_flops` per
+    step (Muon's Newton-Schulz, optim.step_flops) make the separate "with optimizer" MFU."""
+
+    def __init__(
+        self,
+        step: int,
+        tokens_per_step: int,
+        flops_per_token: dict[int, float],
+        peak,
+        optimizer_flops: float = 0.0,
+    ):
+        self.tokens_per_step, self.fpt, self.peak = tokens_per_step, flops_per_token, peak
+        self.optimizer_flops = optimizer_flops
+        self._start = (step, time.time())
+        self._flops = 0.0
+
+    def add(self, seq_len: int) -> None:
+        """Counts one finished step of sequences of `seq_len`."""
+        self._flops += self.tokens_per_step * self.fpt[seq_len]
+
+    def close(self, step: int) -> dict[str, float]:
+        """{tokens_per_sec, mfu[, mfu_with_optimizer]} since the last close (or the start), and
+        starts a new window."""
+        (s0, t0), now = self._start, time.time()
+        secs = max(now - t0, 1e-9)
+        tokens = self.tokens_per_step * (step - s0)
+        tok_s = tokens / secs
+        mean_fpt = self._flops / max(tokens, 1)
+        self._start, self._flops = (step, now), 0.0
+        row = {"tokens_per_sec": tok_s, "mfu": flops.mfu(tok_s, mean_fpt, self.peak)}
+        if self.optimizer_flops:
+            with_opt = mean_fpt + self.optimizer_flops / self.tokens_per_step
+            row["mfu_with_optimizer"] = flops.mfu(tok_s, with_opt, self.peak)
+        return row
 
 
 class Tracker:

@@ -114,10 +114,10 @@ def test_a_planted_bogus_peak_is_ignored_with_a_warning(monkeypatch, tmp_path, c
 
 
 def test_metrics_window_reports_mfu_from_flops_mfu(monkeypatch):
-    from lmtrain.train import MetricsWindow
+    from lmtrain.tracking import MetricsWindow
 
     clock = iter([100.0, 102.0])
-    monkeypatch.setattr("lmtrain.train.time.time", lambda: next(clock))
+    monkeypatch.setattr("lmtrain.tracking.time.time", lambda: next(clock))
     w = MetricsWindow(0, 1000, {64: 5e6, 128: 7e6}, peak=1e10)
     w.add(64)
     w.add(128)
@@ -127,7 +127,7 @@ def test_metrics_window_reports_mfu_from_flops_mfu(monkeypatch):
     assert "mfu_with_optimizer" not in row
     # An optimizer's own matmuls (Muon) per step: a separate figure; the model's MFU stays.
     clock = iter([100.0, 102.0])
-    monkeypatch.setattr("lmtrain.train.time.time", lambda: next(clock))
+    monkeypatch.setattr("lmtrain.tracking.time.time", lambda: next(clock))
     w = MetricsWindow(0, 1000, {64: 5e6}, peak=1e10, optimizer_flops=2e9)
     w.add(64)
     w.add(64)
