@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from lmtrain.config import OPTIMIZER_NAMES, SCHEDULE_NAMES, ConfigError, OptimConfig
+from lmtrain.muon import NS_STEPS
 
 # ---------------------------------------------------------------------------- schedules
 
@@ -145,22 +146,21 @@ def _lion(
 def _muon(
     cfg: OptimConfig, lr: optax.Schedule, mask: Mask, hidden: Mask
 ) -> optax.GradientTransformation:
-    """optax.contrib's Muon (momentum, Newton-Schulz orthogonalisation, width scaling or
-    consistent RMS, decoupled weight decay) on the hidden weight matrices; AdamW at
-    adam_lr_ratio x the learning rate, with lmtrain's decay mask, on everything else."""
-    import optax.contrib
+    """Muon (lmtrain.muon: optax.contrib.muon's arithmetic and state, its Newton-Schulz work
+    spread over the mesh) on the hidden weight matrices: momentum, orthogonalisation, width
+    scaling or consistent RMS, decoupled weight decay; AdamW at adam_lr_ratio x the learning
+    rate, with lmtrain's decay mask, on everything else."""
+    from lmtrain import muon as muon_lib
 
     def adam_lr(step: jax.Array) -> jax.Array:
         return cfg.adam_lr_ratio * lr(step)
 
-    muon = optax.contrib.muon(
+    muon = muon_lib.muon(
         lr,
         beta=cfg.muon_beta,
         nesterov=cfg.muon_nesterov,
         weight_decay=cfg.weight_decay,
         consistent_rms=cfg.muon_consistent_rms or None,
-        # Inside the partition below it only ever sees the 2-D hidden matrices, (in, out).
-        muon_weight_dimension_numbers=optax.contrib.MuonDimensionNumbers(0, 1),
     )
     adam = optax.adamw(
         adam_lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask
@@ -197,10 +197,6 @@ def make_optimizer(
     # identity() keeps the state tree identical to clip_by_global_norm's (both EmptyState).
     clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
     return optax.chain(clip, tx)
-
-
-# Newton-Schulz iterations of optax.contrib.muon (its default ns_steps).
-NS_STEPS = 5
 
 
 def step_flops(cfg: OptimConfig, params: Any, hidden: Mask = muon_mask) -> float:

@@ -486,3 +486,76 @@ def test_step_flops_count_muons_newton_schulz_once():
     assert step_flops(OptimConfig(name="muon"), params, hidden) == 5 * (4 * 8 * 8 * 32 + 2 * 8**3)
     assert step_flops(OptimConfig(name="adamw"), params) == 0.0
     assert step_flops(OptimConfig(name="lion"), params) == 0.0
+
+
+def _matrices(rng, shapes):
+    return {f"m{i}": jnp.asarray(rng.standard_normal(s), jnp.float32) for i, s in enumerate(shapes)}
+
+
+@pytest.mark.parametrize("options", [{}, {"nesterov": False}, {"consistent_rms": 0.2}])
+def test_spread_muon_is_optax_contrib_muon_state_and_arithmetic(options):
+    """lmtrain.muon on one device: optax.contrib.muon's state tree (checkpoints of either
+    restore in the other) and its updates, step after step."""
+    import optax.contrib
+
+    from lmtrain import muon as muon_lib
+
+    rng = np.random.default_rng(0)
+    params = _matrices(rng, [(6, 4), (3, 5), (6, 4)])
+    kw = {"beta": 0.95, "nesterov": True, "consistent_rms": None, **options}
+    ours = muon_lib.muon(0.05, weight_decay=0.1, **kw)
+    dims = optax.contrib.MuonDimensionNumbers(0, 1)
+    theirs = optax.contrib.muon(0.05, weight_decay=0.1, muon_weight_dimension_numbers=dims, **kw)
+    s_ours, s_theirs = ours.init(params), theirs.init(params)
+    assert jax.tree.structure(s_ours) == jax.tree.structure(s_theirs)
+    for _ in range(3):
+        g = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+        u_ours, s_ours = jax.jit(ours.update)(g, s_ours, params)
+        u_theirs, s_theirs = jax.jit(theirs.update)(g, s_theirs, params)
+        for k in params:
+            np.testing.assert_allclose(u_ours[k], u_theirs[k], rtol=1e-5, atol=1e-7)
+        assert float(jnp.abs(u_ours["m0"] - u_ours["m2"]).max()) > 1e-3  # stacked, not mixed
+
+
+@pytest.mark.parametrize("layout", ["data", "fsdp"])
+def test_spread_muon_splits_the_newton_schulz_work_over_the_mesh(layout):
+    """On 8 chips each orthogonalises about one matrix of each shape instead of all of them
+    (compiled FLOPs per chip), and the updates equal optax.contrib.muon's. With the matrices
+    replicated (data parallel) optax.contrib.muon repeats all twelve on every chip; with them
+    split over fsdp XLA already splits its matmuls on CPU, and the spread version does no more
+    work per chip than that."""
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 fake CPU devices from conftest.py")
+    import optax.contrib
+
+    from lmtrain import muon as muon_lib
+    from lmtrain import sharding
+    from lmtrain.config import MeshConfig
+
+    rng = np.random.default_rng(1)
+    params = _matrices(rng, [(64, 128)] * 8 + [(128, 64)] * 4)
+    shape, spec = ((8, 1, 1), jax.P()) if layout == "data" else ((1, 8, 1), jax.P("fsdp", None))
+    mesh = sharding.make_mesh(MeshConfig(shape=shape))
+    where = jax.sharding.NamedSharding(mesh, spec)
+    dims = optax.contrib.MuonDimensionNumbers(0, 1)
+    kw = {"beta": 0.95, "nesterov": True, "consistent_rms": None, "weight_decay": 0.0}
+    flops, updates = {}, {}
+    for name, tx in (
+        ("spread", muon_lib.muon(0.02, **kw)),
+        ("optax", optax.contrib.muon(0.02, muon_weight_dimension_numbers=dims, **kw)),
+    ):
+        p = jax.device_put(params, where)
+        g = jax.device_put(jax.tree.map(lambda x: 0.5 * x + 1.0, params), where)
+        state = jax.jit(tx.init)(p)
+        with jax.set_mesh(mesh):
+            step = jax.jit(tx.update)
+            flops[name] = step.lower(g, state, p).compile().cost_analysis()["flops"]
+            updates[name] = jax.device_get(step(g, state, p)[0])
+    ns = 5 * (4 * 64 * 64 * 128 + 2 * 64**3)  # one matrix's Newton-Schulz FLOPs
+    assert flops["spread"] < 2.5 * ns  # one matrix of each shape, and the rest
+    if layout == "data":
+        assert flops["optax"] > 12 * ns  # every chip does all twelve
+    else:
+        assert flops["spread"] <= flops["optax"]
+    for k in params:
+        np.testing.assert_allclose(updates["spread"][k], updates["optax"][k], rtol=1e-5, atol=1e-7)
