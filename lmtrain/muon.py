@@ -2,11 +2,14 @@
 
 optax.contrib.muon orthogonalises every hidden matrix where it lies: on an fsdp mesh each chip
 gathers every whole matrix and repeats every Newton-Schulz iteration, so at 64 chips the
-optimizer costs as much as half the model. Here the matrices of one shape are stacked, the stack
-is split over every mesh axis (padded with zero matrices to a multiple of the devices), each
-chip orthogonalises its own few, and the results go back to the parameters' layout: the
-per-chip work falls from all the matrices to about one matrix of each shape, as in distributed
-Muon implementations (Moonlight's, Dion's).
+optimizer costs as much as half the model. Here the matrices are stacked (`plan`: one stack
+per shape, or one zero-padded stack of all when that costs a chip less), each stack is split
+over every mesh axis (padded with zero matrices to a multiple of the devices), each chip
+orthogonalises its own few, and the results go back to the parameters' layout: the per-chip
+work falls from all the matrices to ceil(count / chips) of each stack, as in distributed Muon
+implementations (Moonlight's, Dion's). With fewer matrices than chips most chips idle: XLA's
+own partitioning of each matrix's products can then do less arithmetic per chip, at the price
+of all-reduces (BENCHMARKS.md, "Muon at scale").
 
 The arithmetic is optax.contrib.muon's (momentum with Nesterov, bias-corrected, X / (|X|_F +
 eps), five quintic Newton-Schulz steps on the wide orientation, width or consistent-RMS scaling,
@@ -52,24 +55,47 @@ def _spread_axes() -> tuple[tuple[str, ...], int]:
     return axes, math.prod(mesh.shape[a] for a in axes)
 
 
+def _ns_cost(shape: tuple[int, int]) -> int:
+    m, n = sorted(shape)
+    return NS_STEPS * (4 * m * m * n + 2 * m**3)
+
+
+def plan(shapes: list[tuple[int, int]], n: int) -> list[tuple[tuple[int, int], list[int]]]:
+    """Stacks of matrix indices and the (rows <= cols) shape each stack is padded to. Matrices
+    are taken wide (the iteration commutes with transposition) and grouped by shape; if one
+    stack of all of them, zero-padded to the largest rows and columns, costs a chip less (it
+    does ceil(count / n) matrices of each stack), it is used instead. Zero rows and columns
+    change nothing: X X^T only gains zero rows and columns, and the norm is the same."""
+    wide = [tuple(sorted(s)) for s in shapes]
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(wide):
+        groups.setdefault(s, []).append(i)
+    per_shape = sum(-(-len(idx) // n) * _ns_cost(s) for s, idx in groups.items())
+    big = (max(s[0] for s in wide), max(s[1] for s in wide))
+    if len(groups) > 1 and -(-len(wide) // n) * _ns_cost(big) < per_shape:
+        return [(big, list(range(len(wide))))]
+    return list(groups.items())
+
+
 def orthogonalise(leaves: list[jax.Array], coeffs: jax.Array) -> list[jax.Array]:
-    """newton_schulz of every matrix, each shape's matrices stacked and split over the chips."""
+    """newton_schulz of every matrix, stacked as `plan` says and split over the chips."""
     axes, n = _spread_axes()
     out: list[Any] = [None] * len(leaves)
-    groups: dict[tuple, list[int]] = {}
-    for i, x in enumerate(leaves):
-        groups.setdefault((x.shape, x.dtype), []).append(i)
-    for idx in groups.values():
-        stack = jnp.stack([leaves[i] for i in idx])
+    for (rows, cols), idx in plan([x.shape for x in leaves], n):
+        wide = [leaves[i] if leaves[i].shape[0] <= leaves[i].shape[1] else leaves[i].T for i in idx]
+        stack = jnp.stack(
+            [jnp.pad(x, ((0, rows - x.shape[0]), (0, cols - x.shape[1]))) for x in wide]
+        )
         if n > 1:
-            pad = -len(idx) % n
-            stack = jnp.pad(stack, ((0, pad), (0, 0), (0, 0)))
+            stack = jnp.pad(stack, ((0, -len(idx) % n), (0, 0), (0, 0)))
             stack = jax.lax.with_sharding_constraint(stack, P(axes, None, None))
         done = jax.vmap(lambda x: newton_schulz(x, coeffs))(stack)
         if n > 1:
             done = jax.lax.with_sharding_constraint(done, P(axes, None, None))
         for j, i in enumerate(idx):
-            out[i] = done[j]
+            r, c = wide[j].shape
+            x = done[j, :r, :c]
+            out[i] = x if leaves[i].shape[0] <= leaves[i].shape[1] else x.T
     return out
 
 

@@ -101,7 +101,7 @@ def test_quickstart_compiles_for_v5e_and_reports_per_chip(capsys):
     # XLA's count vs lmtrain's model FLOPs. The quickstart's Muon adds per step 5 Newton-Schulz
     # iterations of 4 m^2 n + 2 m^3 on each hidden m x n matrix (m <= n), work the model count
     # leaves out: with AdamW the two counts agree. lmtrain.muon spreads the matrices of each
-    # shape over the 4 chips, so a chip does ceil(matrices / 4) of each shape, not all of them.
+    # shape (gate, up and down taken wide alike) over the 4 chips: a chip does ceil(count / 4).
     argv = ["experiments/quickstart.py", "--topology", "v5e:2x2", "--no-eval"]
     code, adam, text = _report(capsys, *argv, "--set", "optim.name=adamw")
     assert code == 0, text
@@ -110,7 +110,7 @@ def test_quickstart_compiles_for_v5e_and_reports_per_chip(capsys):
     D, F, L = cfg.d_model, cfg.ffn_width, cfg.n_layers  # q, k, v, o: D x D; gate, up: D x F
     ns = lambda m, n: 5 * (4 * m * m * n + 2 * m**3)
     newton_schulz = L * (4 * ns(D, D) + 3 * ns(min(D, F), max(D, F)))  # all of them
-    per_chip = sum(-(-g // 4) * ns(min(D, F), m) for g, m in ((4 * L, D), (2 * L, F), (L, F)))
+    per_chip = -(-4 * L // 4) * ns(D, D) + -(-3 * L // 4) * ns(min(D, F), max(D, F))
     extra = r["xla_flops"] - adam["xla_flops"]
     assert extra == pytest.approx(per_chip, rel=0.02) and per_chip < newton_schulz / 3
     # lmtrain's own count of that work (optim.step_flops), once per step, shared by the chips.

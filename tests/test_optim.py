@@ -559,3 +559,35 @@ def test_spread_muon_splits_the_newton_schulz_work_over_the_mesh(layout):
         assert flops["spread"] <= flops["optax"]
     for k in params:
         np.testing.assert_allclose(updates["spread"][k], updates["optax"][k], rtol=1e-5, atol=1e-7)
+
+
+def test_spread_muon_plan_merges_few_matrices_into_one_padded_stack():
+    """Fewer matrices than chips: one zero-padded stack (a chip does one matrix, not one of
+    each shape), and the padded iteration gives optax.contrib.muon's updates exactly."""
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 fake CPU devices from conftest.py")
+    import optax.contrib
+
+    from lmtrain import muon as muon_lib
+    from lmtrain import sharding
+    from lmtrain.config import MeshConfig
+
+    shapes = [(64, 128), (128, 64), (32, 96), (48, 48)]
+    assert muon_lib.plan(shapes, 8) == [((64, 128), [0, 1, 2, 3])]
+    many = [(64, 128)] * 16 + [(32, 96)] * 16  # enough of each shape: one stack per shape
+    assert [s for s, _ in muon_lib.plan(many, 8)] == [(64, 128), (32, 96)]
+    assert [s for s, _ in muon_lib.plan(shapes, 1)] == [(64, 128), (32, 96), (48, 48)]
+    params = _matrices(np.random.default_rng(2), shapes)
+    mesh = sharding.make_mesh(MeshConfig(shape=(8, 1, 1)))
+    dims = optax.contrib.MuonDimensionNumbers(0, 1)
+    kw = {"beta": 0.95, "nesterov": True, "consistent_rms": None, "weight_decay": 0.0}
+    got = {}
+    for name, tx in (
+        ("spread", muon_lib.muon(0.02, **kw)),
+        ("optax", optax.contrib.muon(0.02, muon_weight_dimension_numbers=dims, **kw)),
+    ):
+        g = jax.tree.map(lambda x: 0.5 * x + 1.0, params)
+        with jax.set_mesh(mesh):
+            got[name] = jax.device_get(jax.jit(tx.update)(g, tx.init(params), params)[0])
+    for k in params:
+        np.testing.assert_allclose(got["spread"][k], got["optax"][k], rtol=1e-5, atol=1e-7)
