@@ -43,6 +43,8 @@ SlurmctldPort=$base
 SlurmdPort=$((base + 1))
 AuthType=auth/none
 CredType=cred/none
+# A requeued job waits cred_expire seconds before it may start again (120 by default).
+AuthInfo=cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$dir/state
