@@ -67,6 +67,12 @@ class MQARConfig:
     # 2 of 128 / 8 and 1 of 256 / 16, in turn (documents masked). () = seq_len only.
     # Validation is always seq_len / num_kv_pairs.
     train_lengths: tuple[int, ...] = ()
+    # Query-region layout. Zoology's (the default): the slot after each query key holds a random
+    # id like every other non-query slot (random_non_queries=False: zeros, Zoology's option).
+    # echo_values=True is lmtrain's layout before 2026-12-06: each query key's value also
+    # follows it in the inputs (it is never a scored target there).
+    random_non_queries: bool = True
+    echo_values: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -620,7 +626,12 @@ def save_json(cfg: Config, path: Path) -> None:
 def load_json(path: Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"no config.json in {path.parent}: is this an lmtrain workdir?")
-    return load_file(path)
+    d = read_mapping(path)
+    mqar = d.get("data", {}).get("mqar") if isinstance(d.get("data"), dict) else None
+    if isinstance(mqar, dict) and "echo_values" not in mqar:
+        # a run written before the MQAR layout was a key trained on the echo layout
+        d["data"]["mqar"] = {**mqar, "echo_values": True}
+    return from_dict(d)
 
 
 def load_file(path: Path) -> Config:

@@ -25,7 +25,8 @@ def with_task(cfg: DataConfig, **fields) -> DataConfig:
 
 
 def example(cfg: DataConfig, split: str, index: int):
-    return mqar.example(cfg.mqar, cfg.seq_len, split, index)
+    """(tokens, answer): the sequence with every value after its key, and the answer mask."""
+    return mqar.example(cfg.mqar, cfg.seq_len, split, index)[:2]
 
 
 def test_example_structure():
@@ -47,6 +48,47 @@ def test_example_structure():
     assert not np.array_equal(a, example(CFG, "val", 7)[0])  # splits differ
     other = with_task(CFG, seed=1)
     assert not np.array_equal(a, example(other, "train", 7)[0])
+
+
+def test_query_region_layouts():
+    """Zoology's layout (default): the slot after a query key holds filler, random ids
+    (random_non_queries) or 0; echo_values: the value itself. Keys, values, gaps and targets
+    are the same in all three; only the inputs at the answered values differ."""
+    P = CFG.mqar.num_kv_pairs
+    zeros, echo = with_task(CFG, random_non_queries=False), with_task(CFG, echo_values=True)
+    leaked = 0
+    for i in range(50):
+        t, answer, x = mqar.example(CFG.mqar, CFG.seq_len, "train", i)
+        tz, az, xz = mqar.example(zeros.mqar, CFG.seq_len, "train", i)
+        te, ae, xe = mqar.example(echo.mqar, CFG.seq_len, "train", i)
+        np.testing.assert_array_equal(t, te)
+        np.testing.assert_array_equal(answer, az)
+        same = np.flatnonzero(answer | np.roll(answer, -1))  # queried keys and their values
+        np.testing.assert_array_equal(t[same], tz[same])
+        np.testing.assert_array_equal(t[: 2 * P], tz[: 2 * P])
+        at = np.flatnonzero(answer[:-1])  # value slots that are also inputs
+        np.testing.assert_array_equal(xe, t[:-1])  # echo: the inputs are the sequence
+        np.testing.assert_array_equal(np.delete(x, at), np.delete(t[:-1], at))
+        np.testing.assert_array_equal(xz[at], 0)  # Zoology, random_non_queries=False
+        leaked += int(np.sum(x[at] == t[at]))  # random filler equals the value 1 in V
+        # random_non_queries=False: the query region is 0 but for the query keys
+        key_at = np.flatnonzero(answer) - 1
+        assert np.count_nonzero(xz[2 * P :]) == P
+        np.testing.assert_array_equal(xz[key_at], t[key_at])
+    assert leaked < 5  # 50 x <= 4 answered slots at 1/64 each: ~3 expected by chance
+
+
+def test_old_mqar_run_configs_keep_the_echo_layout(tmp_path):
+    """A run's config.json written before the layout keys existed resumes on its own data."""
+    from lmtrain.config import Config, load_json, save_json
+
+    cfg = Config(data=CFG)
+    save_json(cfg, tmp_path / "config.json")
+    assert load_json(tmp_path / "config.json").data.mqar.echo_values is False
+    d = json.loads((tmp_path / "config.json").read_text())
+    del d["data"]["mqar"]["echo_values"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert load_json(tmp_path / "config.json").data.mqar.echo_values is True
 
 
 def test_training_mixture_packs_whole_examples_into_segments():
@@ -100,8 +142,8 @@ def test_batches_score_only_queries():
     assert b["target_index"].shape == b["targets"].shape == b["weights"].shape == (3, 4)
     np.testing.assert_array_equal(b["weights"][:2], 1.0)
     np.testing.assert_array_equal(b["weights"][2], 0.0)
-    tokens, answer = example(CFG, "train", 5)
-    np.testing.assert_array_equal(b["inputs"][1], tokens[:-1])
+    tokens, answer, inputs = mqar.example(CFG.mqar, CFG.seq_len, "train", 5)
+    np.testing.assert_array_equal(b["inputs"][1], inputs)
     np.testing.assert_array_equal(b["targets"][1], tokens[1:][b["target_index"][1]])
     np.testing.assert_array_equal(b["target_index"][1], np.flatnonzero(answer) - 1)
 

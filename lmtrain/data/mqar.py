@@ -8,8 +8,10 @@ asked once, at slot g of the (L - 1 - 2P) // 2 slots, g drawn without replacemen
 P(g) proportional to a (g + 1)^(a - 1), a = data.mqar.power_a (0.01: a power law that favours
 short gaps). A key asked at slot g sits at 2P + 2g and its value follows it, so the model
 sees the key as input and its value is the target; only those P targets have weight 1. The
-other query-region tokens are random ids from the whole vocabulary (Zoology's
-`random_non_queries`). data.mqar.seed picks the dataset.
+other query-region inputs, the slot after each query key included, are random ids from the
+whole vocabulary (Zoology's `random_non_queries`; data.mqar.random_non_queries=False: zeros).
+data.mqar.echo_values=True is lmtrain's earlier layout: the value also follows its query key
+in the inputs. data.mqar.seed picks the dataset.
 
 data.mqar.train_lengths trains on Zoology's mixture instead: training row i packs
 seq_len / n examples of n tokens and P n / seq_len pairs each (n taking turns over the list),
@@ -100,10 +102,13 @@ def _part(m: MQARConfig, pairs: int) -> MQARConfig:
 
 def example(
     m: MQARConfig, seq_len: int, split: str, index: int, part: tuple[int, ...] = ()
-) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens int32[L + 1], answer mask bool[L + 1]) with L = seq_len: the mask marks the P
-    value tokens that answer a query (as targets they are predicted from the query key before
-    them). `part` tells apart the examples packed into one mixture row."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens int32[L + 1], answer mask bool[L + 1], inputs int32[L]) with L = seq_len.
+    `tokens` holds each query's value after its key: the targets are tokens[1:]. The mask marks
+    the P values that answer a query (predicted from the query key before them). `inputs` is
+    what the model reads: tokens[:-1], but where the layout hides them (echo_values False) the
+    answered values are replaced by the query region's filler. `part` tells apart the examples
+    packed into one mixture row."""
     P, L, V = m.num_kv_pairs, seq_len + 1, m.vocab
     rng = np.random.default_rng([m.seed, _SPLIT_SEEDS[split], index, *part])
     keys = 1 + rng.choice(V // 2 - 1, P, replace=False)
@@ -112,13 +117,16 @@ def example(
     a = m.power_a
     p = a * np.arange(1, slots + 1, dtype=np.float64) ** (a - 1)
     gaps = rng.choice(slots, P, replace=False, p=p / p.sum())
-    tokens = rng.integers(0, V, L).astype(np.int32)  # random non-query tokens
+    noise = rng.integers(0, V, L).astype(np.int32)  # drawn either way: same keys and gaps
+    filler = noise if m.random_non_queries else np.zeros(L, np.int32)
+    tokens = filler.copy()
     tokens[0 : 2 * P : 2], tokens[1 : 2 * P : 2] = keys, values
     at = 2 * P + 2 * gaps
     tokens[at], tokens[at + 1] = keys, values
     answer = np.zeros(L, bool)
     answer[at + 1] = True
-    return tokens, answer
+    inputs = tokens[:-1] if m.echo_values else np.where(answer, filler, tokens)[:-1]
+    return tokens, answer, inputs
 
 
 def targets_per_row(cfg: DataConfig) -> int:
@@ -163,12 +171,12 @@ class MQARSplit(RowSource):
             parts = []
             for s in range(seq_len // n):  # one example per segment of n tokens
                 if n == seq_len:
-                    tokens, answer = example(self.m, seq_len, self.split, int(r))
+                    tokens, answer, x = example(self.m, seq_len, self.split, int(r))
                 else:
                     sub = _part(self.m, P * n // seq_len)
-                    tokens, answer = example(sub, n, self.split, int(r), (n, s))
+                    tokens, answer, x = example(sub, n, self.split, int(r), (n, s))
                 at = slice(s * n, (s + 1) * n)
-                inputs[j, at], targets[j, at] = tokens[:-1], tokens[1:]
+                inputs[j, at], targets[j, at] = x, tokens[1:]
                 segments[j, at] = s + 1
                 positions[j, at] -= s * n
                 parts.append(s * n + np.flatnonzero(answer[1:]))
