@@ -31,7 +31,14 @@ VARIANTS = {
         "model.rope_theta": 5000.0,
         "model.norm_eps": 1e-5,
     },
-    "mamba2": {"model.name": "mamba2", "model.n_heads": 4, "model.tie_embeddings": False},
+    # with mamba_ssm's conv bias and init (Zoology's Mamba-2): the bias travels both ways
+    "mamba2": {
+        "model.name": "mamba2",
+        "model.n_heads": 4,
+        "model.tie_embeddings": False,
+        "model.conv_bias": True,
+        "model.linear_init": "torch",
+    },
 }
 
 
@@ -129,13 +136,18 @@ def test_random_transformers_models_import_with_matching_logits(corpus, tmp_path
             state_size=16,
             n_groups=1,
             conv_kernel=4,
-            use_conv_bias=False,
+            use_conv_bias=True,  # transformers' default, as the released checkpoints
             chunk_size=8,
         )
     )
     sets = {
         "llama": {"model.n_kv_heads": 2, "model.norm_eps": 1e-5, "model.rope_theta": 500.0},
-        "mamba2": {"model.name": "mamba2", "model.n_heads": 4, "model.norm_eps": 1e-5},
+        "mamba2": {
+            "model.name": "mamba2",
+            "model.n_heads": 4,
+            "model.norm_eps": 1e-5,
+            "model.conv_bias": True,
+        },
     }
     ids = list(PROMPT.encode())
     for name, hf_model in (("llama", llama), ("mamba2", mamba)):
@@ -153,6 +165,10 @@ def test_random_transformers_models_import_with_matching_logits(corpus, tmp_path
         wrong = tiny(corpus, **sets[name], **extra, **{"model.d_model": 64})
         with pytest.raises(ConfigError, match="holds another model: model.d_model=32 there"):
             export_lib.load_init(f"hf:{d}", run_lib.setup(wrong))
+    # The conv bias is part of the model: without it the logits would differ, so it is refused.
+    no_bias = tiny(corpus, **{**sets["mamba2"], "model.conv_bias": False})
+    with pytest.raises(ConfigError, match="--set model.conv_bias=True"):
+        export_lib.load_init(f"hf:{tmp_path / 'mamba2'}", run_lib.setup(no_bias))
 
     # Continued pretraining from the HF Llama through the CLI: step 0 is the HF model.
     wd = tmp_path / "cont"

@@ -247,11 +247,18 @@ def test_h3_shift_conv_shifts_an_impulse():
 # ------------------------------------------------------------------------------ models
 
 
-@pytest.mark.parametrize("name,chunk", [("s4d", 4), ("h3", 3), ("mamba2", 4)])
-def test_model_multichunk_packing_and_decode(name, chunk):
+ZOOLOGY_MAMBA2 = {"conv_bias": True, "linear_init": "torch"}  # mamba_ssm's conv bias and init
+
+
+@pytest.mark.parametrize(
+    "name,chunk,extra",
+    [("s4d", 4, {}), ("h3", 3, {}), ("mamba2", 4, {}), ("mamba2", 4, ZOOLOGY_MAMBA2)],
+)
+def test_model_multichunk_packing_and_decode(name, chunk, extra):
     cfg = ssm.Config(
-        name=name, vocab_size=31, d_model=16, n_layers=1, n_heads=2, chunk_size=chunk, init_std=0.1
-    )
+        name=name, vocab_size=31, d_model=16, n_layers=1, n_heads=2, chunk_size=chunk,
+        init_std=0.1, **extra,
+    )  # fmt: skip
     model = models.build(cfg, nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     forward = jax.jit(
@@ -303,6 +310,31 @@ def test_bad_config_is_a_config_error():
         models.build(ssm.Config(name="s4d", vocab_size=5, state_size=3), nnx.Rngs(0))
     with pytest.raises(ConfigError, match="n_heads"):
         models.build(ssm.Config(name="h3", vocab_size=5, d_model=10, n_heads=4), nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="model.linear_init"):
+        models.build(ssm.Config(name="mamba2", vocab_size=5, linear_init="xavier"), nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="Mamba-2 only"):
+        models.build(ssm.Config(name="s4d", vocab_size=5, conv_bias=True), nnx.Rngs(0))
+
+
+def test_zoology_mamba2_init_is_pytorchs():
+    """linear_init="torch": projections U(+-1/sqrt(fan in)), out_proj's / sqrt(n_layers), a
+    conv bias U(+-1/sqrt(width)); "normal" keeps N(0, 0.02^2) and no bias."""
+    kw = dict(name="mamba2", vocab_size=64, d_model=64, n_layers=2, n_heads=2, state_size=8)
+    for extra, in_bound, out_bound in (
+        (ZOOLOGY_MAMBA2, 64**-0.5, 128**-0.5 / 2**0.5),
+        ({}, None, None),
+    ):
+        model = models.build(ssm.Config(**kw, **extra), nnx.Rngs(0))
+        mixer = nnx.to_pure_dict(nnx.state(model, nnx.Param))["blocks"][0]["mixer"]
+        w_in, w_out = np.asarray(mixer["in_x"]["kernel"]), np.asarray(mixer["out"]["kernel"])
+        if in_bound is None:
+            assert abs(w_in.std() - 0.02) < 0.002 and "bias" not in mixer["conv_x"]
+            continue
+        # uniform on [-b, b]: max near b, std b / sqrt(3)
+        for w, b in ((w_in, in_bound), (w_out, out_bound)):
+            assert b * 0.98 < np.abs(w).max() <= b and abs(w.std() - b / 3**0.5) < 0.05 * b
+        bias = np.asarray(mixer["conv_x"]["bias"])
+        assert bias.shape == (128,) and 0.45 < np.abs(bias).max() <= 0.5
 
 
 @pytest.mark.parametrize("name", ["s4d", "h3", "mamba2"])

@@ -129,7 +129,7 @@ def hf_config(m: Any, tokenizer: Any, max_len: int) -> dict[str, Any]:
         "chunk_size": m.chunk_size,
         "layer_norm_epsilon": m.norm_eps,
         "use_bias": False,
-        "use_conv_bias": False,
+        "use_conv_bias": bool(m.conv_bias),
         "residual_in_fp32": True,
         "hidden_act": "silu",
     }
@@ -187,6 +187,7 @@ def model_overrides(hf: dict[str, Any]) -> dict[str, Any]:
             "model.state_size": hf["state_size"],
             "model.conv_width": hf.get("conv_kernel", 4),
             "model.norm_eps": hf.get("layer_norm_epsilon", 1e-5),
+            "model.conv_bias": bool(hf.get("use_conv_bias", True)),  # transformers' default
             "head_dim": hf["head_dim"],  # checked against expand * d_model / n_heads
         }
     raise ConfigError(
@@ -230,6 +231,9 @@ def to_hf(m: Any, params: dict) -> dict[str, np.ndarray]:
             out[f"{pre}mixer.in_proj.weight"] = _t(np.concatenate(proj, axis=1))
             conv = [x[n]["kernel"] for n in ("conv_x", "conv_b", "conv_c")]
             out[f"{pre}mixer.conv1d.weight"] = _conv_to_torch(np.concatenate(conv, axis=1))
+            if m.conv_bias:
+                bias = [x[n]["bias"] for n in ("conv_x", "conv_b", "conv_c")]
+                out[f"{pre}mixer.conv1d.bias"] = np.concatenate(bias)
             out[f"{pre}mixer.dt_bias"] = x["dt_bias"]
             out[f"{pre}mixer.A_log"] = x["a_log"]
             out[f"{pre}mixer.D"] = x["d"]
@@ -279,9 +283,9 @@ def from_hf(m: Any, tensors: dict[str, np.ndarray]) -> dict:
             conv = np.asarray(get(f"{pre}mixer.conv1d.weight"))[:, 0, :].T[::-1]
             cx, cb, cc = np.split(conv, np.cumsum([E, N]), axis=1)
             bias = t.pop(f"{pre}mixer.conv1d.bias", None)
-            if bias is not None and np.any(bias != 0):
+            if bias is not None and np.any(bias != 0) and not m.conv_bias:
                 raise ConfigError(
-                    "the Mamba-2's conv1d has a bias; lmtrain's convolutions have none"
+                    "the Mamba-2's conv1d has a bias: set model.conv_bias=true to keep it"
                 )
             mixer = {
                 n: {"kernel": np.ascontiguousarray(a)}
@@ -291,6 +295,13 @@ def from_hf(m: Any, tensors: dict[str, np.ndarray]) -> dict:
                     strict=True,
                 )
             }
+            if m.conv_bias:
+                if bias is None:
+                    raise ConfigError(f"the HF weights have no {pre}mixer.conv1d.bias")
+                for n, part in zip(
+                    ("conv_x", "conv_b", "conv_c"), np.split(bias, np.cumsum([E, N])), strict=True
+                ):
+                    mixer[n]["bias"] = np.ascontiguousarray(part)
             mixer.update(
                 dt_bias=get(f"{pre}mixer.dt_bias"),
                 a_log=get(f"{pre}mixer.A_log"),

@@ -16,7 +16,8 @@ the same thing in a hybrid as in the pure family:
 
     model.attention.*  letter A         (rope_theta, activation, qkv_conv, qk_norm, attention_impl)
     model.linear.*     letters BRLGWC   (chunk, window, conv_width, feature_dim, gla_*, ...)
-    model.ssm.*        letters S H M    (state_size, expand, conv_width, chunk_size, s4d_fft)
+    model.ssm.*        letters S H M    (state_size, expand, conv_width, chunk_size, s4d_fft,
+                                         linear_init, conv_bias)
 
 Each section's defaults are its family's, except that both conv_width default to 4 (one width
 for every short convolution, as hybrids before the sections had). Residual-output init is
@@ -112,6 +113,8 @@ class SSMSection:
     conv_width: int = 4
     chunk_size: int = 32
     s4d_fft: bool = False
+    linear_init: str = "normal"
+    conv_bias: bool = False
 
 
 SECTIONS = {"attention": AttentionSection, "linear": LinearSection, "ssm": SSMSection}

@@ -16,6 +16,7 @@ dtype) and cast parameters at use.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -63,8 +64,16 @@ def normal(std: float) -> Init:
     return nnx.initializers.normal(stddev=std)
 
 
+def torch_uniform(fan_in: int, scale: float = 1.0) -> Init:
+    """PyTorch's default for nn.Linear / nn.Conv1d weights and biases: U(+-1/sqrt(fan_in))
+    (kaiming_uniform with a = sqrt(5)), times `scale`."""
+    bound = scale / math.sqrt(fan_in)
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class Linear(nnx.Module):
-    """Bias-free dense layer: kernel (in, out), computed in `dtype`."""
+    """Bias-free dense layer: kernel (in, out), computed in `dtype`; N(0, std^2) at init
+    unless `init` is given."""
 
     def __init__(
         self,
@@ -75,8 +84,9 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs,
         std: float = 0.02,
         dtype: jnp.dtype = jnp.float32,
+        init: Init | None = None,
     ):
-        self.kernel = param(rngs, normal(std), (d_in, d_out), axes)
+        self.kernel = param(rngs, init or normal(std), (d_in, d_out), axes)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
@@ -220,11 +230,19 @@ class ShortConv(nnx.Module):
         init: str = "uniform",
         std: float = 0.02,
         dtype: jnp.dtype = jnp.float32,
+        bias: bool = False,
     ):
         taps = conv_init(init, width, std)  # see conv_init for the two choices
         self.kernel = param(rngs, taps, (width, channels), ("conv", channel_axis))
+        # A bias as PyTorch's Conv1d has (mamba_ssm's conv1d): U(+-1/sqrt(width)) at init.
+        self.bias = None
+        if bias:
+            self.bias = param(rngs, torch_uniform(width), (channels,), (channel_axis,))
         self.width = width
         self.dtype = dtype
+
+    def _biased(self, y_BxLxC: jax.Array) -> jax.Array:
+        return y_BxLxC if self.bias is None else y_BxLxC + self.bias[...][None, None, :]
 
     def __call__(
         self,
@@ -254,7 +272,7 @@ class ShortConv(nnx.Module):
                 same_BxL = jnp.pad(same_BxL, ((0, 0), (j, 0)), constant_values=False)
                 xj_BxLxC = jnp.where(same_BxL[:, :, None], xj_BxLxC, 0.0)
             y = y + kernel_WxC[j][None, None, :] * xj_BxLxC
-        return y.astype(x_BxLxC.dtype), self._window(x_BxLxC, segment_ids_BxL)
+        return self._biased(y).astype(x_BxLxC.dtype), self._window(x_BxLxC, segment_ids_BxL)
 
     def _window(self, x_BxLxC: jax.Array, segment_ids_BxL: jax.Array | None) -> jax.Array:
         """The last W inputs (zero-padded in front), zero where not in the last token's segment."""
@@ -280,7 +298,7 @@ class ShortConv(nnx.Module):
         for j in range(1, self.width):
             y = y + kernel_WxC[j][None, None, :] * window[:, W - j : W - j + T].astype(jnp.float32)
         new_state = window[:, window.shape[1] - W :].astype(state_BxWxC.dtype)
-        return y.astype(x_BxTxC.dtype), new_state
+        return self._biased(y).astype(x_BxTxC.dtype), new_state
 
 
 class HeadNorm(nnx.Module):

@@ -16,8 +16,10 @@ from lmtrain.errors import check_all
 from lmtrain.models import ssm_ops
 from lmtrain.models.base import ModelConfig
 from lmtrain.models.decoder import BlockSpec
-from lmtrain.models.layers import Linear, ShortConv, SwiGLU, param
+from lmtrain.models.layers import Linear, ShortConv, SwiGLU, param, torch_uniform
 from lmtrain.models.mixer import Mixer, State, continues, keep_rows, last_segment
+
+LINEAR_INITS = ("normal", "torch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +32,11 @@ class Config(ModelConfig):
     conv_width: int = 4  # Mamba-2 causal conv on (x, B, C); H3 shift conv on K
     chunk_size: int = 32  # chunk length C of the chunked training forms
     s4d_fft: bool = False  # S4D: FFT convolution when no segment ids (see S4D docstring)
+    # Mamba-2's projections at init: "normal" N(0, init_std^2), out by out_std(), as the
+    # transformer; "torch" as mamba_ssm / Zoology: PyTorch's nn.Linear default U(+-1/sqrt(fan
+    # in)), out_proj's divided by sqrt(n_layers) (one residual branch per layer).
+    linear_init: str = "normal"
+    conv_bias: bool = False  # Mamba-2's conv on (x, B, C) with a bias, as mamba_ssm's conv1d
 
     @property
     def ffn_width(self) -> int:
@@ -119,6 +126,12 @@ class Config(ModelConfig):
             (c.expand >= 1, "model.expand", "must be >= 1"),
             (c.conv_width >= 1, "model.conv_width", "must be >= 1"),
             (c.chunk_size >= 1, "model.chunk_size", "must be >= 1"),
+            (c.linear_init in LINEAR_INITS, "model.linear_init", f"must be one of {LINEAR_INITS}"),
+            (
+                c.name == "mamba2" or (c.linear_init == "normal" and not c.conv_bias),
+                "model.linear_init",
+                "and model.conv_bias apply to Mamba-2 only",
+            ),
         ]
         check_all(checks)
 
@@ -272,13 +285,14 @@ class Mamba2(Mixer):
         D, N, H, E, W = cfg.d_model, cfg.state_size, cfg.n_heads, cfg.inner_width, cfg.conv_width
         self.H, self.P, self.chunk, self.eps = H, E // H, cfg.chunk_size, cfg.norm_eps
         dtype, std = jnp.dtype(cfg.dtype), cfg.init_std
-        lin = dict(rngs=rngs, std=std, dtype=dtype)
+        torch = cfg.linear_init == "torch"
+        lin = dict(rngs=rngs, std=std, dtype=dtype, init=torch_uniform(D) if torch else None)
         self.in_z = Linear(D, E, ("embed", "heads"), **lin)
         self.in_x = Linear(D, E, ("embed", "heads"), **lin)
         self.in_b = Linear(D, N, ("embed", "state"), **lin)
         self.in_c = Linear(D, N, ("embed", "state"), **lin)
         self.in_dt = Linear(D, H, ("embed", "heads"), **lin)
-        conv = {**lin, "init": cfg.conv_init}
+        conv = dict(rngs=rngs, std=std, dtype=dtype, init=cfg.conv_init, bias=cfg.conv_bias)
         self.conv_x = ShortConv(E, W, "heads", **conv)
         self.conv_b = ShortConv(N, W, "state", **conv)
         self.conv_c = ShortConv(N, W, "state", **conv)
@@ -286,7 +300,10 @@ class Mamba2(Mixer):
         self.dt_bias = param(rngs, _dt_bias_init, (H,), ("heads",))
         self.d = param(rngs, nnx.initializers.ones, (H,), ("heads",))
         self.norm_scale = param(rngs, nnx.initializers.ones, (E,), ("heads",))
-        self.out = Linear(E, D, ("heads", "embed"), rngs=rngs, std=cfg.out_std(), dtype=dtype)
+        out_init = torch_uniform(E, cfg.n_layers**-0.5) if torch and not cfg.zero_init else None
+        self.out = Linear(
+            E, D, ("heads", "embed"), rngs=rngs, std=cfg.out_std(), dtype=dtype, init=out_init
+        )
 
     def _ssd_inputs(self, x_BxLxD: jax.Array, xs, b, c):
         """float32 (x_BxLxHxP, dt_BxLxH, a_H, b_BxLxN, c_BxLxN) from conv outputs."""
