@@ -37,7 +37,9 @@ from lmtrain.config import (
 # initialised convs ("based-4block") stayed at chance: the conv init was the cause
 # (BENCHMARKS.md, "MQAR at seq 256").
 ZOOLOGY = {"model.n_layers": 2, "model.block_mlp": False, "model.conv_form": "base"}
+ZOOLOGY_MAMBA2 = {"model.linear_init": "torch", "model.conv_bias": True}
 # label -> overrides of the 2-layer model; heads keep head dim 64 where the family has heads
+# (Mamba-2: of its inner width, 2 x d_model)
 MODELS = {
     # Zoology's attention baseline puts a short convolution before attention; Primer's
     # width-3 depthwise q/k/v convolution is ours.
@@ -45,8 +47,19 @@ MODELS = {
     "based": {"model.name": "based", "model.pattern": "CB", **ZOOLOGY},
     "retnet": {"model.name": "retnet", "model.pattern": "CR", **ZOOLOGY},
     "gla": {"model.name": "gla", "model.pattern": "CG", "model.n_heads": 2, **ZOOLOGY},
-    "mamba2": {"model.name": "mamba2"},  # Zoology: plain Mamba-2 blocks, no BaseConv
+    # Zoology's Mamba-2 (plain Mamba2Blocks, no BaseConv, no MLP): head dim 64, mamba_ssm's
+    # init (PyTorch's Linear default, out_proj / sqrt(2)) and conv bias; d_state 8 / 16 / 24.
+    **{
+        f"mamba2-d{n}": {"model.name": "mamba2", "model.state_size": n, **ZOOLOGY_MAMBA2}
+        for n in (8, 16, 24)
+    },
+    # lmtrain's Mamba-2 as the frontier ran it before 2026-12-06: N(0, 0.02) init, no conv
+    # bias, one head of width 2 x d_model (0.9 / 1.4% at the frontier budget)
+    "mamba2-lmtrain": {"model.name": "mamba2"},
     "hybrid-MA": {"model.name": "hybrid", "model.pattern": "MA"},  # Mamba-2 then attention
+    # H3 in lmtrain's layout (Zoology's H3 runs without a BaseConv too, but with its own
+    # kernels and no MLP): 2 blocks, each H3 then SwiGLU
+    "h3": {"model.name": "h3"},
     # The layout and conv init this file used before (kept to reproduce the old table)
     "based-4block": {
         "model.name": "based",
@@ -55,28 +68,40 @@ MODELS = {
         "model.conv_init": "identity",
     },
 }
-# arg -> ({model: widths}, learning rates, steps)
+# arg -> ({model: widths}, learning rates, steps, seeds)
+FRONTIER_64 = (
+    "attention",
+    "based",
+    "gla",
+    "retnet",
+    "mamba2-d8",
+    "mamba2-d16",
+    "mamba2-d24",
+    "h3",
+    "hybrid-MA",
+)
 SWEEPS = {
-    # 2 CPU cores (~10 min a run alone): every sub-quadratic family at width 64, 64k training
-    # rows each (Zoology trains 32 epochs of ~180k examples), at lr 3e-3 and 1e-2; attention
-    # (unchanged, 99.97% at 3e-3) is in "attention".
-    "frontier": (
-        {m: (64,) for m in ("based", "retnet", "gla", "mamba2", "hybrid-MA")},
-        (3e-3, 1e-2),
-        1000,
-    ),
-    "attention": (
-        {"attention": (64,)},
-        (3e-3, 1e-2),
-        1000,
+    # The width-64 frontier sized for 2 CPU cores (~7 min a run alone): every family at 64k
+    # training rows of Zoology's mixture (Zoology trains 32 epochs of ~180k examples), at
+    # three of Zoology's learning rates; one seed. Sweeps resume, so it can run in parts.
+    "frontier": ({m: (64,) for m in FRONTIER_64}, (1e-3, 3.2e-3, 1e-2), 1000, (0,)),
+    # Width 128 for the families of the side-by-side, if time allows.
+    "frontier-128": ({m: (128,) for m in ("based", "gla", "mamba2-d16")},
+                     (1e-3, 3.2e-3, 1e-2), 1000, (0,)),
+    # Beside Zoology's own code at the same budget (runs outside the repository: BENCHMARKS.md
+    # "Recall frontier beside Zoology's code"): two seeds.
+    "side-by-side": ({"mamba2-d16": (64,), "gla": (64,)}, (1e-2,), 1000, (0, 1)),
+    # The earlier frontier (lr 3e-3 and 1e-2; lmtrain's Mamba-2 layout)
+    "frontier-2026-12-01": (
+        {m: (64,) for m in ("based", "retnet", "gla", "mamba2-lmtrain", "hybrid-MA")},
+        (3e-3, 1e-2), 1000, (0,),
     ),
     # The BASED-paper grid, for a GPU.
     "frontier-full": (
-        {m: (64, 128, 256, 512) for m in MODELS if m != "based-4block"},
-        (1e-4, 4.6e-4, 2.2e-3, 1e-2),
-        3000,
+        {m: (64, 128, 256, 512) for m in MODELS if m not in ("based-4block", "mamba2-lmtrain")},
+        (1e-4, 4.6e-4, 2.2e-3, 1e-2), 3000, (0,),
     ),
-    "smoke": ({"attention": (32,), "gla": (32,)}, (3e-3,), 4),
+    "smoke": ({"attention": (32,), "gla": (32,)}, (3e-3,), 4, (0,)),
 }  # fmt: skip
 
 
@@ -140,21 +165,23 @@ def get_config(arg: str = "") -> Config:
 
 
 def model_sets(label: str, width: int) -> dict:
-    heads = max(1, width // 64)  # unless the model fixes its heads (Zoology's GLA: 2)
-    return {"model.n_heads": heads, **MODELS[label], "model.d_model": width}
+    sets = MODELS[label]
+    inner = 2 * width if sets.get("model.linear_init") == "torch" else width  # Zoology's Mamba-2
+    heads = max(1, inner // 64)  # unless the model fixes its heads (Zoology's GLA: 2)
+    return {"model.n_heads": heads, **sets, "model.d_model": width}
 
 
 def get_sweep(arg: str = "frontier") -> list[Config]:
     """Every (model, width, lr) of SWEEPS[arg] on the seq-256 / 16-pair task."""
     if arg not in SWEEPS:
         raise ValueError(f"unknown mqar sweep {arg!r}; choose from {sorted(SWEEPS)}")
-    models, lrs, steps = SWEEPS[arg]
+    models, lrs, steps, seeds = SWEEPS[arg]
     base = get_config("smoke" if arg == "smoke" else "seq256")
     base = dataclasses.replace(base, train=dataclasses.replace(base.train, steps=steps))
     return [
-        override(base, {**model_sets(label, w), "optim.lr": lr})
+        override(base, {**model_sets(label, w), "optim.lr": lr, "train.seed": seed})
         for label, widths in models.items()
-        for w, lr in itertools.product(widths, lrs)
+        for w, lr, seed in itertools.product(widths, lrs, seeds)
     ]
 
 
@@ -189,20 +216,34 @@ def collect(sweep_dir: Path) -> list[dict]:
             "model": _label(cfg), "width": cfg.model.d_model, "lr": cfg.optim.lr,
             "step": last["step"], "steps": cfg.train.steps, "val_acc": last["val_acc"],
             "state_floats": cfg.model.state_floats(cfg.data.seq_len), "run": run.name,
+            "seed": cfg.train.seed,
         })  # fmt: skip
     return rows
 
 
 def best_per_cell(rows: list[dict]) -> list[dict]:
-    """The run with the highest accuracy for every (model, width): finished runs first; a cell
-    with none shows its best unfinished run (the report prints its step)."""
-    best: dict[tuple, dict] = {}
+    """For every (model, width) the learning rate with the highest accuracy averaged over its
+    seeds: finished runs first; a cell with none shows its best unfinished runs (the report
+    prints the step). Each row gets "seeds" (how many runs the mean is over) and "accs"."""
+    by_lr: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["model"], r["width"])
+        by_lr.setdefault((r["model"], r["width"], r["lr"]), []).append(r)
+    best: dict[tuple, dict] = {}
+    for (model, width, _), runs in by_lr.items():
+        done = [r for r in runs if r["step"] >= r["steps"]]
+        use = done or runs
+        cell = {**use[0], "val_acc": sum(r["val_acc"] for r in use) / len(use),
+                "step": min(r["step"] for r in use), "seeds": len(use),
+                "accs": [r["val_acc"] for r in use]}  # fmt: skip
         rank = lambda x: (x["step"] >= x["steps"], x["val_acc"])
-        if key not in best or rank(r) > rank(best[key]):
-            best[key] = r
+        if (model, width) not in best or rank(cell) > rank(best[(model, width)]):
+            best[(model, width)] = cell
     return sorted(best.values(), key=lambda r: (r["model"], r["width"]))
+
+
+def family(label: str) -> str:
+    """The plot's line: Mamba-2's state sizes are one family."""
+    return label.partition("-d")[0] if label.startswith("mamba2-d") else label
 
 
 def report(sweep_dir: str, *more: str) -> str:
@@ -214,17 +255,21 @@ def report(sweep_dir: str, *more: str) -> str:
         raise SystemExit(f"no evaluated MQAR runs under {sweep}")
     best = best_per_cell(rows)
     lines = [
-        "| model | width | state floats / seq | best lr | val accuracy | at step | lrs tried |",
-        "|---|---|---|---|---|---|---|",
+        "| model | width | state floats / seq | best lr | val accuracy (mean) | seeds | "
+        "at step | every lr tried: accuracy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for b in best:
-        tried = sorted(
-            r["lr"] for r in rows if (r["model"], r["width"]) == (b["model"], b["width"])
+        cell = [r for r in rows if (r["model"], r["width"]) == (b["model"], b["width"])]
+        tried = "; ".join(
+            f"{lr:g}: " + "/".join(f"{100 * r['val_acc']:.1f}" for r in cell if r["lr"] == lr)
+            for lr in sorted({r["lr"] for r in cell})
         )
+        accs = "/".join(f"{100 * a:.2f}" for a in b["accs"])
         lines.append(
             f"| {b['model']} | {b['width']} | {b['state_floats']:,} | {b['lr']:g} | "
-            f"{100 * b['val_acc']:.2f}% | {b['step']}/{b['steps']} | "
-            f"{', '.join(f'{x:g}' for x in tried)} |"
+            f"{100 * b['val_acc']:.2f}% ({accs}) | {b['seeds']} | {b['step']}/{b['steps']} | "
+            f"{tried} |"
         )
     text = "\n".join(lines) + "\n"
     (sweep / "mqar_frontier.md").write_text(text)
@@ -237,9 +282,9 @@ def report(sweep_dir: str, *more: str) -> str:
         print("plot skipped: matplotlib is not installed", file=sys.stderr)
         return text
     fig, ax = plt.subplots(figsize=(6, 4))
-    for model in sorted({b["model"] for b in best}):
-        pts = sorted((b["state_floats"], b["val_acc"]) for b in best if b["model"] == model)
-        ax.plot(*zip(*pts, strict=True), marker="o", label=model)
+    for fam in sorted({family(b["model"]) for b in best}):
+        pts = sorted((b["state_floats"], b["val_acc"]) for b in best if family(b["model"]) == fam)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=fam)
     ax.set_xscale("log")
     ax.set_xlabel("decode state (floats per sequence)")
     ax.set_ylabel("MQAR accuracy (seq 256, 16 pairs)")
