@@ -235,9 +235,8 @@ class ShortConv(nnx.Module):
         taps = conv_init(init, width, std)  # see conv_init for the two choices
         self.kernel = param(rngs, taps, (width, channels), ("conv", channel_axis))
         # A bias as PyTorch's Conv1d has (mamba_ssm's conv1d): U(+-1/sqrt(width)) at init.
-        self.bias = None
-        if bias:
-            self.bias = param(rngs, torch_uniform(width), (channels,), (channel_axis,))
+        bias_init = torch_uniform(width)
+        self.bias = param(rngs, bias_init, (channels,), (channel_axis,)) if bias else None
         self.width = width
         self.dtype = dtype
 
