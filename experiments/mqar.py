@@ -38,6 +38,9 @@ from lmtrain.config import (
 # (BENCHMARKS.md, "MQAR at seq 256").
 ZOOLOGY = {"model.n_layers": 2, "model.block_mlp": False, "model.conv_form": "base"}
 ZOOLOGY_MAMBA2 = {"model.linear_init": "torch", "model.conv_bias": True}
+# Zoology's Trainer: torch.optim.AdamW(lr, weight_decay=0.1) with torch's betas, no clipping
+# (it also decays norms, biases and SSM parameters, which lmtrain's AdamW never does)
+ZOOLOGY_OPTIM = {"optim.b2": 0.999, "optim.clip_norm": 0.0}
 # label -> overrides of the 2-layer model; heads keep head dim 64 where the family has heads
 # (Mamba-2: of its inner width, 2 x d_model)
 MODELS = {
@@ -90,7 +93,13 @@ SWEEPS = {
                      (1e-3, 3.2e-3, 1e-2), 1000, (0,)),
     # Beside Zoology's own code at the same budget (runs outside the repository: BENCHMARKS.md
     # "Recall frontier beside Zoology's code"): two seeds.
+    # Zoology's optimiser there (its Trainer: torch AdamW, betas (0.9, 0.999), no clipping);
+    # "side-by-side-lmtrain-optim" keeps lmtrain's defaults (b2 0.95, clip 1.0).
     "side-by-side": ({"mamba2-d16": (64,), "gla": (64,)}, (1e-2,), 1000, (0, 1)),
+    "side-by-side-lmtrain-optim": ({"mamba2-d16": (64,), "gla": (64,)}, (1e-2,), 1000, (0,)),
+    # Before / after the 2026-12-06 defaults on Zoology's data layout: lmtrain's old Mamba-2
+    # beside "side-by-side-lmtrain-optim"'s, and BASED beside its echo-layout 96.60%.
+    "defaults-check": ({"mamba2-lmtrain": (64,), "based": (64,)}, (1e-2,), 1000, (0,)),
     # The earlier frontier (lr 3e-3 and 1e-2; lmtrain's Mamba-2 layout)
     "frontier-2026-12-01": (
         {m: (64,) for m in ("based", "retnet", "gla", "mamba2-lmtrain", "hybrid-MA")},
@@ -178,6 +187,8 @@ def get_sweep(arg: str = "frontier") -> list[Config]:
     models, lrs, steps, seeds = SWEEPS[arg]
     base = get_config("smoke" if arg == "smoke" else "seq256")
     base = dataclasses.replace(base, train=dataclasses.replace(base.train, steps=steps))
+    if arg == "side-by-side":
+        base = override(base, ZOOLOGY_OPTIM)
     return [
         override(base, {**model_sets(label, w), "optim.lr": lr, "train.seed": seed})
         for label, widths in models.items()
