@@ -208,8 +208,7 @@ def conv_init(name: str, width: int, std: float = 0.02) -> Init:
             )
 
         return identity
-    bound = width**-0.5
-    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    return torch_uniform(width)
 
 
 class ShortConv(nnx.Module):
