@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from lmtrain import sharding
 from lmtrain.config import MeshConfig
@@ -185,16 +186,64 @@ def test_blocked_attention_equals_dense_attention():
     assert float(jnp.abs(off - ref).max()) > 0.1
 
 
+def test_balanced_attention_equals_dense_attention():
+    """Causal load balancing on 8 devices (each attends for an early and a late half-piece of
+    64 queries, key blocks of 32, GQA, documents across devices): dense attention's outputs and
+    gradients; and the halves it attends for are one early, one late on every device."""
+    n, B, S, H, G, K = 8, 2, 1024, 4, 2, 8
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in
+               [(B, S, H, K), (B, S, G, K), (B, S, G, K)])  # fmt: skip
+    seg = jnp.asarray(np.stack([np.repeat(np.arange(8), 128), np.repeat([1, 2], [700, 324])]))
+    mask = (jnp.arange(S)[None] <= jnp.arange(S)[:, None])[None] & (seg[:, :, None] == seg[:, None])
+    w = jnp.asarray(rng.normal(size=(B, S, H, K)), jnp.float32)
+    mesh = jax.make_mesh((n,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def local(q, k, v, seg):
+        k, v, seg_all = (jax.lax.all_gather(a, "sequence", axis=1, tiled=True) for a in (k, v, seg))
+        return sequence.balanced_attention(q, k, v, seg, seg_all, 16, 32)
+
+    rows = P(None, "sequence")
+    split = jax.shard_map(local, mesh=mesh, in_specs=(rows,) * 4, out_specs=rows, check_vma=False)
+
+    def dense(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+
+    with jax.set_mesh(mesh):
+        got = jax.jit(split)(q, k, v, seg)
+        got_g = jax.jit(jax.grad(lambda *a: (split(*a, seg) * w).sum(), argnums=(0, 1, 2)))(q, k, v)
+    ref = jax.jit(dense)(q, k, v)
+    ref_g = jax.jit(jax.grad(lambda *a: (dense(*a) * w).sum(), argnums=(0, 1, 2)))(q, k, v)
+    assert float(jnp.abs(ref).max()) > 1
+    np.testing.assert_allclose(got, ref, atol=2e-6)
+    for a, b in zip(ref_g, got_g, strict=True):
+        np.testing.assert_allclose(b, a, atol=5e-6 * float(jnp.abs(a).max()))
+    halves = [[h for h in range(2 * n) if sequence.zigzag_device(h, n) == d] for d in range(n)]
+    assert halves == [[d, 2 * n - 1 - d] for d in range(n)]
+
+
 @pytest.mark.slow
-def test_split_attention_in_blocks_equals_the_unsplit_model(monkeypatch):
-    """Rows long enough for the blocked path (here made short: blocks of 32 queries, 128 keys)."""
+@pytest.mark.parametrize("balance", [True, False])
+def test_split_attention_in_blocks_equals_the_unsplit_model(monkeypatch, balance):
+    """Rows long enough for the blocked path (here made short: blocks of 32 queries and 32
+    keys), with causal load balancing (balanced_attention) and without (blocked_attention)."""
     monkeypatch.setattr(sequence, "DENSE_MAX", 0)
     monkeypatch.setattr(sequence, "Q_BLOCK", 32)
-    monkeypatch.setattr(sequence, "KV_BLOCK", 128)
+    monkeypatch.setattr(sequence, "KV_BLOCK", 32)
+    monkeypatch.setattr(sequence, "BALANCE", balance)
+    called = {"balanced": 0}
+    real = sequence.balanced_attention
+
+    def counted(*args):
+        called["balanced"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(sequence, "balanced_attention", counted)
     model = _model("transformer")
     ref = _logits_and_grads(model)
     logit_err, grad_err = _errors(ref, _logits_and_grads(model, (1, 1, 1, 8)))
     assert logit_err < LOGIT_TOL and grad_err < GRAD_TOL, (logit_err, grad_err)
+    assert bool(called["balanced"]) == balance
 
 
 @pytest.mark.slow

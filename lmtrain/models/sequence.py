@@ -7,7 +7,9 @@ partitioner), and
 
 - attention (`Attention.split_parallel`) all-gathers K/V with their segment ids and attends
   its own queries to them under the causal and document mask by global position (dense for
-  rows up to DENSE_MAX tokens, else in blocks with an online softmax, `blocked_attention`);
+  rows up to DENSE_MAX tokens, else in blocks with an online softmax and causal load
+  balancing, `balanced_attention`: each device attends for an early and a late half-piece,
+  and skips the key blocks after them);
 - every other mixer keeps the mixer contract's promise that a long sequence is a chain of
   calls, each continuing the state of the one before (`chained` below):
   1. halo: the last `halo` inputs of device i-1 (the widest short-conv or sliding window the
@@ -137,10 +139,14 @@ def chained(mixer, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
     return y
 
 
-# Gathered rows longer than this attend block by block (_blocked_attention); shorter ones
+# Gathered rows longer than this attend block by block (balanced_attention, or
+# blocked_attention where a device's piece does not halve into whole blocks); shorter ones
 # build the [L/n, L] scores at once.
 DENSE_MAX = 8192
 Q_BLOCK, KV_BLOCK = 2048, 4096
+# Causal load balancing of blocked rows (balanced_attention); False visits every key block on
+# every device (blocked_attention), kept for tests and benchmarks to compare against.
+BALANCE = True
 
 
 def gathered_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl: str):
@@ -153,6 +159,10 @@ def gathered_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl: s
     )
     q_start = jax.lax.axis_index(SEQUENCE) * L
     S = k_all.shape[1]
+    h = L // 2  # the halves of causal load balancing (balanced_attention)
+    bq, bk = min(Q_BLOCK, h), min(KV_BLOCK, h)
+    if BALANCE and S > DENSE_MAX and L % 2 == 0 and h % bq == 0 and h % bk == 0:
+        return balanced_attention(q_BxLxHxK, k_all, v_all, segment_ids_BxL, seg_all, bq, bk)
     if S > DENSE_MAX and L % min(Q_BLOCK, L) == 0 and S % KV_BLOCK == 0:
         return blocked_attention(
             q_BxLxHxK, k_all, v_all, segment_ids_BxL, seg_all, q_start, Q_BLOCK, KV_BLOCK
@@ -173,7 +183,8 @@ def blocked_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxL, seg_BxS, q_start
     key blocks of `bk`, for query blocks of `bq` one at a time: the scores held at once are
     [B, bq, H, bk], never [B, L, H, S]. Query blocks and key steps are rematerialised in the
     backward pass: what it keeps is one query block's running outputs per key block. Every
-    key block is visited (masked, not skipped): the work is the same on every device."""
+    key block is visited (masked, not skipped); `balanced_attention` skips them when a
+    device's piece splits into halves of whole key blocks."""
     B, L, H, K = q_BxLxHxK.shape
     S, G = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
     bq = min(bq, L)
@@ -215,6 +226,97 @@ def blocked_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxL, seg_BxS, q_start
     pos = (q_start + jnp.arange(L)).reshape(L // bq, bq)
     o = jax.lax.map(one_query_block, (q, segs, pos))  # [L/bq, B, bq, G, R, K]
     return o.swapaxes(0, 1).reshape(B, L, H, K).astype(q_BxLxHxK.dtype)
+
+
+def zigzag_device(h: int, n: int) -> int:
+    """The device that attends for half-piece h of 2n (device i holds halves 2i and 2i+1):
+    device i attends for halves i and 2n - 1 - i, one early and one late."""
+    return h if h < n else 2 * n - 1 - h
+
+
+def balanced_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxL, seg_BxS, bq, bk):
+    """`blocked_attention` of this device's queries with causal load balancing, inside the
+    shard_map: each device's piece is cut into two halves of h = L / 2 queries, and device i
+    attends for halves i and 2n - 1 - i of the row (each goes there and its output comes back
+    by ppermute). Half j needs only the key blocks before its end, (j + 1) h keys, so the two
+    halves of a device need (i + 1) h + (2n - i) h = (2n + 1) h keys in all: the same on
+    every device, one scan of (2n + 1) h / bk key steps, each step the next key block of one of
+    the two halves. Dense causal attention needs n h keys per half on average, so the work is
+    (2n + 1) / 4n of visiting every key block (0.53 at n = 8), and equal on every device."""
+    n, i = jax.lax.axis_size(SEQUENCE), jax.lax.axis_index(SEQUENCE)
+    B, L, H, K = q_BxLxHxK.shape
+    S, G = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
+    h = L // 2
+    bq, m = min(bq, h), h // bk  # query block; key blocks per half
+    # Half 2j + s of device j (s = 0 first, 1 second) goes to zigzag_device(2j + s).
+    perms = [[(j, zigzag_device(2 * j + s, n)) for j in range(n)] for s in (0, 1)]
+    backs = [[(b, a) for a, b in perm] for perm in perms]
+    halves = [(q_BxLxHxK[:, s * h : (s + 1) * h], seg_BxL[:, s * h : (s + 1) * h]) for s in (0, 1)]
+    got = [jax.lax.ppermute(x, SEQUENCE, perm) for x, perm in zip(halves, perms, strict=True)]
+    # Device i receives half i (by the first-halves permutation when i is even) and half
+    # 2n - 1 - i (by the other one).
+    even = i % 2 == 0
+    pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(even, x, y), a, b)  # noqa: E731
+    (q_lo, seg_lo), (q_hi, seg_hi) = pick(got[0], got[1]), pick(got[1], got[0])
+    lo_start, hi_start = i * h, (2 * n - 1 - i) * h
+
+    # The key steps: lo's (i + 1) m blocks, then hi's (2n - i) m, as one static-length list.
+    T = (2 * n + 1) * m
+    t = jnp.arange(T)
+    is_lo = t < (i + 1) * m
+    block = jnp.where(is_lo, t, t - (i + 1) * m)
+    kv = (
+        k_BxSxGxK.reshape(B, S // bk, bk, G, K)[:, block].swapaxes(0, 1),
+        v_BxSxGxK.reshape(B, S // bk, bk, G, K)[:, block].swapaxes(0, 1),
+        seg_BxS.reshape(B, S // bk, bk)[:, block].swapaxes(0, 1),
+        block[:, None] * bk + jnp.arange(bk)[None, :],
+        is_lo,
+    )
+    R = H // G
+
+    @jax.checkpoint
+    def one_query_block(args):
+        qs, segs, poss = args  # each a (lo, hi) pair: one query block of each half
+        qs = tuple(q.astype(jnp.float32) / jnp.sqrt(K).astype(jnp.float32) for q in qs)
+
+        def step(carry, blk):
+            k, v, seg_k, pos_k, lo = blk
+            sel = lambda a, b: jax.tree.map(lambda x, y: jnp.where(lo, x, y), a, b)  # noqa: E731
+            q, seg_q, pos_q = sel((qs[0], segs[0], poss[0]), (qs[1], segs[1], poss[1]))
+            o, mx, total = sel(carry[0], carry[1])
+            s = jnp.einsum("bqgrk,bsgk->bqgrs", q, k.astype(jnp.float32))
+            ok = (pos_k[None, :] <= pos_q[:, None])[None] & (seg_q[:, :, None] == seg_k[:, None])
+            s = jnp.where(ok[:, :, None, None, :], s, -jnp.inf)
+            m_new = jnp.maximum(mx, s.max(-1))
+            safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(s - safe[..., None])
+            scale = jnp.exp(jnp.where(jnp.isfinite(mx), mx, safe) - safe)
+            total = total * scale + p.sum(-1)
+            o = o * scale[..., None] + jnp.einsum("bqgrs,bsgk->bqgrk", p, v.astype(jnp.float32))
+            new = (o, m_new, total)
+            return (sel(new, carry[0]), sel(carry[1], new)), None
+
+        shape = qs[0].shape[:-1]
+        acc = (jnp.zeros((*shape, K)), jnp.full(shape, -jnp.inf), jnp.zeros(shape))
+        outs, _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), (acc, acc), kv)
+        return tuple(o / jnp.where(tot > 0, tot, 1.0)[..., None] for o, _, tot in outs)
+
+    def blocks_of(q, seg, start):
+        return (
+            q.reshape(B, h // bq, bq, G, R, K).swapaxes(0, 1),
+            seg.reshape(B, h // bq, bq).swapaxes(0, 1),
+            (start + jnp.arange(h)).reshape(h // bq, bq),
+        )
+
+    lo, hi = blocks_of(q_lo, seg_lo, lo_start), blocks_of(q_hi, seg_hi, hi_start)
+    o_lo, o_hi = jax.lax.map(one_query_block, tuple(zip(lo, hi, strict=True)))
+    o_lo, o_hi = (
+        o.swapaxes(0, 1).reshape(B, h, H, K).astype(q_BxLxHxK.dtype) for o in (o_lo, o_hi)
+    )
+    # Back to where each half came from: what arrived by a permutation returns by its inverse.
+    outs = (pick(o_lo, o_hi), pick(o_hi, o_lo))  # what came by the first, second permutation
+    back = [jax.lax.ppermute(o, SEQUENCE, b) for o, b in zip(outs, backs, strict=True)]
+    return jnp.concatenate(back, axis=1)
 
 
 def _exclusive_scan(a_all: dict, b_all: dict, empty: dict) -> dict:
