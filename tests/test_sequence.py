@@ -106,8 +106,21 @@ def test_split_rows_equal_the_unsplit_model(name, mesh):
     assert logit_err < LOGIT_TOL and grad_err < GRAD_TOL, (logit_err, grad_err)
 
 
+@pytest.mark.parametrize(
+    ("name", "mesh"),
+    [("gla", (2, 1, 1, 4)), pytest.param("mamba2", (1, 1, 1, 8), marks=pytest.mark.slow)],
+)
+def test_the_state_pass_by_all_gather_equals_the_unsplit_model_too(monkeypatch, name, mesh):
+    """STATE_PASS="gather" (LASP-2's all-gather and a local scan) gives what the default
+    prefix scan over ppermute gives: the unsplit model."""
+    monkeypatch.setattr(sequence, "STATE_PASS", "gather")
+    logit_err, grad_err = _errors(_unsplit(name), _logits_and_grads(_model(name), mesh))
+    assert logit_err < LOGIT_TOL and grad_err < GRAD_TOL, (logit_err, grad_err)
+
+
 def _broken(monkeypatch, what: str) -> None:
     if what == "state pass":  # every device starts from an empty carried state
+        monkeypatch.setattr(sequence, "_ppermute_scan", lambda a, b, empty: empty)
         monkeypatch.setattr(sequence, "_exclusive_scan", lambda a, b, empty: empty)
     elif what == "halo":  # windows start empty on every device
         monkeypatch.setattr(sequence, "halo_of", lambda state, carried: 0)

@@ -19,9 +19,9 @@ partitioner), and
      derivative of the final state in the carried state's direction, gets the affine map
      s -> A * s + b that its piece applies to an incoming state (A elementwise: every
      recurrence here is diagonal; a document start inside the piece makes A zero);
-  3. the small (A, b) are all-gathered (LASP-2's choice over a ppermute chain: one collective
-     of n small states instead of n sequential hops) and an exclusive scan gives each device
-     the state that reaches it;
+  3. the small (A, b) are combined by a prefix scan over ppermute (log2 n rounds; or, with
+     STATE_PASS = "gather", LASP-2's all-gather of every device's map and a local scan), which
+     gives each device the state that reaches it;
   4. the device replays its piece from that state (and the halo's windows): its outputs and
      final state are then exactly the unsplit model's, up to float roundoff.
   The replay costs a second forward of the mixer; the derivative pass only touches the
@@ -132,9 +132,11 @@ def chained(mixer, x_BxLxD, segment_ids_BxL, positions_BxL) -> jax.Array:
 
     ones = jax.tree.map(jnp.ones_like, empty)
     b, a = jax.jvp(final, (empty,), (ones,))  # final(s) = a * s + b
-    a_all, b_all = jax.lax.all_gather((a, b), SEQUENCE)  # leading axis: the device
-
-    mine = _exclusive_scan(a_all, b_all, empty)
+    if STATE_PASS == "gather":
+        a_all, b_all = jax.lax.all_gather((a, b), SEQUENCE)  # leading axis: the device
+        mine = _exclusive_scan(a_all, b_all, empty)
+    else:
+        mine = _ppermute_scan(a, b, empty)
     y, _ = mixer.parallel(x_BxLxD, segment_ids_BxL, positions_BxL, {**state, **mine})
     return y
 
@@ -317,6 +319,33 @@ def balanced_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxL, seg_BxS, bq, bk
     outs = (pick(o_lo, o_hi), pick(o_hi, o_lo))  # what came by the first, second permutation
     back = [jax.lax.ppermute(o, SEQUENCE, b) for o, b in zip(outs, backs, strict=True)]
     return jnp.concatenate(back, axis=1)
+
+
+# How the devices' affine maps of the carried state are combined (`chained`): "scan", a
+# prefix scan over ppermute (log2 n rounds, each passing one map to the device d = 1, 2, 4 ...
+# places on, then one hop for the exclusive shift: (log2 n + 1) x 2 states sent per device),
+# or "gather", LASP-2's all-gather of every device's map and a local scan (n - 1 maps of 2
+# states received per device, in one collective). BENCHMARKS.md compares their bytes.
+STATE_PASS = "scan"
+
+
+def _ppermute_scan(a: dict, b: dict, empty: dict) -> dict:
+    """The state reaching this device by a Hillis-Steele prefix scan of the maps s -> a s + b
+    over ppermute: after the round with offset d, device i holds the composition of the maps
+    of devices max(0, i - 2d + 1) .. i. One last hop shifts the result by one device."""
+    n, i = jax.lax.axis_size(SEQUENCE), jax.lax.axis_index(SEQUENCE)
+    d = 1
+    while d < n:
+        ra, rb = jax.lax.ppermute((a, b), SEQUENCE, [(j, j + d) for j in range(n - d)])
+        has = i >= d  # device i - d exists: apply its (earlier) map first, then this one's
+        a, b = (
+            jax.tree.map(lambda x, r, h=has: jnp.where(h, x * r, x), a, ra),
+            jax.tree.map(lambda x, r, y, h=has: jnp.where(h, x * r + y, y), a, rb, b),
+        )
+        d *= 2
+    after = jax.tree.map(lambda a, b, s: a * s + b, a, b, empty)  # the state device i hands on
+    got = jax.lax.ppermute(after, SEQUENCE, [(j, j + 1) for j in range(n - 1)])
+    return jax.tree.map(lambda g, s: jnp.where(i == 0, s, g), got, empty)
 
 
 def _exclusive_scan(a_all: dict, b_all: dict, empty: dict) -> dict:
