@@ -45,7 +45,9 @@ for balance in (True, False):
 
     attend = jax.shard_map(local, mesh=mesh, in_specs=(rows,) * 4, out_specs=rows, check_vma=False)
     with jax.set_mesh(mesh):
-        step = jax.jit(jax.value_and_grad(lambda q, k, v: attend(q, k, v, seg).sum(), (0, 1, 2)))
+        step = jax.jit(
+            jax.value_and_grad(lambda q, k, v, f=attend: f(q, k, v, seg).sum(), (0, 1, 2))
+        )
         t0 = time.perf_counter()
         compiled = step.lower(q, k, v).compile()
         compile_s = time.perf_counter() - t0

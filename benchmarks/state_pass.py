@@ -21,8 +21,9 @@ import os
 import sys
 import time
 
-n_dev = int(sys.argv[2]) if len(sys.argv) > 2 else 8
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={n_dev}")
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=" + (sys.argv[2:3] or ["8"])[0]
+)
 import jax
 import numpy as np
 
@@ -32,6 +33,7 @@ from lmtrain import run as R
 from lmtrain.models import sequence
 
 fam = sys.argv[1] if len(sys.argv) > 1 else "mamba2"
+n_dev = int((sys.argv[2:3] or ["8"])[0])
 L = 256 * n_dev
 out = {"family": fam, "devices": n_dev, "seq_len": L}
 for how in ("scan", "gather"):
