@@ -179,6 +179,23 @@ def gathered_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl: s
     )
 
 
+def _online_softmax_step(carry, q, seg_q, pos_q, k, v, seg_k, pos_k):
+    """One key block of flash attention's recurrence: the running (outputs, max score, total
+    weight) of queries q [B, Q, G, R, K] (float32, scaled) after keys k, v [B, S, G, K] at
+    positions pos_k, under the causal and document mask."""
+    o, m, total = carry
+    s = jnp.einsum("bqgrk,bsgk->bqgrs", q, k.astype(jnp.float32))
+    ok = (pos_k[None, :] <= pos_q[:, None])[None] & (seg_q[:, :, None] == seg_k[:, None])
+    s = jnp.where(ok[:, :, None, None, :], s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(-1))
+    safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - safe[..., None])
+    scale = jnp.exp(jnp.where(jnp.isfinite(m), m, safe) - safe)
+    total = total * scale + p.sum(-1)
+    o = o * scale[..., None] + jnp.einsum("bqgrs,bsgk->bqgrk", p, v.astype(jnp.float32))
+    return o, m_new, total
+
+
 def blocked_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxL, seg_BxS, q_start, bq, bk):
     """Causal, document-masked attention of queries at positions q_start .. q_start + L - 1 to
     keys 0 .. S - 1, in float32 with an online softmax (flash attention's recurrence) over
@@ -204,18 +221,7 @@ def blocked_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxL, seg_BxS, q_start
         q_BxQxGxRxK = q_BxQxGxRxK.astype(jnp.float32) / jnp.sqrt(K).astype(jnp.float32)
 
         def step(carry, block):
-            o, m, total = carry
-            k, v, seg_k, pos_k = block
-            s = jnp.einsum("bqgrk,bsgk->bqgrs", q_BxQxGxRxK, k.astype(jnp.float32))
-            ok = (pos_k[None, :] <= pos_Q[:, None])[None] & (seg_BxQ[:, :, None] == seg_k[:, None])
-            s = jnp.where(ok[:, :, None, None, :], s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(-1))
-            safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.exp(s - safe[..., None])
-            scale = jnp.exp(jnp.where(jnp.isfinite(m), m, safe) - safe)
-            total = total * scale + p.sum(-1)
-            o = o * scale[..., None] + jnp.einsum("bqgrs,bsgk->bqgrk", p, v.astype(jnp.float32))
-            return (o, m_new, total), None
+            return _online_softmax_step(carry, q_BxQxGxRxK, seg_BxQ, pos_Q, *block), None
 
         shape = q_BxQxGxRxK.shape[:-1]
         init = (jnp.zeros((*shape, K)), jnp.full(shape, -jnp.inf), jnp.zeros(shape))
@@ -285,17 +291,7 @@ def balanced_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxL, seg_BxS, bq, bk
             k, v, seg_k, pos_k, lo = blk
             sel = lambda a, b: jax.tree.map(lambda x, y: jnp.where(lo, x, y), a, b)  # noqa: E731
             q, seg_q, pos_q = sel((qs[0], segs[0], poss[0]), (qs[1], segs[1], poss[1]))
-            o, mx, total = sel(carry[0], carry[1])
-            s = jnp.einsum("bqgrk,bsgk->bqgrs", q, k.astype(jnp.float32))
-            ok = (pos_k[None, :] <= pos_q[:, None])[None] & (seg_q[:, :, None] == seg_k[:, None])
-            s = jnp.where(ok[:, :, None, None, :], s, -jnp.inf)
-            m_new = jnp.maximum(mx, s.max(-1))
-            safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.exp(s - safe[..., None])
-            scale = jnp.exp(jnp.where(jnp.isfinite(mx), mx, safe) - safe)
-            total = total * scale + p.sum(-1)
-            o = o * scale[..., None] + jnp.einsum("bqgrs,bsgk->bqgrk", p, v.astype(jnp.float32))
-            new = (o, m_new, total)
+            new = _online_softmax_step(sel(carry[0], carry[1]), q, seg_q, pos_q, k, v, seg_k, pos_k)
             return (sel(new, carry[0]), sel(carry[1], new)), None
 
         shape = qs[0].shape[:-1]
