@@ -3,14 +3,34 @@ fixtures many test files share (a tiny text corpus and a tiny config on it)."""
 
 import logging
 import os
+import shutil
 import tempfile
+import uuid
+from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite compiles hundreds of tiny programs, each about once: LLVM's backend optimisation
+# costs more than it saves at these sizes (a quarter of the suite's CPU time; BENCHMARKS.md).
+# Tests that start processes with their own XLA_FLAGS put these in front.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ.setdefault("XLA_FLAGS", f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tokenizers, tokenised corpora and the CPU peak cache of the test session stay out of ~/.cache.
 os.environ.setdefault("LMTRAIN_CACHE", tempfile.mkdtemp(prefix="lmtrain-test-cache-"))
+# One persistent compilation cache for the run: both pytest-xdist workers and every lmtrain
+# process they start, which compile the same tiny runs again and again (resume, readers,
+# multi-process). A size limit turns on jax's file lock, so concurrent writers are safe.
+RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
+JIT_CACHE = Path(tempfile.gettempdir()) / f"lmtrain-test-jit-{RUN_ID}"
+for key, value in {
+    "JAX_COMPILATION_CACHE_DIR": str(JIT_CACHE),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30),
+}.items():  # JIT_CACHE_KEYS: what a test that cleans a child's environment keeps
+    os.environ.setdefault(key, value)
+JIT_CACHE_KEYS = ("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_")
 
-import jax
+import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -82,7 +102,27 @@ SLOW_FOR_TIME = {
 }
 
 
+# The longest files (CI, --durations) go first: pytest-xdist hands out whole files
+# (--dist loadfile), so one left to the end would run alone on one core.
+LONG_FILES = [
+    "test_slurm.py",
+    "test_multiprocess.py",
+    "test_compile.py",
+    "test_checkpoint.py",
+    "test_train.py",
+    "test_mqar.py",
+    "test_lm_eval.py",
+    "test_decompose.py",
+    "test_scale.py",
+    "test_hf.py",
+    "test_kill.py",
+    "test_sequence.py",
+]
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     for item in items:
         if item.nodeid.removeprefix("tests/") in SLOW_FOR_TIME:
             item.add_marker(pytest.mark.slow)
@@ -92,6 +132,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):  # the controller (or a run without workers)
+        shutil.rmtree(JIT_CACHE, ignore_errors=True)
     # At shutdown the C warnings module reads its own filter list, not the module attribute
     # pytest's catch_warnings replaced, so the filter goes there too.
     import _warnings
@@ -201,6 +243,15 @@ def get_config(arg):
     return cfg
 """)
     return p
+
+
+def compiled_call(model, *args):
+    """`model(*args)` compiled once, not dispatched op by op (an eager forward of a hybrid on
+    8 host devices takes tens of seconds); the model is not changed."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))(state, *args)
 
 
 def losses(workdir) -> dict:

@@ -51,8 +51,8 @@ def _trained(corpus, tmp_path, **sets):
 
 
 def _lmtrain_logits(run, params, ids):
-    model = nnx.merge(run.graphdef, params)
-    return np.asarray(model(jnp.asarray([ids], jnp.int32)))[0]
+    forward = jax.jit(lambda p, x: nnx.merge(run.graphdef, p)(x))  # compiled, not op by op
+    return np.asarray(forward(params, jnp.asarray([ids], jnp.int32)))[0]
 
 
 def _hf_logits(model, ids):

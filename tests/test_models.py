@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import compiled_call
 from flax import nnx
 
 from lmtrain import models
@@ -350,7 +351,7 @@ def _logits(cfg, tok, edit=None):
     model = models.build(cfg, nnx.Rngs(0))
     if edit is not None:
         edit(model)
-    return np.asarray(model(tok))
+    return np.asarray(compiled_call(model, tok))
 
 
 def test_qk_norm_makes_attention_blind_to_the_scale_of_q_and_k():
@@ -402,9 +403,9 @@ def test_zero_init_starts_every_residual_output_and_the_head_at_zero(name):
         logp = jax.nn.log_softmax(nnx.merge(graphdef, params)(tok[:, :-1]), axis=-1)
         return -jnp.take_along_axis(logp, tok[:, 1:, None], axis=-1).mean()
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
     np.testing.assert_allclose(loss, math.log(VOCAB), rtol=1e-6)
     moved = lambda g: {p for p, v in nnx.to_flat_state(g) if np.asarray(v[...]).any()}
     assert moved(grads) == {("head", "kernel")}
     params["head"]["kernel"][...] = -0.1 * grads["head"]["kernel"][...]
-    assert moved(jax.grad(loss_fn)(params)) >= outputs  # now every output matrix learns
+    assert moved(jax.jit(jax.grad(loss_fn))(params)) >= outputs  # now every output matrix learns

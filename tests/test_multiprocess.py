@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import losses, multiprocess_experiment
+from conftest import TEST_XLA_FLAGS, losses, multiprocess_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "local.sh"
@@ -29,6 +29,7 @@ def _env(**extra) -> dict:
         **env,
         "PYTHONPATH": str(ROOT),
         "LMTRAIN_CACHE": os.environ.get("LMTRAIN_CACHE", str(Path.home() / ".cache/lmtrain")),
+        "XLA_FLAGS": TEST_XLA_FLAGS,
         **extra,
     }
 
@@ -164,7 +165,7 @@ def test_kill_9_of_one_process_ends_the_other_within_the_bound(exp, tmp_path):
             stderr=subprocess.PIPE,
             text=True,
             env=_env(
-                XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=2",
                 JAX_PLATFORMS="cpu",
                 LMTRAIN_COORDINATOR=f"127.0.0.1:{port}",
                 LMTRAIN_NUM_PROCESSES="2",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import losses, multiprocess_experiment
+from conftest import JIT_CACHE_KEYS, TEST_XLA_FLAGS, losses, multiprocess_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
@@ -37,7 +37,10 @@ def slurm(tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm")
     subprocess.run(["bash", str(CLUSTER), "start", str(d)], check=True, timeout=60)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "LMTRAIN_", "JAX_"))}
+    # The test run's compilation cache and compile flags stay (conftest.py).
+    env.update({k: v for k, v in os.environ.items() if k.startswith(JIT_CACHE_KEYS)})
     env.update(
+        XLA_FLAGS=TEST_XLA_FLAGS,
         SLURM_CONF=str(d / "slurm.conf"),
         PYTHONPATH=str(ROOT),
         PYTHON=sys.executable,
@@ -58,7 +61,8 @@ def ref(exp, tmp_path_factory) -> dict[int, float]:
     """Losses of one process on 4 CPU devices, 12 steps."""
     wd = tmp_path_factory.mktemp("ref") / "w"
     env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_")}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT))
+    env.update(XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=4")
+    env.update(PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "lmtrain", "train", f"{exp}:12", "--workdir", str(wd)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

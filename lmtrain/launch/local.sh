@@ -40,7 +40,9 @@ for ((i = 0; i < N; i++)); do
   (
     export LMTRAIN_COORDINATOR="127.0.0.1:$PORT" LMTRAIN_NUM_PROCESSES="$N" LMTRAIN_PROCESS_ID="$i"
     case $MODE in
-      cpu) export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES" ;;
+      # The caller's other XLA flags stay; the device count is ours.
+      cpu) export JAX_PLATFORMS=cpu XLA_FLAGS="$(echo "${XLA_FLAGS:-}" |
+        sed -E 's/--xla_force_host_platform_device_count=[^ ]*//g') --xla_force_host_platform_device_count=$DEVICES" ;;
       gpu) export CUDA_VISIBLE_DEVICES="$i" ;;
     esac
     exec "$PYTHON" -m lmtrain "$@"
