@@ -3,6 +3,7 @@ over every batch of the validation split, on 2 host devices, again and again, ea
 under a watchdog that dumps every thread's stack and exits 1 if it takes longer than --bound.
 
     python benchmarks/eval_stress.py [--mode queued|bounded] [--evals 50] [--bound 120]
+        [--set model.d_model=32 ...]
 
 --mode queued queues every batch at once (the pattern that hung once in ~10 quickstart runs);
 --mode bounded keeps two in flight, as lmtrain.evaluate does. One line per evaluation: batches,
@@ -35,9 +36,11 @@ def main() -> None:
     ap.add_argument("--mode", choices=("queued", "bounded"), default="queued")
     ap.add_argument("--evals", type=int, default=50)
     ap.add_argument("--bound", type=float, default=120.0, help="seconds per evaluation")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE")
     args = ap.parse_args()
     cfg = config_lib.load_experiment("experiments/quickstart.py")
-    run = run_lib.setup(config_lib.override(cfg, {"mesh.shape": (2, 1, 1)}))
+    sets = {"mesh.shape": (2, 1, 1), **config_lib.parse_sets(args.sets)}
+    run = run_lib.setup(config_lib.override(cfg, sets).validate())
     corpus = data.load_corpus(run.cfg.data, run.tokenizer)
     ev = Evaluator(run, corpus.val)
     params = run.init_state()["params"]

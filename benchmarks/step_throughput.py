@@ -5,6 +5,8 @@
     # the quickstart's shape and optimizer, f32 vs bf16 on 2 devices:
     python benchmarks/step_throughput.py --models d192-L3:192:3:3 --vocab 8192 --batch 16 \
         --optim muon --devices 2
+    # XLA:CPU options side by side (NAME=FLAGS;...; each in its own process):
+    python benchmarks/step_throughput.py ... --variants "default=;onednn=--xla_cpu_use_onednn=true"
 
 Each configuration runs the real compiled train step (lmtrain.step) on synthetic batches of the
 quickstart shape; figures are medians of timed steps after warm-up. On a shared, noisy machine
@@ -57,7 +59,8 @@ def time_steps(fn, state, batch, steps: int, warmup: int = 2):
 def child(
     n_devices: int, steps: int, batch: int, seq_len: int, vocab: int, models=MODELS, optim="adamw"
 ) -> list[dict]:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    extra = os.environ.get("STEP_XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{extra} --xla_force_host_platform_device_count={n_devices}".strip()
     import jax
 
     from lmtrain import config, flops, sharding
@@ -121,38 +124,52 @@ def main() -> None:
     )
     p.add_argument("--devices", default=",".join(map(str, DEVICE_COUNTS)))
     p.add_argument("--optim", default="adamw", help="optim.name: adamw, lion, muon")
+    p.add_argument("--dtypes", default=",".join(DTYPES))
+    p.add_argument("--variants", default="default=", help="NAME=XLA_FLAGS;... (one process each)")
     a = p.parse_args()
+    DTYPES[:] = a.dtypes.split(",")
     models = [(m.split(":")[0], *map(int, m.split(":")[1:])) for m in a.models.split(",")]
     if a.child:
         rows = child(a.child, a.steps, a.batch, a.seq_len, a.vocab, models, a.optim)
         print(json.dumps(rows))
         return
     rows = []
-    for n in map(int, a.devices.split(",")):
-        flags = ["--steps", str(a.steps), "--batch", str(a.batch), "--seq-len", str(a.seq_len)]
-        flags += ["--vocab", str(a.vocab), "--models", a.models, "--optim", a.optim]
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", str(n), *flags],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        rows += json.loads(out.stdout.strip().splitlines()[-1])
+    variants = [v.split("=", 1) for v in a.variants.split(";") if v.strip()]
+    for name, xla in variants:
+        for n in map(int, a.devices.split(",")):
+            flags = ["--steps", str(a.steps), "--batch", str(a.batch), "--seq-len", str(a.seq_len)]
+            flags += ["--vocab", str(a.vocab), "--models", a.models, "--optim", a.optim]
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", str(n), *flags, "--dtypes", a.dtypes],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "STEP_XLA_FLAGS": xla},
+            )
+            rows += [r | {"variant": name} for r in json.loads(out.stdout.strip().splitlines()[-1])]
     first = min(r["devices"] for r in rows)
-    base = {(r["model"], r["dtype"]): r["tokens_per_sec"] for r in rows if r["devices"] == first}
+    base = {
+        (r["model"], r["dtype"]): r["tokens_per_sec"]
+        for r in rows
+        if r["devices"] == first and r["variant"] == variants[0][0]
+    }
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"batch {a.batch} x seq {a.seq_len}, vocab {a.vocab}, {a.optim}; median of {a.steps} "
         f"steps\n"
     )
-    print(f"| model | params | dtype | CPU devices | step s | tokens/s | vs {first} dev | MFU |")
-    print("|---|---|---|---|---|---|---|---|")
+    vs = f"{variants[0][0]}, {first} dev"
+    print(f"| variant | model | params | dtype | CPU devices | step s | tokens/s | vs {vs} | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["tokens_per_sec"] / base[(r["model"], r["dtype"])]
         print(
-            f"| {r['model']} | {r['params_M']:.2f}M | {r['dtype']} | {r['devices']} | "
-            f"{r['step_s']:.3f} | {r['tokens_per_sec']:,.0f} | {ratio:.2f}x | {r['mfu']:.0%} |"
+            f"| {r['variant']} | {r['model']} | {r['params_M']:.2f}M | {r['dtype']} | "
+            f"{r['devices']} | {r['step_s']:.3f} | {r['tokens_per_sec']:,.0f} | {ratio:.2f}x | "
+            f"{r['mfu']:.0%} |"
         )
+    for name, xla in variants:
+        print(f"{name}: XLA_FLAGS={xla or '(none)'}")
 
 
 if __name__ == "__main__":

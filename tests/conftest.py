@@ -14,7 +14,9 @@ from pathlib import Path
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ.setdefault("XLA_FLAGS", f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Tokenizers, tokenised corpora and the CPU peak cache of the test session stay out of ~/.cache.
+# Tokenizers, tokenised corpora and the CPU peak cache of the test session stay out of ~/.cache
+# (the workers inherit the controller's; the controller removes it at the end).
+MADE_CACHE = "LMTRAIN_CACHE" not in os.environ
 os.environ.setdefault("LMTRAIN_CACHE", tempfile.mkdtemp(prefix="lmtrain-test-cache-"))
 # One persistent compilation cache for the run: both pytest-xdist workers and every lmtrain
 # process they start, which compile the same tiny runs again and again (resume, readers,
@@ -134,6 +136,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_unconfigure(config):
     if not hasattr(config, "workerinput"):  # the controller (or a run without workers)
         shutil.rmtree(JIT_CACHE, ignore_errors=True)
+        if MADE_CACHE:
+            shutil.rmtree(os.environ["LMTRAIN_CACHE"], ignore_errors=True)
     # At shutdown the C warnings module reads its own filter list, not the module attribute
     # pytest's catch_warnings replaced, so the filter goes there too.
     import _warnings
