@@ -104,27 +104,7 @@ SLOW_FOR_TIME = {
 }
 
 
-# The longest files (CI, --durations) go first: pytest-xdist hands out whole files
-# (--dist loadfile), so one left to the end would run alone on one core.
-LONG_FILES = [
-    "test_slurm.py",
-    "test_multiprocess.py",
-    "test_compile.py",
-    "test_checkpoint.py",
-    "test_train.py",
-    "test_mqar.py",
-    "test_lm_eval.py",
-    "test_decompose.py",
-    "test_scale.py",
-    "test_hf.py",
-    "test_kill.py",
-    "test_sequence.py",
-]
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     for item in items:
         if item.nodeid.removeprefix("tests/") in SLOW_FOR_TIME:
             item.add_marker(pytest.mark.slow)
