@@ -23,14 +23,14 @@ os.environ.setdefault("LMTRAIN_CACHE", tempfile.mkdtemp(prefix="lmtrain-test-cac
 # multi-process). A size limit turns on jax's file lock, so concurrent writers are safe.
 RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
 JIT_CACHE = Path(tempfile.gettempdir()) / f"lmtrain-test-jit-{RUN_ID}"
-for key, value in {
+JIT_CACHE_ENV = {  # also what a test that cleans a child's environment keeps
     "JAX_COMPILATION_CACHE_DIR": str(JIT_CACHE),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30),
-}.items():  # JIT_CACHE_KEYS: what a test that cleans a child's environment keeps
+}
+for key, value in JIT_CACHE_ENV.items():
     os.environ.setdefault(key, value)
-JIT_CACHE_KEYS = ("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_")
 
 import jax  # noqa: E402
 

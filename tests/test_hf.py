@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import tiny
+from conftest import compiled_call, tiny
 from flax import nnx
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -51,8 +51,8 @@ def _trained(corpus, tmp_path, **sets):
 
 
 def _lmtrain_logits(run, params, ids):
-    forward = jax.jit(lambda p, x: nnx.merge(run.graphdef, p)(x))  # compiled, not op by op
-    return np.asarray(forward(params, jnp.asarray([ids], jnp.int32)))[0]
+    model = nnx.merge(run.graphdef, params)
+    return np.asarray(compiled_call(model, jnp.asarray([ids], jnp.int32)))[0]
 
 
 def _hf_logits(model, ids):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny
+from conftest import compiled_call, tiny
 
 from lmtrain import train
 from lmtrain.cli import main
@@ -129,8 +129,8 @@ def test_adapter_scores_any_family_as_its_own_forward_pass(corpus, tmp_path):
     got = lm.loglikelihood_rolling(reqs)
     eod = run.tokenizer.eod_id
     ids = [eod, *run.tokenizer.encode(docs[0])]
-    forward = jax.jit(lambda p, x: jax.nn.log_softmax(nnx.merge(run.graphdef, p)(x), axis=-1))
-    logp = np.asarray(forward(params, jnp.asarray([ids[:-1]]))[0])  # compiled, not op by op
+    logits = compiled_call(nnx.merge(run.graphdef, params), jnp.asarray([ids[:-1]]))
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1)[0])
     want = float(sum(logp[i, t] for i, t in enumerate(ids[1:])))
     assert got[0] == pytest.approx(want, abs=1e-4)
     assert got[1] < got[0] < 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import JIT_CACHE_KEYS, TEST_XLA_FLAGS, losses, multiprocess_experiment
+from conftest import JIT_CACHE_ENV, TEST_XLA_FLAGS, losses, multiprocess_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
@@ -38,7 +38,7 @@ def slurm(tmp_path_factory):
     subprocess.run(["bash", str(CLUSTER), "start", str(d)], check=True, timeout=60)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "LMTRAIN_", "JAX_"))}
     # The test run's compilation cache and compile flags stay (conftest.py).
-    env.update({k: v for k, v in os.environ.items() if k.startswith(JIT_CACHE_KEYS)})
+    env.update({k: os.environ[k] for k in JIT_CACHE_ENV})
     env.update(
         XLA_FLAGS=TEST_XLA_FLAGS,
         SLURM_CONF=str(d / "slurm.conf"),
