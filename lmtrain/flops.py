@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmtrain.errors import ConfigError
+
 log = logging.getLogger("lmtrain")
 
 
@@ -221,6 +223,25 @@ def _write_cache(cache: Path, known: dict) -> None:
         pass  # a read-only cache only costs the stability, never the run
 
 
+PEAK_ENV = "LMTRAIN_CPU_PEAK_GFLOPS"
+
+
+def fixed_cpu_peak() -> float | None:
+    """The CPU peak (FLOP/s, for any dtype) that $LMTRAIN_CPU_PEAK_GFLOPS sets instead of a
+    timed matmul (a spec sheet's figure, or one number to compare runs by; it also saves the
+    ~1 s the timing takes), None where it is unset; ConfigError unless a positive number."""
+    raw = os.environ.get(PEAK_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{PEAK_ENV}={raw!r}: needs a positive number of GFLOP/s, e.g. 200")
+    return value * 1e9
+
+
 def peak_flops(
     devices: Sequence[jax.Device], dtype: Any = jnp.bfloat16, cache: Path | None = None
 ) -> tuple[float, str]:
@@ -229,6 +250,9 @@ def peak_flops(
     bf16 figure; `dtype` also sets the measurement for chips the table does not know."""
     device = devices[0]
     if device.platform == "cpu":
+        fixed = fixed_cpu_peak()
+        if fixed is not None:
+            return fixed, f"{PEAK_ENV}={os.environ[PEAK_ENV]}"
         return cpu_peak(cache, dtype=jnp.float32 if jnp.dtype(dtype) == jnp.float32 else dtype)
     per_chip = lookup_peak(device.device_kind)
     if per_chip is not None:

@@ -18,6 +18,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # (the workers inherit the controller's; the controller removes it at the end).
 MADE_CACHE = "LMTRAIN_CACHE" not in os.environ
 os.environ.setdefault("LMTRAIN_CACHE", tempfile.mkdtemp(prefix="lmtrain-test-cache-"))
+# Every training run times a 2048 x 2048 matmul for its MFU's CPU peak (~1 s here, hundreds of
+# runs); the suite fixes the peak instead. tests/test_flops.py times it, and the processes that
+# the multi-process and SLURM tests start (their environment drops LMTRAIN_*) measure theirs.
+os.environ.setdefault("LMTRAIN_CPU_PEAK_GFLOPS", "100")
 # One persistent compilation cache for the run: both pytest-xdist workers and every lmtrain
 # process they start, which compile the same tiny runs again and again (resume, readers,
 # multi-process). A size limit turns on jax's file lock, so concurrent writers are safe.

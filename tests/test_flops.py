@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from lmtrain import flops
+from lmtrain.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +61,28 @@ def test_unknown_accelerator_falls_back_to_a_measured_matmul(monkeypatch):
 
 
 def test_cpu_peak_is_not_multiplied_by_fake_devices(monkeypatch):
+    monkeypatch.delenv(flops.PEAK_ENV, raising=False)
     monkeypatch.setattr(flops, "measure_cpu_peak", lambda n=2048, repeats=4, dtype=None: 1.5e11)
     peak, source = flops.peak_flops(jax.devices(), jnp.float32)
     assert peak == 1.5e11
     assert source == "measured: cpu matmul 2048 float32, fastest of 10"
+
+
+def test_a_fixed_cpu_peak_replaces_the_timing_and_bad_values_are_config_errors(monkeypatch):
+    def timed(*a, **k):
+        raise AssertionError("timed a matmul although the peak was fixed")
+
+    monkeypatch.setattr(flops, "measure_cpu_peak", timed)
+    monkeypatch.setenv(flops.PEAK_ENV, "250")
+    for dtype in (jnp.float32, jnp.bfloat16):
+        assert flops.peak_flops(jax.devices(), dtype) == (2.5e11, "LMTRAIN_CPU_PEAK_GFLOPS=250")
+    for bad in ("fast", "-3", "0", "nan", "inf"):
+        monkeypatch.setenv(flops.PEAK_ENV, bad)
+        with pytest.raises(ConfigError, match=r"LMTRAIN_CPU_PEAK_GFLOPS=.*positive number"):
+            flops.peak_flops(jax.devices(), jnp.float32)
+    monkeypatch.setenv(flops.PEAK_ENV, "")  # empty is unset: the timing runs
+    with pytest.raises(AssertionError, match="timed a matmul"):
+        flops.peak_flops(jax.devices(), jnp.float32)
 
 
 def test_cpu_peak_is_the_median_of_kept_readings_never_a_running_maximum(monkeypatch, tmp_path):

@@ -60,12 +60,15 @@ def test_adapter_equals_lm_evals_hf_backend_on_the_export(family, corpus, tmp_pa
 
     hf_dir = tmp_path / "hf"
     assert main(["export", "--workdir", str(wd), "--out", str(hf_dir)]) == 0
+    # A name in neither index (lm-eval's bundled one is built for it: 15-25 s, so here).
+    assert main(["lm-eval", "--workdir", str(wd), "--tasks", "no_such_task"]) == 2
+    assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
     theirs = lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu"},
         tasks=TASKS,
         batch_size=3,
-        task_manager=TaskManager(include_path=str(tasks)),
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
         log_samples=True,
     )
     for task in ("lmtrain_mc", "lmtrain_rolling"):
@@ -86,8 +89,6 @@ def test_adapter_equals_lm_evals_hf_backend_on_the_export(family, corpus, tmp_pa
 def test_lm_eval_usage_errors(corpus, tmp_path, capsys):
     wd = tmp_path / "run"
     train.train(tiny(corpus, **{"train.steps": 2, "train.checkpoint_every": 2}), wd)
-    assert main(["lm-eval", "--workdir", str(wd), "--tasks", "no_such_task"]) == 2
-    assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
     assert main(["lm-eval", "--workdir", str(tmp_path / "none"), "--tasks", "x"]) == 2
     # A continuation longer than the context (seq_len 32, byte tokens): one line, exit 2, the
     # setting to change (the hf backend stops on an assert).
@@ -105,6 +106,29 @@ def test_lm_eval_usage_errors(corpus, tmp_path, capsys):
     assert "continuation is 41 tokens, longer than the model's context (data.seq_len=32)" in err
     assert "--set data.seq_len=64" in err and "Traceback" not in err
     assert main([*args, "--include-path", str(tasks), "--set", "data.seq_len=64"]) == 0
+
+
+def test_local_tasks_skip_the_bundled_index():
+    """Named tasks all local: lm-eval's index of its bundled YAMLs (15-25 s) is not built; a
+    bundled task or a local group among them: it is."""
+    from lmtrain.interop.lm_eval_adapter import _task_manager
+
+    built = []
+
+    class Manager:
+        def __init__(self, include_path=None, include_defaults=True):
+            built.append(include_defaults)
+            local = {"mine": {"type": "task"}, "my_group": {"type": "group"}}
+            self.task_index = local if include_path else {}
+
+    assert isinstance(_task_manager(Manager, ["mine"], "tasks/"), Manager) and built == [False]
+    for tasks in (["mine", "hellaswag"], ["my_group"]):
+        built.clear()
+        _task_manager(Manager, tasks, "tasks/")
+        assert built == [False, True]
+    built.clear()
+    _task_manager(Manager, ["hellaswag"], None)
+    assert built == [True]
 
 
 @pytest.mark.slow

@@ -179,6 +179,24 @@ def _bucket(n: int, max_length: int) -> int:
     return min(b, max_length) if n <= max_length else n
 
 
+def _task_manager(TaskManager, tasks: list[str], include_path: str | None):
+    """lm-eval's task index. Indexing its ~15k bundled YAMLs takes 15-25 s a call here; where
+    every requested name is a plain task of --include-path, the local index alone serves."""
+    if include_path:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        kinds = {name: _kind(entry) for name, entry in local.task_index.items()}
+        if all(kinds.get(t) == "task" for t in tasks):
+            return local
+    return TaskManager(include_path=include_path)
+
+
+def _kind(entry) -> str:
+    """The kind ("task", "group", ...) of an index entry (an Entry with .kind in recent lm_eval, a
+    dict with "type" in older ones)."""
+    kind = entry["type"] if isinstance(entry, dict) else entry.kind.name
+    return str(kind).lower()
+
+
 def evaluate(
     workdir: Path,
     tasks: list[str],
@@ -203,7 +221,7 @@ def evaluate(
     if batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
     run, params, s = run_lib.restore_params(Path(workdir), overrides, step=step)
-    manager = TaskManager(include_path=include_path)
+    manager = _task_manager(TaskManager, tasks, include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ConfigError(

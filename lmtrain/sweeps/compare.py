@@ -89,12 +89,17 @@ def multiplier(reference: dict, runs: Sequence[dict]) -> dict:
     }
 
 
+def check_reference(groups: Sequence[str], reference: str) -> None:
+    """FitError unless `reference` is one of the sweep's groups (checked before any fitting)."""
+    if reference not in groups:
+        names = ", ".join(sorted(set(groups)))
+        raise laws.FitError(f"--reference {reference!r} is not a group of this sweep: {names}")
+
+
 def compare(families: dict, best_rows: Sequence[dict], reference: str, metric: str, n_key: str):
     """{group: multiplier(...)} for every fitted group but the reference."""
-    ref = families.get(reference)
-    if ref is None:
-        groups = ", ".join(sorted(families))
-        raise laws.FitError(f"--reference {reference!r} is not a group of this sweep: {groups}")
+    check_reference(list(families), reference)
+    ref = families[reference]
     if "error" in ref:
         raise laws.FitError(f"--reference {reference!r} could not be fitted: {ref['error']}")
     out = {}

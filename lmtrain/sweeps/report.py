@@ -135,6 +135,8 @@ def fit_sweep(
     n_key = "params_nonembed" if params == "nonembed" else "params"
     rows, left_out = split_repeated(finished_rows(sweep_dir, metric), repeated)
     rows = compare.group_rows(rows, by)
+    if reference:
+        compare.check_reference([r.get("family", "") for r in rows], reference)
     lr_table = None
     if best_lr:
         rows, lr_table = compare.best_lr(rows, metric, n_key)
