@@ -103,6 +103,21 @@ SLOW_FOR_TIME = {
     "test_decompose.py::test_loss_at_each_length_is_the_loss_of_evaluating_at_that_length",
     "test_launch.py::test_local_launcher_propagates_a_failure",
     "test_scaling.py::test_fit_by_optimizer_keeps_the_best_lr_and_recovers_the_compute_multiplier",
+    # Greedy generation's loop (prefill, then a decode step per token) stays fast with a KV
+    # cache (transformer), a recurrent state (mamba2) and a conv + BASED state (based-zoology);
+    # every family's decode step stays fast in test_decode_matches_forward.
+    *(
+        f"test_models.py::test_greedy_generation_matches_repeated_parallel_passes[{f}]"
+        for f in ("based", "gla", "h3", "hybrid", "hybrid-HGWS", "lightning", "retnet", "s4d")
+    ),
+    # Options that do not touch the mixer (relu2 MLPs, tied embeddings): their decode and
+    # segment isolation are the transformer's; hybrid-HGWS's mixers decode in test_mixers.py.
+    *(
+        f"test_models.py::{t}[transformer-{o}]"
+        for t in ("test_decode_matches_forward", "test_segment_isolation")
+        for o in ("relu2", "tied")
+    ),
+    "test_models.py::test_decode_matches_forward[hybrid-HGWS]",
     "test_models.py::test_zero_init_starts_every_residual_output_and_the_head_at_zero[mamba2]",
     "test_models.py::test_zero_init_starts_every_residual_output_and_the_head_at_zero[gla]",
 }

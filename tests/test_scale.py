@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TEST_XLA_FLAGS
 from flax import nnx
 
 from lmtrain import config as config_lib
@@ -357,7 +358,7 @@ def test_profile_steps_write_a_trace_naming_the_train_step(tiny_config, tmp_path
 
     cfg = tiny_config(**{"train.steps": 4, "train.profile_steps": (2, 2)})
     (tmp_path / "cfg.json").write_text(json.dumps(config_lib.to_dict(cfg)))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=1"}
     args = [
         "train",
         "--config-json",
