@@ -51,7 +51,7 @@ NEVER_AWAITED = {"message": "coroutine .* was never awaited", "category": Runtim
 warnings.filterwarnings("ignore", **NEVER_AWAITED)
 
 
-# Out of the fast lane (`-m "not slow"`, ~4 min) for time, still in the full suite: the
+# Out of the fast lane (`-m "not slow"`, ~3.5 min) for time, still in the full suite: the
 # slowest 5-30 s tests whose kind keeps a cheaper representative in the fast lane (e.g.
 # segment isolation stays fast for the transformer variants, the sharded step for one mesh).
 SLOW_FOR_TIME = {
