@@ -16,21 +16,17 @@ from lmtrain import compile as compile_lib
 from lmtrain import config as config_lib
 
 
-def _report(capsys, *argv) -> tuple[int, dict | None, str]:
-    code = cli.main(["compile", *argv])
-    out, err = capsys.readouterr()
-    last = out.strip().splitlines()[-1] if out.strip() else ""
-    return code, (json.loads(last) if code == 0 else None), out + err
-
-
-@functools.cache
-def _report_once(*argv) -> tuple[int, dict | None, str]:
-    """_report for compiles that two tests read alike (each costs 20-40 s on 2 cores)."""
+def _report(*argv) -> tuple[int, dict | None, str]:
+    """(exit code, the JSON report if it succeeded, everything printed) of `lmtrain compile`."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli.main(["compile", *argv])
     last = out.getvalue().strip().splitlines()[-1] if out.getvalue().strip() else ""
     return code, (json.loads(last) if code == 0 else None), out.getvalue() + err.getvalue()
+
+
+# Compiles that two tests read alike (each costs 20-40 s on 2 cores).
+_report_once = functools.cache(_report)
 
 
 # The quickstart with AdamW on v5e:2x2, data parallel (the default mesh), train step only.
@@ -44,15 +40,15 @@ QUICKSTART_ADAMW = (
 )
 
 
-def test_unknown_topology_is_exit_2_with_known_names(capsys):
-    code, _, text = _report(capsys, "experiments/quickstart.py:smoke", "--topology", "v9z:2x2")
+def test_unknown_topology_is_exit_2_with_known_names():
+    code, _, text = _report("experiments/quickstart.py:smoke", "--topology", "v9z:2x2")
     assert code == 2
     assert "unknown TPU topology 'v9z:2x2'" in text and "v5p:4x4x4" in text
 
 
-def test_mesh_that_does_not_divide_the_chips_is_a_clear_error(capsys):
+def test_mesh_that_does_not_divide_the_chips_is_a_clear_error():
     argv = ["experiments/quickstart.py:smoke", "--topology", "v5e:2x2", "--set"]
-    code, _, text = _report(capsys, *argv, "mesh.shape=(3,1,1)")
+    code, _, text = _report(*argv, "mesh.shape=(3,1,1)")
     assert code == 2 and "mesh.shape (3, 1, 1, 1) needs 3 devices, have 4" in text
 
 
@@ -111,8 +107,8 @@ def test_one_chip_table_serves_mfu_and_compile():
 
 
 @pytest.mark.slow
-def test_quickstart_compiles_for_v5e_and_reports_per_chip(capsys):
-    code, r, text = _report(capsys, "experiments/quickstart.py", "--topology", "v5e:2x2")
+def test_quickstart_compiles_for_v5e_and_reports_per_chip():
+    code, r, text = _report("experiments/quickstart.py", "--topology", "v5e:2x2")
     assert code == 0, text
     for key in ("topology", "chips", "hbm_peak_gib", "hbm_chip_gib", "fits", "xla_flops"):
         assert key in r
@@ -143,23 +139,23 @@ def test_quickstart_compiles_for_v5e_and_reports_per_chip(capsys):
 
 
 @pytest.mark.slow
-def test_oversized_config_reports_fits_false_and_exits_0(capsys):
+def test_oversized_config_reports_fits_false_and_exits_0():
     # 8B parameters with Adam on 4 v5e chips: ~32 GiB of state per chip against 16.
     argv = ["experiments/scale.py:8b", "--topology", "v5e:2x2", "--no-eval"]
-    code, r, text = _report(capsys, *argv, "--set", "train.batch_size=4")
+    code, r, text = _report(*argv, "--set", "train.batch_size=4")
     assert code == 0, text
     assert r["fits"] is False and r["hbm_peak_gib"] > r["hbm_chip_gib"]
     assert "NO" in text
 
 
 @pytest.mark.slow
-def test_scanned_splash_model_fits_a_small_topology_with_sane_flops(capsys):
+def test_scanned_splash_model_fits_a_small_topology_with_sane_flops():
     # The scale shapes' choices (layers scanned, full remat, splash, chunked loss, bf16, fsdp)
     # at a width that compiles in seconds; BENCHMARKS.md has the 1B-70B plans themselves.
     small = ["model.vocab_size=4096", "model.d_model=256", "model.n_heads=4", "model.n_layers=3"]
     small += ["data.seq_len=512", "train.batch_size=4", "train.loss_chunk=128"]
     argv = ["experiments/scale.py:125m", "--topology", "v5p:2x2x1", "--no-eval"]
-    code, r, text = _report(capsys, *argv, *(x for s in small for x in ("--set", s)))
+    code, r, text = _report(*argv, *(x for s in small for x in ("--set", s)))
     assert code == 0, text
     assert r["fits"] is True and r["chips"] == 4 and r["n_params"] < 5e6
     # Scanned layers: XLA counts a loop body once (3 layers would read ~1/3 of the FLOPs), so
@@ -171,7 +167,7 @@ def test_scanned_splash_model_fits_a_small_topology_with_sane_flops(capsys):
 
 
 @pytest.mark.slow
-def test_collectives_are_counted_and_priced(capsys):
+def test_collectives_are_counted_and_priced():
     """Data parallelism over 4 chips all-reduces every f32 gradient: 2 x 3/4 x 4 bytes a
     parameter (plus a few scalars). Splitting rows over a sequence axis instead all-gathers
     each layer's keys and values and reduce-scatters their gradients; the estimate adds the
@@ -184,7 +180,7 @@ def test_collectives_are_counted_and_priced(capsys):
     assert moved["all-gather"] == moved["collective-permute"] == 0
     assert dp["comm_s"] == pytest.approx(moved["total"] / 200e9)
     assert "collectives all-reduce" in text and "200 GB/s" in text
-    code, seq, text = _report(capsys, *QUICKSTART_ADAMW, "--set", "mesh.shape=[1,1,1,4]")
+    code, seq, text = _report(*QUICKSTART_ADAMW, "--set", "mesh.shape=[1,1,1,4]")
     assert code == 0, text
     assert seq["mesh"]["sequence"] == 4
     assert (

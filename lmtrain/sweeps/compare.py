@@ -97,8 +97,8 @@ def check_reference(groups: Sequence[str], reference: str) -> None:
 
 
 def compare(families: dict, best_rows: Sequence[dict], reference: str, metric: str, n_key: str):
-    """{group: multiplier(...)} for every fitted group but the reference."""
-    check_reference(list(families), reference)
+    """{group: multiplier(...)} for every fitted group but the reference (fit_sweep has checked
+    that the reference is one: check_reference)."""
     ref = families[reference]
     if "error" in ref:
         raise laws.FitError(f"--reference {reference!r} could not be fitted: {ref['error']}")
