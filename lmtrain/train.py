@@ -33,6 +33,7 @@ def train(cfg: Config, workdir: Path) -> dict:
     """Trains (or resumes) the run in `workdir`; returns a summary of the last metrics. A second
     run on a busy workdir is refused (`workdir_lock`)."""
     workdir = Path(workdir).absolute()
+    flops.fixed_cpu_peak()  # a bad LMTRAIN_CPU_PEAK_GFLOPS is refused before the workdir is touched
     with workdir_lock(workdir):
         log_name = (
             "lmtrain.log" if jax.process_index() == 0 else f"lmtrain.{jax.process_index()}.log"

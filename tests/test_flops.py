@@ -68,7 +68,9 @@ def test_cpu_peak_is_not_multiplied_by_fake_devices(monkeypatch):
     assert source == "measured: cpu matmul 2048 float32, fastest of 10"
 
 
-def test_a_fixed_cpu_peak_replaces_the_timing_and_bad_values_are_config_errors(monkeypatch):
+def test_a_fixed_cpu_peak_replaces_the_timing_and_bad_values_are_config_errors(
+    monkeypatch, tmp_path
+):
     def timed(*a, **k):
         raise AssertionError("timed a matmul although the peak was fixed")
 
@@ -80,6 +82,13 @@ def test_a_fixed_cpu_peak_replaces_the_timing_and_bad_values_are_config_errors(m
         monkeypatch.setenv(flops.PEAK_ENV, bad)
         with pytest.raises(ConfigError, match=r"LMTRAIN_CPU_PEAK_GFLOPS=.*positive number"):
             flops.peak_flops(jax.devices(), jnp.float32)
+    from conftest import tiny
+
+    from lmtrain import train
+
+    with pytest.raises(ConfigError, match="LMTRAIN_CPU_PEAK_GFLOPS"):
+        train.train(tiny(tmp_path / "no-corpus-needed"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before the workdir was touched
     monkeypatch.setenv(flops.PEAK_ENV, "")  # empty is unset: the timing runs
     with pytest.raises(AssertionError, match="timed a matmul"):
         flops.peak_flops(jax.devices(), jnp.float32)
