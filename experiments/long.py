@@ -12,10 +12,10 @@ lmtrain compile experiments/long.py:hybrid-1.4b --topology v5p:4x4x4 --no-eval
 Each defaults to the mesh BENCHMARKS.md found best on v5p:4x4x4 (64 chips): one row per fsdp
 group of 8 chips (fsdp 8), each row split over 8 chips (sequence 8); --set mesh.shape=...
 compares others (the README's scaling section says how to choose). The model choices are
-experiments/scale.py's (bf16, full remat, scanned layers, chunked loss); attention under a
-sequence split gathers K/V and attends in blocks (models/sequence.py), so splash's kernel is
-not what runs there.
-"""
+experiments/scale.py's (bf16, full remat, scanned layers, chunked loss, splash attention);
+attention under a sequence split gathers K/V and runs splash's kernel for an early and a late
+half-piece of queries per chip (models/sequence.py); --set model.attention_impl=xla compiles
+the XLA path instead (key blocks with an online softmax, balanced the same way)."""
 
 from __future__ import annotations
 

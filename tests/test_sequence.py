@@ -52,9 +52,9 @@ def _rows():
     return ids.astype(np.int32), seg.astype(np.int32), pos.astype(np.int32)
 
 
-def _model(name: str) -> nnx.Module:
+def _model(name: str, **extra) -> nnx.Module:
     kw = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=2, init_std=0.1)
-    return build(family(name).Config(name=name, **{**kw, **MODELS[name]}), nnx.Rngs(0))
+    return build(family(name).Config(name=name, **{**kw, **MODELS[name], **extra}), nnx.Rngs(0))
 
 
 def _logits_and_grads(model, mesh_shape=None):
@@ -266,6 +266,26 @@ def test_split_attention_in_blocks_equals_the_unsplit_model(monkeypatch, balance
     logit_err, grad_err = _errors(ref, _logits_and_grads(model, (1, 1, 1, 8)))
     assert logit_err < LOGIT_TOL and grad_err < GRAD_TOL, (logit_err, grad_err)
     assert bool(called["balanced"]) == balance
+
+
+@pytest.mark.slow
+def test_splash_under_a_split_equals_the_unsplit_model(monkeypatch):
+    """attention_impl="splash" on (1, 1, 1, 4): the kernel (Pallas interpret mode here) runs
+    under the split, for an early and a late half-piece per device (128 queries: the kernel's
+    smallest block), and gives the unsplit (XLA) model's logits and gradients."""
+    halves = []
+    real = sequence.attention.splash_local
+
+    def counted(*args, offset=0, **kw):
+        halves.append(offset)
+        return real(*args, offset=offset, **kw)
+
+    monkeypatch.setattr(sequence.attention, "splash_local", counted)
+    model = _model("transformer", attention_impl="splash")
+    logit_err, grad_err = _errors(_unsplit("transformer"), _logits_and_grads(model, (1, 1, 1, 4)))
+    assert logit_err < LOGIT_TOL and grad_err < GRAD_TOL, (logit_err, grad_err)
+    # one kernel per half-piece offset, traced in each layer's two switches
+    assert sorted(set(halves)) == [128 * j for j in range(8)], sorted(set(halves))
 
 
 @pytest.mark.slow

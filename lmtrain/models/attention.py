@@ -27,12 +27,16 @@ from jax.sharding import PartitionSpec as P
 from lmtrain import sharding
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+# splash's key blocks are multiples of the TPU's 128 lanes: a shorter or ragged row (the few
+# tokens of a sequence split's halo) takes the XLA path instead.
+SPLASH_MIN = 128
 
 
 def attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl: str = "xla") -> jax.Array:
     """Causal attention of every position to earlier positions of its own segment."""
-    if impl == "splash":
+    if impl == "splash" and q_BxLxHxK.shape[1] % SPLASH_MIN == 0:
         return splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
+    impl = "xla" if impl == "splash" else impl
     mask_Bx1xLxL = None
     if segment_ids_BxL is not None:
         mask_Bx1xLxL = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
@@ -46,57 +50,76 @@ def splash_block(seq_len: int) -> int:
     return math.gcd(seq_len, 512)
 
 
-def _kernel(heads_per_group: int, seq_len: int, interpret: bool):
+def _kernel(heads_per_group: int, q_len: int, kv_len: int, offset: int, interpret: bool):
+    """The MQA kernel for q_len queries at positions offset .. offset + q_len - 1 against keys
+    0 .. kv_len - 1 under the causal mask (offset 0, q_len = kv_len: an unsplit row)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    b = splash_block(seq_len)
+    bq, bk = splash_block(q_len), splash_block(kv_len)
     sizes = sa.BlockSizes(
-        block_q=b,
-        block_kv=b,
-        block_kv_compute=b,
-        block_q_dkv=b,
-        block_kv_dkv=b,
-        block_kv_dkv_compute=b,
-        block_q_dq=b,
-        block_kv_dq=b,
+        block_q=bq,
+        block_kv=bk,
+        block_kv_compute=bk,
+        block_q_dkv=bq,
+        block_kv_dkv=bk,
+        block_kv_dkv_compute=bk,
+        block_q_dq=bq,
+        block_kv_dq=bk,
     )
-    mask = sa.MultiHeadMask([sa.CausalMask((seq_len, seq_len))] * heads_per_group)
+    causal = sa.CausalMask((q_len, kv_len), offset=offset)
+    mask = sa.MultiHeadMask([causal] * heads_per_group)
     # Built afresh in every trace (not cached): it holds its block-mask tables as arrays of
     # the trace that made it.
     return sa.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
-def _splash_local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, interpret: bool):
-    """Splash on one device's shard: vmapped over rows and kv heads."""
+def interpret_mode() -> bool:
+    """Whether Pallas runs interpreted: everywhere but on a TPU (the traced mesh's platform)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+    return platform != "tpu"
+
+
+def splash_local(
+    q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_q_BxL, seg_kv_BxS, interpret: bool, offset: int = 0
+):
+    """Splash on one device's shard, vmapped over rows and kv heads: queries at positions
+    offset .. offset + L - 1 (segment ids seg_q) to keys 0 .. S - 1 (seg_kv)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
     B, L, H, K = q_BxLxHxK.shape
-    G = k_BxLxGxK.shape[2]
-    kernel = _kernel(H // G, L, interpret)
+    S, G = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
+    kernel = _kernel(H // G, L, S, offset, interpret)
     # The kernel does not scale the scores; fold 1/sqrt(K) into q as XLA's path does.
     q = (q_BxLxHxK * jnp.asarray(1 / math.sqrt(K), q_BxLxHxK.dtype)).reshape(B, L, G, H // G, K)
     q_BxGxMxLxK = q.transpose(0, 2, 3, 1, 4)
-    k_BxGxLxK = k_BxLxGxK.transpose(0, 2, 1, 3)
-    v_BxGxLxK = v_BxLxGxK.transpose(0, 2, 1, 3)
-    if segment_ids_BxL is None:
-        segment_ids_BxL = jnp.zeros((B, L), jnp.int32)
+    k_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3)
+    v_BxGxSxK = v_BxSxGxK.transpose(0, 2, 1, 3)
 
-    def one_row(q_GxMxLxK, k_GxLxK, v_GxLxK, seg_L):
-        ids = SegmentIds(q=seg_L, kv=seg_L)
+    def one_row(q_GxMxLxK, k_GxSxK, v_GxSxK, seg_L, seg_S):
+        ids = SegmentIds(q=seg_L, kv=seg_S)
         return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(
-            q_GxMxLxK, k_GxLxK, v_GxLxK
+            q_GxMxLxK, k_GxSxK, v_GxSxK
         )
 
-    o_BxGxMxLxK = jax.vmap(one_row)(q_BxGxMxLxK, k_BxGxLxK, v_BxGxLxK, segment_ids_BxL)
+    o_BxGxMxLxK = jax.vmap(one_row)(q_BxGxMxLxK, k_BxGxSxK, v_BxGxSxK, seg_q_BxL, seg_kv_BxS)
     return o_BxGxMxLxK.transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
+
+
+def _splash_local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, interpret: bool):
+    """Splash on one device's whole rows."""
+    if segment_ids_BxL is None:
+        segment_ids_BxL = jnp.zeros(q_BxLxHxK.shape[:2], jnp.int32)
+    return splash_local(
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, segment_ids_BxL, interpret
+    )
 
 
 def splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL) -> jax.Array:
     """Splash attention; sharded by a shard_map when traced under a mesh (sharding.constrain's
     rules: rows over data+fsdp, kv heads over tensor when they divide)."""
     mesh = jax.sharding.get_abstract_mesh()
-    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
-    interpret = platform != "tpu"
+    interpret = interpret_mode()
     if mesh.empty or math.prod(mesh.shape.values()) == 1:
         return _splash_local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, interpret)
     B, L, H, _ = q_BxLxHxK.shape

@@ -9,7 +9,8 @@ partitioner), and
   its own queries to them under the causal and document mask by global position (dense for
   rows up to DENSE_MAX tokens, else in blocks with an online softmax and causal load
   balancing, `balanced_attention`: each device attends for an early and a late half-piece,
-  and skips the key blocks after them);
+  and skips the key blocks after them; with attention_impl="splash", the TPU kernel does
+  that, `splash_attention`);
 - every other mixer keeps the mixer contract's promise that a long sequence is a chain of
   calls, each continuing the state of the one before (`chained` below):
   1. halo: the last `halo` inputs of device i-1 (the widest short-conv or sliding window the
@@ -31,6 +32,7 @@ Decode and generation run unsplit (they pass a state, which takes the ordinary p
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -39,6 +41,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from lmtrain.errors import ConfigError
+from lmtrain.models import attention
 from lmtrain.sharding import BATCH, SEQUENCE
 
 NO_SEGMENT = jnp.iinfo(jnp.int32).min  # the "previous token" of device 0: no document continues
@@ -162,6 +165,8 @@ def gathered_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl: s
     q_start = jax.lax.axis_index(SEQUENCE) * L
     S = k_all.shape[1]
     h = L // 2  # the halves of causal load balancing (balanced_attention)
+    if impl == "splash" and h % attention.SPLASH_MIN == 0 and L % 2 == 0:
+        return splash_attention(q_BxLxHxK, k_all, v_all, segment_ids_BxL, seg_all)
     bq, bk = min(Q_BLOCK, h), min(KV_BLOCK, h)
     if BALANCE and S > DENSE_MAX and L % 2 == 0 and h % bq == 0 and h % bk == 0:
         return balanced_attention(q_BxLxHxK, k_all, v_all, segment_ids_BxL, seg_all, bq, bk)
@@ -256,16 +261,7 @@ def balanced_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxL, seg_BxS, bq, bk
     S, G = k_BxSxGxK.shape[1], k_BxSxGxK.shape[2]
     h = L // 2
     bq, m = min(bq, h), h // bk  # query block; key blocks per half
-    # Half 2j + s of device j (s = 0 first, 1 second) goes to zigzag_device(2j + s).
-    perms = [[(j, zigzag_device(2 * j + s, n)) for j in range(n)] for s in (0, 1)]
-    backs = [[(b, a) for a, b in perm] for perm in perms]
-    halves = [(q_BxLxHxK[:, s * h : (s + 1) * h], seg_BxL[:, s * h : (s + 1) * h]) for s in (0, 1)]
-    got = [jax.lax.ppermute(x, SEQUENCE, perm) for x, perm in zip(halves, perms, strict=True)]
-    # Device i receives half i (by the first-halves permutation when i is even) and half
-    # 2n - 1 - i (by the other one).
-    even = i % 2 == 0
-    pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(even, x, y), a, b)  # noqa: E731
-    (q_lo, seg_lo), (q_hi, seg_hi) = pick(got[0], got[1]), pick(got[1], got[0])
+    (q_lo, seg_lo), (q_hi, seg_hi) = to_zigzag(q_BxLxHxK, seg_BxL)
     lo_start, hi_start = i * h, (2 * n - 1 - i) * h
 
     # The key steps: lo's (i + 1) m blocks, then hi's (2n - i) m, as one static-length list.
@@ -311,10 +307,64 @@ def balanced_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxL, seg_BxS, bq, bk
     o_lo, o_hi = (
         o.swapaxes(0, 1).reshape(B, h, H, K).astype(q_BxLxHxK.dtype) for o in (o_lo, o_hi)
     )
-    # Back to where each half came from: what arrived by a permutation returns by its inverse.
-    outs = (pick(o_lo, o_hi), pick(o_hi, o_lo))  # what came by the first, second permutation
+    return from_zigzag(o_lo, o_hi)
+
+
+def _zigzag_perms(n: int) -> list[list[tuple[int, int]]]:
+    """Half 2j + s of device j (s = 0 first, 1 second) goes to zigzag_device(2j + s)."""
+    return [[(j, zigzag_device(2 * j + s, n)) for j in range(n)] for s in (0, 1)]
+
+
+def _pick_by_parity(a, b):
+    """a on even devices of the sequence axis, b on odd ones (leaf by leaf)."""
+    even = jax.lax.axis_index(SEQUENCE) % 2 == 0
+    return jax.tree.map(lambda x, y: jnp.where(even, x, y), a, b)
+
+
+def to_zigzag(*pieces_BxL):
+    """Causal load balancing's layout: each of this device's pieces (arrays split on axis 1)
+    cut into two halves, and the halves of the row sent where they are attended for. Returns
+    (lo, hi): tuples of the pieces' halves i and 2n - 1 - i on device i (one early, one late)."""
+    n, h = jax.lax.axis_size(SEQUENCE), pieces_BxL[0].shape[1] // 2
+    halves = [tuple(p[:, s * h : (s + 1) * h] for p in pieces_BxL) for s in (0, 1)]
+    got = [
+        jax.lax.ppermute(x, SEQUENCE, perm)
+        for x, perm in zip(halves, _zigzag_perms(n), strict=True)
+    ]
+    # Device i receives half i (by the first-halves permutation when i is even) and half
+    # 2n - 1 - i (by the other one).
+    return _pick_by_parity(got[0], got[1]), _pick_by_parity(got[1], got[0])
+
+
+def from_zigzag(o_lo, o_hi) -> jax.Array:
+    """The outputs of halves i and 2n - 1 - i (`to_zigzag`) back to the devices whose pieces
+    they are, as [B, L, ...] pieces: what arrived by a permutation returns by its inverse."""
+    backs = [[(b, a) for a, b in perm] for perm in _zigzag_perms(jax.lax.axis_size(SEQUENCE))]
+    outs = (_pick_by_parity(o_lo, o_hi), _pick_by_parity(o_hi, o_lo))
     back = [jax.lax.ppermute(o, SEQUENCE, b) for o, b in zip(outs, backs, strict=True)]
     return jnp.concatenate(back, axis=1)
+
+
+def splash_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxL, seg_BxS) -> jax.Array:
+    """Splash attention (the TPU kernel, models/attention.py) of this device's queries to the
+    gathered row, with causal load balancing: device i runs the kernel for halves i and
+    2n - 1 - i of the row (`to_zigzag`). The kernel's causal mask is static, so each half picks
+    one of 2n kernels, one per half's offset, by lax.switch; each skips the key blocks after
+    its half's end, so device i's kernels visit (i + 1/2) + (2n - i - 1/2) = 2n half-pieces of
+    keys: the same on every device."""
+    n, i = jax.lax.axis_size(SEQUENCE), jax.lax.axis_index(SEQUENCE)
+    h = q_BxLxHxK.shape[1] // 2
+    interpret = attention.interpret_mode()
+    kernels = [
+        functools.partial(attention.splash_local, interpret=interpret, offset=j * h)
+        for j in range(2 * n)
+    ]
+
+    def half(j, q, seg):
+        return jax.lax.switch(j, kernels, q, k_BxSxGxK, v_BxSxGxK, seg, seg_BxS)
+
+    (q_lo, seg_lo), (q_hi, seg_hi) = to_zigzag(q_BxLxHxK, seg_BxL)
+    return from_zigzag(half(i, q_lo, seg_lo), half(2 * n - 1 - i, q_hi, seg_hi))
 
 
 # How the devices' affine maps of the carried state are combined (`chained`): "scan", a
