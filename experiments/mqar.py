@@ -2,6 +2,7 @@
 
 lmtrain train experiments/mqar.py                # attention, width 64, seq 64, 4 pairs (~4 min)
 lmtrain sweep experiments/mqar.py:frontier --dir runs/mqar --parallel 2
+python experiments/mqar.py testmix runs/mqar     # each finished run on Zoology's test mix
 python experiments/mqar.py report runs/mqar      # table + plot: accuracy vs state
 
 The frontier (BASED paper, Fig. 2 style): 2-layer models as Zoology's (a BaseConv block, then
@@ -196,6 +197,44 @@ def get_sweep(arg: str = "frontier") -> list[Config]:
     ]
 
 
+# ------------------------------------------------------------------ Zoology's test mix
+
+# Zoology's test slices (zoology/experiments/*/configs.py: seq len, pairs; 1,000 examples
+# each). Its valid/accuracy pools every query of every slice (train.py's compute_accuracy), so
+# the long slices weigh most: 256 of the 508 queries per example set are 1024 / 256's.
+TEST_MIX = ((64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256))
+
+
+def test_mix(workdir: Path, examples: int = 1000, slices=TEST_MIX) -> dict:
+    """A trained run's accuracy on each of Zoology's test slices and pooled over their
+    queries, from its newest checkpoint; written to WORKDIR/testmix.json (reused if there)."""
+    from lmtrain import data
+    from lmtrain import run as run_lib
+    from lmtrain.evaluate import Evaluator
+
+    out = workdir / "testmix.json"
+    if out.is_file():
+        got = json.loads(out.read_text())
+        if got.get("slices") == [list(s) for s in slices] and got["examples"] == examples:
+            return got
+    accs, step = {}, None
+    for seq_len, pairs in slices:
+        sets = {
+            "data.seq_len": seq_len,
+            "data.mqar.num_kv_pairs": pairs,
+            "data.mqar.val_examples": examples,
+            "eval.batch_size": 16384 // seq_len,
+        }
+        run, params, step = run_lib.restore_params(workdir, sets)
+        corpus = data.load_corpus(run.cfg.data, run.tokenizer)
+        accs[f"{seq_len}/{pairs}"] = Evaluator(run, corpus.val)(params, 0)["val_acc"]
+    pooled = sum(accs[f"{n}/{p}"] * p for n, p in slices) / sum(p for _, p in slices)
+    got = {"step": step, "examples": examples, "slices": [list(s) for s in slices],
+           "accuracy": accs, "pooled": pooled}  # fmt: skip
+    out.write_text(json.dumps(got, indent=1) + "\n")
+    return got
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -223,11 +262,13 @@ def collect(sweep_dir: Path) -> list[dict]:
         if not evals:
             continue
         last = evals[-1]
+        mix = run / "testmix.json"
         rows.append({
             "model": _label(cfg), "width": cfg.model.d_model, "lr": cfg.optim.lr,
             "step": last["step"], "steps": cfg.train.steps, "val_acc": last["val_acc"],
             "state_floats": cfg.model.state_floats(cfg.data.seq_len), "run": run.name,
             "seed": cfg.train.seed,
+            "mix": json.loads(mix.read_text()) if mix.is_file() else None,
         })  # fmt: skip
     return rows
 
@@ -257,6 +298,49 @@ def family(label: str) -> str:
     return label.partition("-d")[0] if label.startswith("mamba2-d") else label
 
 
+def _best_mix(cell: list[dict]) -> tuple[float, list[dict]] | None:
+    """(lr, its runs) with the highest test-mix accuracy pooled over queries, mean over seeds,
+    among a cell's finished runs that have one (`test_mix`); None if none has."""
+    done = [r for r in cell if r["mix"] and r["step"] >= r["steps"]]
+    by_lr: dict[float, list[dict]] = {}
+    for r in done:
+        by_lr.setdefault(r["lr"], []).append(r)
+    if not by_lr:
+        return None
+    return max(by_lr.items(), key=lambda kv: sum(r["mix"]["pooled"] for r in kv[1]) / len(kv[1]))
+
+
+def _mix_cell(cell: list[dict]) -> str:
+    best = _best_mix(cell)
+    if best is None:
+        return "-"
+    lr, runs = best
+    return f"{100 * sum(r['mix']['pooled'] for r in runs) / len(runs):.1f}% (lr {lr:g})"
+
+
+def _mix_table(best: list[dict], rows: list[dict]) -> str:
+    """Per-slice accuracy of each cell's best test-mix learning rate (mean over seeds)."""
+    lines = []
+    for b in best:
+        cell = [r for r in rows if (r["model"], r["width"]) == (b["model"], b["width"])]
+        got = _best_mix(cell)
+        if got is None:
+            continue
+        lr, runs = got
+        names = list(runs[0]["mix"]["accuracy"])
+        if not lines:
+            lines = ["", "Zoology's test mix (1,000 examples a slice; pooled = its valid/accuracy,"
+                     " every query of every slice):", "",
+                     "| model | width | lr | " + " | ".join(names) + " | pooled |",
+                     "|---|---|---|" + "---|" * (len(names) + 1)]  # fmt: skip
+        means = [sum(r["mix"]["accuracy"][k] for r in runs) / len(runs) for k in names]
+        pooled = sum(r["mix"]["pooled"] for r in runs) / len(runs)
+        lines.append(f"| {b['model']} | {b['width']} | {lr:g} | "
+                     + " | ".join(f"{100 * m:.1f}" for m in means)
+                     + f" | {100 * pooled:.1f} |")  # fmt: skip
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 def report(sweep_dir: str, *more: str) -> str:
     """Writes SWEEP_DIR/mqar_frontier.md (+ .png with matplotlib) over the runs of SWEEP_DIR
     and of `more` sweep directories; returns the markdown."""
@@ -267,8 +351,8 @@ def report(sweep_dir: str, *more: str) -> str:
     best = best_per_cell(rows)
     lines = [
         "| model | width | state floats / seq | best lr | val accuracy (mean) | seeds | "
-        "at step | every lr tried: accuracy |",
-        "|---|---|---|---|---|---|---|---|",
+        "at step | every lr tried: accuracy | Zoology's test mix, best lr |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for b in best:
         cell = [r for r in rows if (r["model"], r["width"]) == (b["model"], b["width"])]
@@ -280,9 +364,9 @@ def report(sweep_dir: str, *more: str) -> str:
         lines.append(
             f"| {b['model']} | {b['width']} | {b['state_floats']:,} | {b['lr']:g} | "
             f"{100 * b['val_acc']:.2f}% ({accs}) | {b['seeds']} | {b['step']}/{b['steps']} | "
-            f"{tried} |"
+            f"{tried} | {_mix_cell(cell)} |"
         )
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n" + _mix_table(best, rows)
     (sweep / "mqar_frontier.md").write_text(text)
     try:
         import matplotlib
@@ -305,7 +389,21 @@ def report(sweep_dir: str, *more: str) -> str:
     return text
 
 
+def test_mix_all(*sweep_dirs: str) -> None:
+    """`test_mix` for every finished run (result.json) of the sweep directories."""
+    for d in sweep_dirs:
+        for run in sorted(p for p in Path(d).iterdir() if (p / "result.json").is_file()):
+            got = test_mix(run)
+            print(f"{run.name}: pooled {100 * got['pooled']:.2f}%", flush=True)
+
+
+USAGE = """usage: python experiments/mqar.py report SWEEP_DIR [MORE_DIRS...]
+       python experiments/mqar.py testmix SWEEP_DIR [MORE_DIRS...]   (then report)"""
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] != "report":
-        raise SystemExit("usage: python experiments/mqar.py report SWEEP_DIR [MORE_DIRS...]")
-    print(report(sys.argv[2], *sys.argv[3:]))
+    if len(sys.argv) < 3 or sys.argv[1] not in ("report", "testmix"):
+        raise SystemExit(USAGE)
+    if sys.argv[1] == "testmix":
+        test_mix_all(*sys.argv[2:])
+    else:
+        print(report(sys.argv[2], *sys.argv[3:]))
