@@ -89,6 +89,10 @@ SWEEPS = {
     # training rows of Zoology's mixture (Zoology trains 32 epochs of ~180k examples), at
     # three of Zoology's learning rates; one seed. Sweeps resume, so it can run in parts.
     "frontier": ({m: (64,) for m in FRONTIER_64}, (1e-3, 3.2e-3, 1e-2), 1000, (0,)),
+    # The second seed for the families of the side-by-side (the report averages the seeds of
+    # a cell: `report runs/mqar-frontier runs/mqar-frontier-seed1`).
+    "frontier-seed1": ({m: (64,) for m in ("gla", "mamba2-d8", "mamba2-d16", "mamba2-d24")},
+                       (1e-3, 3.2e-3, 1e-2), 1000, (1,)),
     # Width 128 for the families of the side-by-side, if time allows.
     "frontier-128": ({m: (128,) for m in ("based", "gla", "mamba2-d16")},
                      (1e-3, 3.2e-3, 1e-2), 1000, (0,)),
