@@ -345,6 +345,26 @@ def from_zigzag(o_lo, o_hi) -> jax.Array:
     return jnp.concatenate(back, axis=1)
 
 
+def _manual(kernel, kv_heads: int):
+    """`kernel` in a shard_map over the mesh axes the split left automatic (tensor): a Mosaic
+    kernel cannot be partitioned automatically. Its kv heads split over them where they
+    divide (as models/attention.py's splash does), else every chip runs all of them."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rest = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+    if not rest:
+        return kernel
+    heads = rest if kv_heads % math.prod(mesh.shape[a] for a in rest) == 0 else None
+    qkv, seg = P(None, None, heads, None), P()
+    return jax.shard_map(
+        kernel,
+        mesh=mesh,
+        in_specs=(qkv, qkv, qkv, seg, seg),
+        out_specs=qkv,
+        axis_names=set(rest),
+        check_vma=False,
+    )
+
+
 def splash_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxL, seg_BxS) -> jax.Array:
     """Splash attention (the TPU kernel, models/attention.py) of this device's queries to the
     gathered row, with causal load balancing: device i runs the kernel for halves i and
@@ -356,7 +376,10 @@ def splash_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, seg_BxL, seg_BxS) -> jax.A
     h = q_BxLxHxK.shape[1] // 2
     interpret = attention.interpret_mode()
     kernels = [
-        functools.partial(attention.splash_local, interpret=interpret, offset=j * h)
+        _manual(
+            functools.partial(attention.splash_local, interpret=interpret, offset=j * h),
+            k_BxSxGxK.shape[2],
+        )
         for j in range(2 * n)
     ]
 
