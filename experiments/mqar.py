@@ -227,6 +227,7 @@ def test_mix(workdir: Path, examples: int = 1000, slices=TEST_MIX) -> dict:
             "data.seq_len": seq_len,
             "data.mqar.num_kv_pairs": pairs,
             "data.mqar.val_examples": examples,
+            "data.mqar.train_lengths": (),  # training's mixture: not read, but must fit
             "eval.batch_size": 16384 // seq_len,
         }
         run, params, step = run_lib.restore_params(workdir, sets)
@@ -396,6 +397,8 @@ def report(sweep_dir: str, *more: str) -> str:
 def test_mix_all(*sweep_dirs: str) -> None:
     """`test_mix` for every finished run (result.json) of the sweep directories."""
     for d in sweep_dirs:
+        if not Path(d).is_dir():
+            raise SystemExit(f"no sweep directory {d}")
         for run in sorted(p for p in Path(d).iterdir() if (p / "result.json").is_file()):
             got = test_mix(run)
             print(f"{run.name}: pooled {100 * got['pooled']:.2f}%", flush=True)
@@ -408,6 +411,9 @@ if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in ("report", "testmix"):
         raise SystemExit(USAGE)
     if sys.argv[1] == "testmix":
+        from lmtrain import xla_flags
+
+        xla_flags.skip_absent_tpu()  # as the lmtrain CLI: no libtpu start-up noise off a TPU
         test_mix_all(*sys.argv[2:])
     else:
         print(report(sys.argv[2], *sys.argv[3:]))
