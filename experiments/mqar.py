@@ -381,17 +381,43 @@ def report(sweep_dir: str, *more: str) -> str:
     except ImportError:
         print("plot skipped: matplotlib is not installed", file=sys.stderr)
         return text
+    _plot(plt, [(b, b["val_acc"]) for b in best], "MQAR accuracy (seq 256, 16 pairs)",
+          sweep / "mqar_frontier.png")  # fmt: skip
+    mixed = []
+    for b in best:
+        got = _best_mix([r for r in rows if (r["model"], r["width"]) == (b["model"], b["width"])])
+        if got is not None:
+            mixed.append((b, sum(r["mix"]["pooled"] for r in got[1]) / len(got[1])))
+    if mixed:
+        published = [(b, ZOOLOGY_PUBLISHED[b["model"]]) for b in best
+                     if b["width"] == 64 and b["model"] in ZOOLOGY_PUBLISHED]  # fmt: skip
+        _plot(plt, mixed, "accuracy on Zoology's test mix (pooled)",
+              sweep / "mqar_frontier_testmix.png", published)  # fmt: skip
+    return text
+
+
+# Zoology's README figure (accuracy on its test mix against state size, after its full budget
+# of 32 epochs), read off the plot by eye at d_model 64: approximate, to +-0.03.
+ZOOLOGY_PUBLISHED = {"gla": 0.53, "mamba2-d8": 0.52, "mamba2-d16": 0.69, "mamba2-d24": 0.73}
+
+
+def _plot(plt, points: list, ylabel: str, path: Path, published=()) -> None:
+    """Accuracy against decode state, one line per family; `published`: (cell, accuracy) of
+    Zoology's figure, drawn as crosses at lmtrain's state size of the same model."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for fam in sorted({family(b["model"]) for b in best}):
-        pts = sorted((b["state_floats"], b["val_acc"]) for b in best if family(b["model"]) == fam)
+    for fam in sorted({family(b["model"]) for b, _ in points}):
+        pts = sorted((b["state_floats"], acc) for b, acc in points if family(b["model"]) == fam)
         ax.plot(*zip(*pts, strict=True), marker="o", label=fam)
+    if published:
+        xs, ys = zip(*((b["state_floats"], acc) for b, acc in published), strict=True)
+        ax.scatter(xs, ys, marker="x", color="black", label="Zoology's figure (read off)")
     ax.set_xscale("log")
     ax.set_xlabel("decode state (floats per sequence)")
-    ax.set_ylabel("MQAR accuracy (seq 256, 16 pairs)")
+    ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(sweep / "mqar_frontier.png", dpi=120)
-    return text
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def test_mix_all(*sweep_dirs: str) -> None:

@@ -266,6 +266,7 @@ def test_frontier_report_keeps_the_best_lr_per_cell(tmp_path, capsys):
     assert len(best) == 1 and best[0]["val_acc"] == max(r["val_acc"] for r in rows)
     text = exp.report(str(sweep))
     assert "| attention | 32 |" in text and (sweep / "mqar_frontier.md").is_file()
+    assert not (sweep / "mqar_frontier_testmix.png").exists()
     # KV cache floats (2 layers x K, V x 32 x 32) + q/k/v conv windows (2 layers x 2 taps x 3 x 32)
     assert f"{2 * 2 * 32 * 32 + 2 * 2 * 3 * 32:,}" in text
     assert "pooled = its valid/accuracy" not in text  # no run evaluated on it yet
@@ -289,6 +290,7 @@ def test_frontier_report_keeps_the_best_lr_per_cell(tmp_path, capsys):
     text = exp.report(str(sweep))
     assert "Zoology's test mix" in text and "| 16/4 | 64/16 | pooled |" in text
     assert f"{100 * mix['pooled']:.1f}% (lr 0.03)" in text
+    assert (sweep / "mqar_frontier_testmix.png").is_file()  # beside the 256/16 plot
 
 
 @pytest.mark.slow
