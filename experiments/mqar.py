@@ -437,9 +437,6 @@ if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in ("report", "testmix"):
         raise SystemExit(USAGE)
     if sys.argv[1] == "testmix":
-        from lmtrain import xla_flags
-
-        xla_flags.skip_absent_tpu()  # as the lmtrain CLI: no libtpu start-up noise off a TPU
         test_mix_all(*sys.argv[2:])
     else:
         print(report(sys.argv[2], *sys.argv[3:]))
