@@ -4,6 +4,7 @@ lmtrain train experiments/mqar.py                # attention, width 64, seq 64, 
 lmtrain sweep experiments/mqar.py:frontier --dir runs/mqar --parallel 2
 python experiments/mqar.py testmix runs/mqar     # each finished run on Zoology's test mix
 python experiments/mqar.py report runs/mqar      # table + plot: accuracy vs state
+python experiments/mqar.py rows runs/mqar > rows.jsonl   # the report's rows, kept past the runs
 
 The frontier (BASED paper, Fig. 2 style): 2-layer models as Zoology's (a BaseConv block, then
 the mixer's block, no MLPs; see ZOOLOGY) of each family x widths x learning rates at seq 256 /
@@ -256,9 +257,12 @@ def config_value(cfg: Config, key: str):
 
 def collect(sweep_dir: Path) -> list[dict]:
     """One row per run directory with a config and an eval: model, width, lr, accuracy,
-    state floats, params."""
+    state floats, params. A .jsonl file instead of a directory holds rows `rows` wrote
+    earlier (runs whose directories are gone: BENCHMARKS.md's frontier is kept that way)."""
     from lmtrain.config import load_json
 
+    if sweep_dir.suffix == ".jsonl" and sweep_dir.is_file():
+        return [json.loads(line) for line in sweep_dir.read_text().splitlines() if line.strip()]
     rows = []
     for run in sorted(p for p in sweep_dir.iterdir() if (p / "config.json").is_file()):
         cfg = load_json(run / "config.json")
@@ -350,7 +354,10 @@ def report(sweep_dir: str, *more: str) -> str:
     """Writes SWEEP_DIR/mqar_frontier.md (+ .png with matplotlib) over the runs of SWEEP_DIR
     and of `more` sweep directories; returns the markdown."""
     sweep = Path(sweep_dir)
-    rows = [r for d in (sweep_dir, *more) for r in collect(Path(d))]
+    if sweep.suffix == ".jsonl":
+        raise SystemExit(f"report writes into its first argument, a directory, not {sweep}")
+    sweep.mkdir(parents=True, exist_ok=True)  # a new one to report stored rows alone
+    rows = all_rows(sweep_dir, *more)
     if not rows:
         raise SystemExit(f"no evaluated MQAR runs under {sweep}")
     best = best_per_cell(rows)
@@ -420,6 +427,18 @@ def _plot(plt, points: list, ylabel: str, path: Path, published=()) -> None:
     plt.close(fig)
 
 
+def all_rows(*sources: str) -> list[dict]:
+    """`collect` over sweep directories and .jsonl files; a run named twice keeps its first
+    row (list the live sweep directory first: its runs may have a test mix by now)."""
+    rows: dict[str, dict] = {}
+    for d in sources:
+        if not Path(d).exists():
+            raise SystemExit(f"no sweep directory or rows file {d}")
+        for r in collect(Path(d)):
+            rows.setdefault(r["run"], r)
+    return list(rows.values())
+
+
 def test_mix_all(*sweep_dirs: str) -> None:
     """`test_mix` for every finished run (result.json) of the sweep directories."""
     for d in sweep_dirs:
@@ -430,13 +449,16 @@ def test_mix_all(*sweep_dirs: str) -> None:
             print(f"{run.name}: pooled {100 * got['pooled']:.2f}%", flush=True)
 
 
-USAGE = """usage: python experiments/mqar.py report SWEEP_DIR [MORE_DIRS...]
-       python experiments/mqar.py testmix SWEEP_DIR [MORE_DIRS...]   (then report)"""
+USAGE = """usage: python experiments/mqar.py report SWEEP_DIR [MORE_DIRS_OR_ROWS.jsonl...]
+       python experiments/mqar.py testmix SWEEP_DIR [MORE_DIRS...]   (then report)
+       python experiments/mqar.py rows SWEEP_DIR [MORE_DIRS_OR_ROWS.jsonl...] > ROWS.jsonl"""
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] not in ("report", "testmix"):
+    if len(sys.argv) < 3 or sys.argv[1] not in ("report", "testmix", "rows"):
         raise SystemExit(USAGE)
     if sys.argv[1] == "testmix":
         test_mix_all(*sys.argv[2:])
+    elif sys.argv[1] == "rows":  # what report reads, kept beyond the run directories
+        sys.stdout.write("".join(json.dumps(r) + "\n" for r in all_rows(*sys.argv[2:])))
     else:
         print(report(sys.argv[2], *sys.argv[3:]))

@@ -292,6 +292,16 @@ def test_frontier_report_keeps_the_best_lr_per_cell(tmp_path, capsys):
     assert f"{100 * mix['pooled']:.1f}% (lr 0.03)" in text
     assert (sweep / "mqar_frontier_testmix.png").is_file()  # beside the 256/16 plot
 
+    # The rows outlive the run directories (a frontier spans sessions whose machines are new):
+    # the same report from stored rows alone, and the live directory's row wins over a stale one.
+    stored = tmp_path / "rows.jsonl"
+    stored.write_text("".join(json.dumps(r) + "\n" for r in exp.all_rows(str(sweep))))
+    assert exp.report(str(tmp_path / "from_rows"), str(stored)) == text
+    stale = [{**r, "val_acc": 0.0, "mix": None} for r in exp.all_rows(str(stored))]
+    stored.write_text("".join(json.dumps(r) + "\n" for r in stale))
+    assert exp.report(str(tmp_path / "merged"), str(sweep), str(stored)) == text
+    assert exp.report(str(tmp_path / "stale"), str(stored)) != text
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
