@@ -8,10 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from conftest import compiled_call, tiny
 from flax import nnx
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmtrain import config as config_lib
 from lmtrain import run as run_lib
@@ -56,6 +54,8 @@ def _lmtrain_logits(run, params, ids):
 
 
 def _hf_logits(model, ids):
+    import torch
+
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()
 
@@ -65,6 +65,9 @@ def _hf_logits(model, ids):
 def test_export_matches_transformers_logits_greedy_text_and_tokens(
     variant, corpus, tmp_path, capsys
 ):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from lmtrain.generate import sample_tokens
 
     wd = _trained(corpus, tmp_path, **VARIANTS[variant])
@@ -109,6 +112,7 @@ def test_export_matches_transformers_logits_greedy_text_and_tokens(
 @pytest.mark.slow
 def test_random_transformers_models_import_with_matching_logits(corpus, tmp_path, capsys):
     """A Llama (GQA, untied) and a Mamba-2 made by transformers itself start an lmtrain run."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM
 
     torch.manual_seed(0)
