@@ -62,9 +62,13 @@ MODELS = {
     # bias, one head of width 2 x d_model (0.9 / 1.4% at the frontier budget)
     "mamba2-lmtrain": {"model.name": "mamba2"},
     "hybrid-MA": {"model.name": "hybrid", "model.pattern": "MA"},  # Mamba-2 then attention
-    # H3 in lmtrain's layout (Zoology's H3 runs without a BaseConv too, but with its own
-    # kernels and no MLP): 2 blocks, each H3 then SwiGLU
-    "h3": {"model.name": "h3"},
+    # Zoology's H3 (models_repo.add_h3): 2 plain H3 blocks, no BaseConv, no MLP; head dim 2,
+    # d_state d_model / 4, and its shift SSM, a learned filter of d_state taps, as the shift
+    # conv (model_sets fills in the widths)
+    "h3": {"model.name": "h3", "model.n_layers": 2, "model.block_mlp": False},
+    # H3 as the frontier ran it before 2026-12-07: lmtrain's layout, each H3 then SwiGLU, one
+    # head of width d_model (its K x K state per mode made it ~10x slower than the others)
+    "h3-lmtrain": {"model.name": "h3"},
     # The layout and conv init this file used before (kept to reproduce the old table)
     "based-4block": {
         "model.name": "based",
@@ -113,7 +117,8 @@ SWEEPS = {
     ),
     # The BASED-paper grid, for a GPU.
     "frontier-full": (
-        {m: (64, 128, 256, 512) for m in MODELS if m not in ("based-4block", "mamba2-lmtrain")},
+        {m: (64, 128, 256, 512) for m in MODELS
+         if m not in ("based-4block", "mamba2-lmtrain", "h3-lmtrain")},
         (1e-4, 4.6e-4, 2.2e-3, 1e-2), 3000, (0,),
     ),
     "smoke": ({"attention": (32,), "gla": (32,)}, (3e-3,), 4, (0,)),
@@ -183,6 +188,9 @@ def model_sets(label: str, width: int) -> dict:
     sets = MODELS[label]
     inner = 2 * width if sets.get("model.linear_init") == "torch" else width  # Zoology's Mamba-2
     heads = max(1, inner // 64)  # unless the model fixes its heads (Zoology's GLA: 2)
+    if label == "h3":  # Zoology's: head dim 2, d_state = shift taps = d_model / 4
+        sets = {**sets, "model.state_size": width // 4, "model.conv_width": width // 4}
+        heads = width // 2
     return {"model.n_heads": heads, **sets, "model.d_model": width}
 
 

@@ -99,6 +99,7 @@ def test_a_config_file_from_before_the_sections_loads_and_old_keys_are_named():
 
     old = config_lib.to_dict(override(Config(), {"model.name": "transformer"}))
     flat_fields = {"conv_width": 3, "state_size": 8, "window": 7, "rope_theta": 5e5}
+    flat_fields["block_mlp"] = False  # before model.ssm.block_mlp: the linear letters' alone
     old["model"] = {**old["model"], "name": "hybrid", "pattern": "MWA", "n_layers": 3}
     old["model"].update(flat_fields)
     m = config_lib.from_dict(old).model
@@ -109,6 +110,7 @@ def test_a_config_file_from_before_the_sections_loads_and_old_keys_are_named():
         7,
     )
     assert m.attention.rope_theta == m.linear.rope_theta == 5e5
+    assert (m.linear.block_mlp, m.ssm.block_mlp) == (False, True)
     hyb = override(Config(), {"model.name": "hybrid", "model.pattern": "MA"})
     with pytest.raises(ConfigError, match=r"model.conv_width is model.linear.conv_width and "
                                           r"model.ssm.conv_width"):  # fmt: skip

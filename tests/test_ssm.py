@@ -303,6 +303,23 @@ def test_flops_per_token_hand_count():
     assert cfg.flops_per_token(4) == s4d - 6 * 2 * 32 * 4
 
 
+def test_block_mlp_false_leaves_s4d_and_h3_blocks_the_mixer_alone():
+    """Zoology's MQAR H3 (no MLP): model.block_mlp=false drops each block's SwiGLU and its norm,
+    and the FLOP count follows."""
+    base = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=16, state_size=8)
+
+    def n_params(cfg):
+        return sum(v.size for v in jax.tree.leaves(nnx.state(models.build(cfg, nnx.Rngs(0)))))
+
+    for name in ("s4d", "h3"):
+        cfg = ssm.Config(name=name, **base)
+        bare = dataclasses.replace(cfg, block_mlp=False)
+        mlp = 3 * 32 * cfg.ffn_width  # per layer
+        assert n_params(cfg) - n_params(bare) == 2 * (mlp + 32)  # + the MLP's RMSNorm scale
+        assert cfg.matmul_params() - bare.matmul_params() == 2 * mlp
+        assert cfg.flops_per_token(16) - bare.flops_per_token(16) == 6 * 2 * mlp
+
+
 def test_bad_config_is_a_config_error():
     from lmtrain.config import ConfigError
 

@@ -37,6 +37,9 @@ class Config(ModelConfig):
     # in)), out_proj's divided by sqrt(n_layers) (one residual branch per layer).
     linear_init: str = "normal"
     conv_bias: bool = False  # Mamba-2's conv on (x, B, C) with a bias, as mamba_ssm's conv1d
+    # S4D and H3 blocks: a SwiGLU after the mixer (lmtrain's layout); False: the mixer alone,
+    # as Zoology's MQAR models. Mamba-2 blocks are the mixer alone either way.
+    block_mlp: bool = True
 
     @property
     def ffn_width(self) -> int:
@@ -51,7 +54,7 @@ class Config(ModelConfig):
     def matmul_params(self) -> int:
         """Parameters used in matmuls per layer (mixer projections, MLP) plus the output head."""
         D, N, H, E = self.d_model, self.state_size, self.n_heads, self.inner_width
-        mlp = 3 * D * self.ffn_width
+        mlp = 3 * D * self.ffn_width * self.block_mlp
         per_layer = {
             "s4d": D * D + mlp,  # output projection
             "h3": 4 * D * D + mlp,  # q, k, v, o
@@ -364,7 +367,8 @@ RECIPES: dict[str, tuple[str, bool]] = {
 
 
 def blocks(cfg: Config) -> list[BlockSpec]:
-    """n_layers blocks of the recipe's mixer (SwiGLU after it for s4d and h3; Mamba-2 alone).
+    """n_layers blocks of the recipe's mixer (SwiGLU after it for s4d and h3 unless
+    block_mlp=False; Mamba-2 alone).
 
     Init as the transformer (N(0, init_std^2), residual outputs scaled by 1/sqrt(2 n_layers));
     SSM parameters as in S4D-Lin / Mamba-2. SSMs ignore positions.
@@ -376,7 +380,7 @@ def mixer_block(cfg: Config) -> BlockSpec:
     """One layer of the recipe `cfg.name` (also the hybrid's letters S, H, M)."""
     mixer, has_mlp = RECIPES[cfg.name]
     mlp = None
-    if has_mlp:
+    if has_mlp and cfg.block_mlp:
         mlp = lambda rngs: SwiGLU(
             cfg.d_model, cfg.ffn_width, rngs=rngs, std=cfg.init_std, out_std=cfg.out_std(),
             dtype=jnp.dtype(cfg.dtype),
