@@ -426,7 +426,7 @@ ZOOLOGY_PUBLISHED = {"gla": 0.53, "mamba2-d8": 0.52, "mamba2-d16": 0.69, "mamba2
 def _plot(plt, points: list, ylabel: str, path: Path, published=()) -> None:
     """Accuracy against decode state, one line per family; `published`: (cell, accuracy) of
     Zoology's figure, drawn as crosses at lmtrain's state size of the same model."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     for fam in sorted({family(b["model"]) for b, _ in points}):
         pts = sorted((b["state_floats"], acc) for b, acc in points if family(b["model"]) == fam)
         ax.plot(*zip(*pts, strict=True), marker="o", label=fam)
@@ -436,7 +436,7 @@ def _plot(plt, points: list, ylabel: str, path: Path, published=()) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("decode state (floats per sequence)")
     ax.set_ylabel(ylabel)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # off the points
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
