@@ -54,6 +54,25 @@ class MetricsWindow:
         return row
 
 
+def _summary_writer() -> type:
+    """tensorboardX's SummaryWriter, imported without torch.
+
+    tensorboardX imports torch at module level when it is installed, only to accept torch
+    tensors, which lmtrain never passes: 4.3 s of every run's start-up in a `.[dev]` venv
+    (BENCHMARKS.md). While tensorboardX loads, `import torch` fails, and tensorboardX takes
+    numpy arrays alone. A torch that is already imported is left as it is."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # import torch: ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Tracker:
     """Writes metrics rows to `workdir/metrics.jsonl` and `workdir/tb/`; a no-op off process 0."""
 
@@ -70,8 +89,7 @@ class Tracker:
         self._bar = self._wandb = None
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer()
         workdir.mkdir(parents=True, exist_ok=True)
         if wandb and wandb.get("project"):
             self._wandb = _wandb_run(workdir, **wandb)
