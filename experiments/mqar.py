@@ -280,6 +280,8 @@ def collect(sweep_dir: Path) -> list[dict]:
         return [json.loads(line) for line in sweep_dir.read_text().splitlines() if line.strip()]
     rows = []
     for run in sorted(p for p in sweep_dir.iterdir() if (p / "config.json").is_file()):
+        if not (run / "metrics.jsonl").is_file():  # a run still starting: nothing measured yet
+            continue
         cfg = load_json(run / "config.json")
         evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                  if "val_acc" in r]  # fmt: skip

@@ -260,6 +260,9 @@ def test_frontier_report_keeps_the_best_lr_per_cell(tmp_path, capsys):
         if lr == 3e-2:  # for the test mix below: some recall, and a training mixture
             sets = {**sets, "train.steps": 150, "data.mqar.train_lengths": (16, 32)}
         assert main(["train", _exp(tmp_path, sets), "--workdir", str(sweep / f"lr{lr}")]) == 0
+    starting = sweep / "starting"  # a run whose process is still compiling: no metrics yet
+    starting.mkdir()
+    (starting / "config.json").write_text((sweep / "lr0.001" / "config.json").read_text())
     rows = exp.collect(sweep)
     assert len(rows) == 2 and {r["model"] for r in rows} == {"attention"}
     best = exp.best_per_cell(rows)
