@@ -61,15 +61,14 @@ def _summary_writer() -> type:
     tensors, which lmtrain never passes: 4.3 s of every run's start-up in a `.[dev]` venv
     (BENCHMARKS.md). While tensorboardX loads, `import torch` fails, and tensorboardX takes
     numpy arrays alone. A torch that is already imported is left as it is."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter
-    sys.modules["torch"] = None  # type: ignore[assignment]  # import torch: ImportError
+    block = "torch" not in sys.modules
+    if block:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # import torch: ImportError
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        if block:
+            del sys.modules["torch"]
     return SummaryWriter
 
 
