@@ -22,12 +22,10 @@ job). Compare within one run's table only.
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.util
 import itertools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -50,13 +48,6 @@ def quickstart_config(steps: int, sets: dict):
     return override(cfg, {**base, **sets}).validate()
 
 
-def _literal(key: str, value: str) -> tuple[str, object]:
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
-
-
 def child(variant: str, steps: int) -> dict:
     import jax
     import numpy as np
@@ -64,10 +55,11 @@ def child(variant: str, steps: int) -> dict:
     from lmtrain import data, sharding
     from lmtrain import run as run_lib
     from lmtrain import train as train_lib
+    from lmtrain.config_values import parse_sets
 
     variant, _, extra = variant.partition(":")
     assert variant in VARIANTS, variant
-    sets = dict(_literal(*kv.split("=", 1)) for kv in extra.split(",") if kv)
+    sets = parse_sets([kv for kv in extra.split(",") if kv])
     if variant.startswith("job"):
         every = 20 if variant == "job+ckpt" else 0
         sets |= {"train.checkpoint_every": every, "eval.max_batches": 1}
@@ -79,9 +71,8 @@ def child(variant: str, steps: int) -> dict:
             rows = [json.loads(x) for x in (Path(d) / "run" / "metrics.jsonl").open()]
         # the log windows after the first (which holds the first step's dispatch); each row's
         # tokens_per_sec is over the steps since the previous row
-        ends = [r["step"] for r in rows if "tokens_per_sec" in r]
         rates = {r["step"]: r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r}
-        windows = [(b - a, rates[b]) for a, b in itertools.pairwise(ends) if a >= 10]
+        windows = [(b - a, rates[b]) for a, b in itertools.pairwise(rates) if a >= 10]
         tokens_per_step = cfg.tokens_per_step()
         secs = sum(n * tokens_per_step / rate for n, rate in windows)
         return {"step_s": secs / sum(n for n, _ in windows), "wall_s": wall}
@@ -113,17 +104,6 @@ def child(variant: str, steps: int) -> dict:
     return {"step_s": (time.perf_counter() - t) / steps}
 
 
-def cpu_model() -> str:
-    """/proc/cpuinfo's model name (platform.processor() says only "x86_64" on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60)
@@ -143,7 +123,9 @@ def main() -> None:
             print(v, results[v][-1], file=sys.stderr, flush=True)
     cfg = quickstart_config(a.steps, {})
     tokens = cfg.tokens_per_step()
-    machine = f"{cpu_model()}, {os.cpu_count()} cores"
+    from lmtrain.flops import _cpuinfo  # /proc/cpuinfo's model name, as the peak cache keys it
+
+    machine = f"{_cpuinfo()[0]}, {os.cpu_count()} cores"
     print(f"{machine}; the quickstart step ({tokens} tokens), {a.steps} steps x {a.rounds}\n")
     base = statistics.median(r["step_s"] for r in results[a.variants.split(";")[0]])
     print("| variant | step s (each round) | tokens/s (median) | vs first |")
