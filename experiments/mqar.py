@@ -84,6 +84,11 @@ MODELS = {
         "model.conv_init": "identity",
     },
 }
+# Zoology's TransformerBlock (attention, BASED, GLA, H3) adds LayerNorm(r) to the residual
+# after each mixer: its Identity state mixer's norm2 output joins the residual in the next
+# block (`model.state_norm`). The frontier's rows ran without it; these variants measure it.
+for _m in ("based", "gla", "h3"):
+    MODELS[f"{_m}-state-norm"] = {**MODELS[_m], "model.state_norm": True}
 # arg -> ({model: widths}, learning rates, steps, seeds)
 FRONTIER_64 = (
     "attention",
@@ -105,6 +110,10 @@ SWEEPS = {
     # a cell: `report runs/mqar-frontier runs/mqar-frontier-seed1`).
     "frontier-seed1": ({m: (64,) for m in ("gla", "mamba2-d8", "mamba2-d16", "mamba2-d24")},
                        (1e-3, 3.2e-3, 1e-2), 1000, (1,)),
+    # With Zoology's state norm (`MODELS["h3-state-norm"]`), beside the frontier's seed-0 lr-1e-2
+    # runs without it.
+    "state-norm": ({f"{m}-state-norm": (64,) for m in ("h3", "gla", "based")}, (1e-2,), 1000,
+                   (0,)),
     # Width 128 for the families of the side-by-side, if time allows.
     "frontier-128": ({m: (128,) for m in ("based", "gla", "mamba2-d16")},
                      (1e-3, 3.2e-3, 1e-2), 1000, (0,)),
@@ -125,7 +134,8 @@ SWEEPS = {
     # The BASED-paper grid, for a GPU.
     "frontier-full": (
         {m: (64, 128, 256, 512) for m in MODELS
-         if m not in ("based-4block", "mamba2-lmtrain", "h3-lmtrain")},
+         if m not in ("based-4block", "mamba2-lmtrain", "h3-lmtrain")
+         and not m.endswith("-state-norm")},
         (1e-4, 4.6e-4, 2.2e-3, 1e-2), 3000, (0,),
     ),
     "smoke": ({"attention": (32,), "gla": (32,)}, (3e-3,), 4, (0,)),
@@ -195,7 +205,7 @@ def model_sets(label: str, width: int) -> dict:
     sets = MODELS[label]
     inner = 2 * width if sets.get("model.linear_init") == "torch" else width  # Zoology's Mamba-2
     heads = max(1, inner // 64)  # unless the model fixes its heads (Zoology's GLA: 2)
-    if label == "h3":  # Zoology's: head dim 2, d_state = shift taps = d_model / 4
+    if label in ("h3", "h3-state-norm"):  # Zoology's: head dim 2, d_state = taps = d_model / 4
         sets = {**sets, "model.state_size": width // 4, "model.conv_width": width // 4}
         heads = width // 2
     return {"model.n_heads": heads, **sets, "model.d_model": width}
@@ -260,10 +270,11 @@ def test_mix(workdir: Path, examples: int = 1000, slices=TEST_MIX) -> dict:
 
 
 def _label(cfg: Config) -> str:
-    for label, sets in MODELS.items():
-        if all(config_value(cfg, k) == v for k, v in sets.items()):
-            return label
-    return cfg.model.name
+    """The MODELS label whose overrides `cfg` holds, the most specific if several do ("h3"'s
+    are part of "h3-state-norm"'s); the model name if none."""
+    found = [lab for lab, sets in MODELS.items()
+             if all(config_value(cfg, k) == v for k, v in sets.items())]  # fmt: skip
+    return max(found, key=lambda lab: len(MODELS[lab]), default=cfg.model.name)
 
 
 def config_value(cfg: Config, key: str):

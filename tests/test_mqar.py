@@ -306,6 +306,26 @@ def test_frontier_report_keeps_the_best_lr_per_cell(tmp_path, capsys):
     assert exp.report(str(tmp_path / "stale"), str(stored)) != text
 
 
+def test_every_frontier_model_is_named_back_by_its_label():
+    """The report names a run by the MODELS label whose overrides its config holds: the most
+    specific one, as "h3"'s overrides are all inside "h3-state-norm"'s."""
+    import importlib.util
+    from pathlib import Path
+
+    from lmtrain.config import override
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "mqar.py"
+    spec = importlib.util.spec_from_file_location("mqar_experiment_labels", path)
+    exp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exp)
+    base = exp.get_config("seq256")
+    assert {"h3", "h3-state-norm", "mamba2-d16", "mamba2-lmtrain"} <= set(exp.MODELS)
+    for label in exp.MODELS:
+        cfg = override(base, exp.model_sets(label, 64))
+        assert exp._label(cfg) == label
+        assert getattr(cfg.model, "state_norm", False) == label.endswith("-state-norm")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("label", "learns"), [("based", True), ("attention", True), ("based-4block", False)]

@@ -16,7 +16,8 @@ import pytest
 from flax import nnx
 
 from lmtrain import models
-from lmtrain.models import ssm, ssm_ops
+from lmtrain.config import ConfigError
+from lmtrain.models import linear_attention, ssm, ssm_ops
 
 RESETS = (5, 8, 13)  # on a chunk boundary for chunk 5 (5) and 4 (8), inside chunks otherwise
 # Jitted once per shape: far fewer compiles than running the ops eagerly.
@@ -318,6 +319,47 @@ def test_block_mlp_false_leaves_s4d_and_h3_blocks_the_mixer_alone():
         assert n_params(cfg) - n_params(bare) == 2 * (mlp + 32)  # + the MLP's RMSNorm scale
         assert cfg.matmul_params() - bare.matmul_params() == 2 * mlp
         assert cfg.flops_per_token(16) - bare.flops_per_token(16) == 6 * 2 * mlp
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ssm.Config(name="h3", vocab_size=61, d_model=32, n_layers=2, n_heads=16, state_size=8,
+                   block_mlp=False, state_norm=True),
+        linear_attention.Config(name="gla", pattern="CG", vocab_size=61, d_model=32,
+                                n_layers=2, n_heads=2, block_mlp=False, state_norm=True),
+    ],
+    ids=["h3", "gla"],
+)  # fmt: skip
+def test_state_norm_is_zoologys_identity_state_mixer(cfg):
+    """model.state_norm: each block is r + mixer(norm(r)), then r + LayerNorm(r), the term
+    Zoology's TransformerBlock adds with an Identity state mixer. Checked against the block
+    composed by hand with torch's layer_norm (eps 1e-5) at a random scale and bias."""
+    torch = pytest.importorskip("torch")
+    model = models.build(cfg, nnx.Rngs(0))
+    key = jax.random.key(1)
+    x = jax.random.normal(key, (2, 12, 32)) * 3 + 1  # a mean the LayerNorm must remove
+    seg = jnp.ones((2, 12), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    for i, block in enumerate(model.blocks):
+        ln = block.mlp_norm
+        ln.scale[...] = jax.random.normal(jax.random.key(10 + i), (32,))
+        ln.bias[...] = jax.random.normal(jax.random.key(20 + i), (32,))
+        mixed, _ = block.mixer_module(getattr(block, block.norm_name)(x), seg, pos)
+        r = np.asarray(x + mixed, np.float64)
+        want = r + torch.nn.functional.layer_norm(
+            torch.from_numpy(r), (32,), torch.from_numpy(np.asarray(ln.scale[...], np.float64)),
+            torch.from_numpy(np.asarray(ln.bias[...], np.float64)), eps=1e-5,
+        ).numpy()  # fmt: skip
+        got, _ = block(x, seg, pos)
+        assert np.abs(want - r).max() > 0.5  # the term is there to find
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
+    # The other blocks are untouched: without state_norm the block is r alone.
+    bare = models.build(dataclasses.replace(cfg, state_norm=False), nnx.Rngs(0))
+    assert bare.blocks[0].mlp_norm is None
+    assert len(jax.tree.leaves(nnx.state(model))) - len(jax.tree.leaves(nnx.state(bare))) == 4
+    with pytest.raises(ConfigError, match="model.state_norm"):
+        models.build(dataclasses.replace(cfg, block_mlp=True), nnx.Rngs(0))
 
 
 def test_bad_config_is_a_config_error():

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmtrain.models import sequence
-from lmtrain.models.layers import Embed, Linear, RMSNorm
+from lmtrain.models.layers import Embed, LayerNorm, Linear, RMSNorm
 from lmtrain.models.mixer import default_positions
 from lmtrain.sharding import constrain
 
@@ -58,10 +58,14 @@ class BlockSpec:
     mixer: Callable[[nnx.Rngs], nnx.Module]
     mlp: Callable[[nnx.Rngs], nnx.Module] | None = None
     names: tuple[str, str] = ("mixer_norm", "mixer")
+    # Without an MLP: x + LayerNorm(x) after the mixer, what Zoology's TransformerBlock does
+    # with an Identity state mixer (its norm2 output joins the residual in the next block).
+    state_norm: bool = False
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) if it has an MLP."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) if it has an MLP,
+    or x + LayerNorm(x) if its spec asks for the state norm."""
 
     def __init__(self, spec: BlockSpec, cfg: Any, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
@@ -74,6 +78,8 @@ class Block(nnx.Module):
         if spec.mlp is not None:
             self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, dtype=dtype)
             self.mlp = spec.mlp(rngs)
+        elif spec.state_norm:  # torch.nn.LayerNorm's eps, as Zoology's norm2
+            self.mlp_norm = LayerNorm(cfg.d_model, rngs=rngs, eps=1e-5, dtype=dtype)
 
     @property
     def mixer_module(self) -> nnx.Module:
@@ -90,6 +96,8 @@ class Block(nnx.Module):
         x_BxLxD = x_BxLxD + h_BxLxD.astype(x_BxLxD.dtype)
         if self.mlp is not None:
             x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+        elif self.mlp_norm is not None:  # the state norm
+            x_BxLxD = x_BxLxD + self.mlp_norm(x_BxLxD)
         return x_BxLxD, state
 
     def init_state(self, batch_size: int, max_len: int):

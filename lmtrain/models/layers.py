@@ -136,6 +136,31 @@ class RMSNorm(nnx.Module):
         return (x * inv_rms * scale).astype(self.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """Layer normalisation (mean and variance over the last axis) with a learned scale and
+    bias, as torch.nn.LayerNorm; statistics in float32. Used where a reference's LayerNorm is
+    part of the function (Zoology's identity state mixer, `BlockSpec.state_norm`)."""
+
+    def __init__(
+        self, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-5, dtype: jnp.dtype, axis: str = "embed"
+    ):
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), (axis,))
+        self.bias = param(rngs, nnx.initializers.zeros, (dim,), (axis,))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        """Normalises x (..., D) over its last axis; returns the compute dtype."""
+        x = x_BxLxD.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        shape = (1,) * (x.ndim - 1) + (-1,)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].reshape(shape) + self.bias[...].reshape(shape)).astype(
+            self.dtype
+        )
+
+
 def apply_rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
     """Rotary position embedding (rotate-half layout) at integer `positions`; K must be even."""
     half = x_BxLxHxK.shape[-1] // 2

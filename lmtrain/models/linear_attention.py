@@ -72,6 +72,9 @@ class Config(ModelConfig):
     # False: a block is x + mixer(norm(x)) alone, as in Zoology's MQAR models (state mixer
     # Identity); True: a SwiGLU MLP follows every mixer.
     block_mlp: bool = True
+    # With block_mlp=False: also x + LayerNorm(x) after each mixer, as Zoology's
+    # TransformerBlock does with its Identity state mixer (its norm2 joins the residual).
+    state_norm: bool = False
     # Gated convolution (letter C): "projected" = o(conv(in(x)) * gate(x)); "base" = Zoology's
     # / BASED's BaseConv without SiLU, (conv(x) + b) * (x W + c) + x.
     conv_form: str = "projected"
@@ -147,6 +150,10 @@ class Config(ModelConfig):
         checks.append(
             (c.conv_form in CONV_FORMS, "model.conv_form", f"must be one of {CONV_FORMS}")
         )
+        checks.append(
+            (not (c.state_norm and c.block_mlp), "model.state_norm",
+             "replaces the MLP, so it needs model.block_mlp=false")
+        )  # fmt: skip
         check_all(checks)
 
 
@@ -426,7 +433,8 @@ MIXERS: dict[str, type[nnx.Module]] = {
 
 
 def blocks(cfg: Config) -> list[BlockSpec]:
-    """One block per letter of the layer pattern: the mixer, then SwiGLU if block_mlp.
+    """One block per letter of the layer pattern: the mixer, then SwiGLU if block_mlp (or,
+    with state_norm, x + LayerNorm(x)).
 
     Init as the transformer's (N(0, init_std^2), residual outputs scaled by 1/sqrt(2 n_layers));
     GLA decay bias 0.
@@ -442,4 +450,8 @@ def mixer_block(cfg: Config, kind: str, layer: int) -> BlockSpec:
             cfg.d_model, cfg.ffn_width, rngs=rngs, std=cfg.init_std, out_std=cfg.out_std(),
             dtype=jnp.dtype(cfg.dtype),
         )  # fmt: skip
-    return BlockSpec(mixer=lambda rngs: MIXERS[kind](cfg, layer=layer, rngs=rngs), mlp=mlp)
+    return BlockSpec(
+        mixer=lambda rngs: MIXERS[kind](cfg, layer=layer, rngs=rngs),
+        mlp=mlp,
+        state_norm=cfg.state_norm,
+    )

@@ -40,6 +40,9 @@ class Config(ModelConfig):
     # S4D and H3 blocks: a SwiGLU after the mixer (lmtrain's layout); False: the mixer alone,
     # as Zoology's MQAR models. Mamba-2 blocks are the mixer alone either way.
     block_mlp: bool = True
+    # Blocks without an MLP: also x + LayerNorm(x) after each mixer, as Zoology's
+    # TransformerBlock with its Identity state mixer (Zoology's H3); its Mamba2Block has none.
+    state_norm: bool = False
 
     @property
     def ffn_width(self) -> int:
@@ -134,6 +137,11 @@ class Config(ModelConfig):
                 c.name == "mamba2" or (c.linear_init == "normal" and not c.conv_bias),
                 "model.linear_init",
                 "and model.conv_bias apply to Mamba-2 only",
+            ),
+            (
+                not (c.state_norm and RECIPES.get(c.name, ("", False))[1] and c.block_mlp),
+                "model.state_norm",
+                "replaces the MLP, so it needs model.block_mlp=false",
             ),
         ]
         check_all(checks)
@@ -385,4 +393,6 @@ def mixer_block(cfg: Config) -> BlockSpec:
             cfg.d_model, cfg.ffn_width, rngs=rngs, std=cfg.init_std, out_std=cfg.out_std(),
             dtype=jnp.dtype(cfg.dtype),
         )  # fmt: skip
-    return BlockSpec(mixer=lambda rngs: MIXERS[mixer](cfg, rngs=rngs), mlp=mlp)
+    return BlockSpec(
+        mixer=lambda rngs: MIXERS[mixer](cfg, rngs=rngs), mlp=mlp, state_norm=cfg.state_norm
+    )
