@@ -89,6 +89,11 @@ MODELS = {
 # block (`model.state_norm`). The frontier's rows ran without it; these variants measure it.
 for _m in ("based", "gla", "h3"):
     MODELS[f"{_m}-state-norm"] = {**MODELS[_m], "model.state_norm": True}
+# Zoology's H3 as far as lmtrain expresses it: the state norm, and the shift SSM's own skip
+# (ssm_k_D ~ N(0, 1), `model.shift_skip`). Still different: Zoology's q/k/v/out biases, and
+# its LayerNorms before each mixer and at the end (lmtrain's RMSNorm).
+MODELS["h3-exact"] = {**MODELS["h3-state-norm"], "model.shift_skip": True}
+H3_ZOOLOGY = ("h3", "h3-state-norm", "h3-exact")
 # arg -> ({model: widths}, learning rates, steps, seeds)
 FRONTIER_64 = (
     "attention",
@@ -114,6 +119,8 @@ SWEEPS = {
     # runs without it.
     "state-norm": ({f"{m}-state-norm": (64,) for m in ("h3", "gla", "based")}, (1e-2,), 1000,
                    (0,)),
+    # Zoology's H3 with every term lmtrain has for it, at the frontier's budget and lrs.
+    "h3-exact": ({"h3-exact": (64,)}, (1e-3, 3.2e-3, 1e-2), 1000, (0,)),
     # Width 128 for the families of the side-by-side, if time allows.
     "frontier-128": ({m: (128,) for m in ("based", "gla", "mamba2-d16")},
                      (1e-3, 3.2e-3, 1e-2), 1000, (0,)),
@@ -135,7 +142,7 @@ SWEEPS = {
     "frontier-full": (
         {m: (64, 128, 256, 512) for m in MODELS
          if m not in ("based-4block", "mamba2-lmtrain", "h3-lmtrain")
-         and not m.endswith("-state-norm")},
+         and not m.endswith(("-state-norm", "-exact"))},
         (1e-4, 4.6e-4, 2.2e-3, 1e-2), 3000, (0,),
     ),
     "smoke": ({"attention": (32,), "gla": (32,)}, (3e-3,), 4, (0,)),
@@ -205,7 +212,7 @@ def model_sets(label: str, width: int) -> dict:
     sets = MODELS[label]
     inner = 2 * width if sets.get("model.linear_init") == "torch" else width  # Zoology's Mamba-2
     heads = max(1, inner // 64)  # unless the model fixes its heads (Zoology's GLA: 2)
-    if label in ("h3", "h3-state-norm"):  # Zoology's: head dim 2, d_state = taps = d_model / 4
+    if label in H3_ZOOLOGY:  # Zoology's: head dim 2, d_state = shift taps = d_model / 4
         sets = {**sets, "model.state_size": width // 4, "model.conv_width": width // 4}
         heads = width // 2
     return {"model.n_heads": heads, **sets, "model.d_model": width}

@@ -319,11 +319,12 @@ def test_every_frontier_model_is_named_back_by_its_label():
     exp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(exp)
     base = exp.get_config("seq256")
-    assert {"h3", "h3-state-norm", "mamba2-d16", "mamba2-lmtrain"} <= set(exp.MODELS)
+    assert {"h3", "h3-state-norm", "h3-exact", "mamba2-d16", "mamba2-lmtrain"} <= set(exp.MODELS)
     for label in exp.MODELS:
         cfg = override(base, exp.model_sets(label, 64))
         assert exp._label(cfg) == label
-        assert getattr(cfg.model, "state_norm", False) == label.endswith("-state-norm")
+        assert getattr(cfg.model, "state_norm", False) == label.endswith(("-state-norm", "-exact"))
+        assert getattr(cfg.model, "shift_skip", False) == (label == "h3-exact")
 
 
 @pytest.mark.slow

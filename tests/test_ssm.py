@@ -245,6 +245,34 @@ def test_h3_shift_conv_shifts_an_impulse():
     np.testing.assert_allclose(shift(x)[0][0, 1:], x[0, :-1])
 
 
+def test_h3_shift_skip_is_a_skip_beside_the_shift_conv():
+    """shift_skip (Zoology's H3, its ssm_k_D): K enters the diagonal SSM as shift(K) + d * K,
+    d ~ N(0, 1) per channel. The same H3 without the skip, its conv's current-token tap raised
+    by d, is the same function; left unraised, it is not."""
+    cfg = ssm.Config(name="h3", vocab_size=11, d_model=12, n_heads=3, n_layers=1, chunk_size=4,
+                     conv_width=4, init_std=0.5, shift_skip=True)  # fmt: skip
+    mixer = ssm.H3(cfg, rngs=nnx.Rngs(0))
+    d = np.asarray(mixer.shift_d[...])
+    assert d.shape == (12,) and 0.5 < d.std() < 2.0
+    bare = ssm.H3(dataclasses.replace(cfg, shift_skip=False), rngs=nnx.Rngs(1))
+    assert bare.shift_d is None
+    pure = nnx.to_pure_dict(nnx.state(mixer))
+    del pure["shift_d"]
+    state = nnx.state(bare)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(bare, state)  # every parameter of mixer's but d
+    x = jax.random.normal(jax.random.key(6), (2, 11, 12))
+    seg = jnp.array([[1] * 5 + [2] * 6, [1] * 11])
+    call = lambda m: jax.jit(lambda x, seg: m(x, seg, None)[0])(x, seg)
+    want = np.asarray(call(mixer))
+    scale = np.abs(want).max()
+    assert np.abs(np.asarray(call(bare)) - want).max() > 0.1 * scale  # the skip is there to find
+    bare.shift.kernel[...] = bare.shift.kernel[...].at[0].add(d)
+    np.testing.assert_allclose(np.asarray(call(bare)), want, atol=1e-5 * scale, rtol=1e-5)
+    with pytest.raises(ConfigError, match="model.shift_skip"):
+        models.build(ssm.Config(name="s4d", vocab_size=5, shift_skip=True), nnx.Rngs(0))
+
+
 # ------------------------------------------------------------------------------ models
 
 
@@ -253,8 +281,9 @@ ZOOLOGY_MAMBA2 = {"conv_bias": True, "linear_init": "torch"}  # mamba_ssm's conv
 
 @pytest.mark.parametrize(
     "name,chunk,extra",
-    [("s4d", 4, {}), ("h3", 3, {}), ("mamba2", 4, {}), ("mamba2", 4, ZOOLOGY_MAMBA2)],
-)
+    [("s4d", 4, {}), ("h3", 3, {}), ("h3", 3, {"shift_skip": True}), ("mamba2", 4, {}),
+     ("mamba2", 4, ZOOLOGY_MAMBA2)],
+)  # fmt: skip
 def test_model_multichunk_packing_and_decode(name, chunk, extra):
     cfg = ssm.Config(
         name=name, vocab_size=31, d_model=16, n_layers=1, n_heads=2, chunk_size=chunk,

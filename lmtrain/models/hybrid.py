@@ -17,7 +17,8 @@ the same thing in a hybrid as in the pure family:
     model.attention.*  letter A         (rope_theta, activation, qkv_conv, qk_norm, attention_impl)
     model.linear.*     letters BRLGWC   (chunk, window, conv_width, feature_dim, gla_*, ...)
     model.ssm.*        letters S H M    (state_size, expand, conv_width, chunk_size, s4d_fft,
-                                         linear_init, conv_bias, block_mlp, state_norm)
+                                         linear_init, conv_bias, block_mlp, state_norm,
+                                         shift_skip)
 
 Each section's defaults are its family's, except that both conv_width default to 4 (one width
 for every short convolution, as hybrids before the sections had). Residual-output init is
@@ -118,16 +119,17 @@ class SSMSection:
     conv_bias: bool = False
     block_mlp: bool = True  # S and H blocks' SwiGLU
     state_norm: bool = False
+    shift_skip: bool = False
 
 
 SECTIONS = {"attention": AttentionSection, "linear": LinearSection, "ssm": SSMSection}
 # A flat key of a config file written before the sections -> the sections it now sets.
 # (model.ssm.block_mlp came after the sections: a flat block_mlp was the linear letters' alone;
-# state_norm came after them too.)
+# state_norm and shift_skip came after them too.)
 FLAT: dict[str, list[str]] = {}
 for _name, _cls in SECTIONS.items():
     for _f in dataclasses.fields(_cls):
-        if (_name, _f.name) != ("ssm", "block_mlp") and _f.name != "state_norm":
+        if (_name, _f.name) != ("ssm", "block_mlp") and _f.name not in ("state_norm", "shift_skip"):
             FLAT.setdefault(_f.name, []).append(_name)
 
 

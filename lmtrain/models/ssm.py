@@ -43,6 +43,9 @@ class Config(ModelConfig):
     # Blocks without an MLP: also x + LayerNorm(x) after each mixer, as Zoology's
     # TransformerBlock with its Identity state mixer (Zoology's H3); its Mamba2Block has none.
     state_norm: bool = False
+    # H3: k = shift(k) + d * k, a per-channel skip d ~ N(0, 1) beside the shift conv, as
+    # Zoology's H3 (its ssm_k_D); without it the conv's own current-token tap is the skip.
+    shift_skip: bool = False
 
     @property
     def ffn_width(self) -> int:
@@ -143,6 +146,7 @@ class Config(ModelConfig):
                 "model.state_norm",
                 "replaces the MLP, so it needs model.block_mlp=false",
             ),
+            (not c.shift_skip or c.name == "h3", "model.shift_skip", "applies to H3 only"),
         ]
         check_all(checks)
 
@@ -218,8 +222,9 @@ class S4D(Mixer):
 class H3(Mixer):
     """H3: y = out(Q * SSM_diag(shift(K) V^T)) per head, with a D skip in the diagonal SSM.
 
-    The shift SSM is a causal depthwise conv of width conv_width on K; the diagonal SSM
-    (S4D-Lin, one per head, shared by the head's K x K entries) runs over the outer products.
+    The shift SSM is a causal depthwise conv of width conv_width on K (plus, with shift_skip,
+    a per-channel skip d * K); the diagonal SSM (S4D-Lin, one per head, shared by the head's
+    K x K entries) runs over the outer products.
     State: the shift conv's window "conv" (B, W, D) and "h" (B, H, M, K, K) complex.
     """
 
@@ -235,7 +240,15 @@ class H3(Mixer):
         self.o = Linear(D, D, ("heads", "embed"), rngs=rngs, std=cfg.out_std(), dtype=dtype)
         conv = dict(rngs=rngs, init=cfg.conv_init, std=std, dtype=dtype)
         self.shift = ShortConv(D, cfg.conv_width, "heads", **conv)
+        self.shift_d = nnx.data(None)
+        if cfg.shift_skip:
+            self.shift_d = param(rngs, nnx.initializers.normal(1.0), (D,), ("heads",))
         self.ssm = ssm_ops.DiagonalSSM(H, cfg.state_size, "heads", rngs=rngs)
+
+    def _shifted(self, k_BxLxD: jax.Array, conv_BxLxD: jax.Array) -> jax.Array:
+        if self.shift_d is None:
+            return conv_BxLxD
+        return conv_BxLxD + (self.shift_d[...][None, None, :] * k_BxLxD).astype(conv_BxLxD.dtype)
 
     def _heads(self, *xs: jax.Array) -> list[jax.Array]:
         return [x.astype(jnp.float32).reshape(*x.shape[:2], self.H, self.K) for x in xs]
@@ -258,16 +271,20 @@ class H3(Mixer):
         if state is not None:
             prefix = keep_rows(state["conv"], continues(state, segment_ids_BxL, B))
             h0 = state["h"]
-        k_BxLxD, conv = self.shift(self.k(x_BxLxD), segment_ids_BxL, prefix)
-        q, k, v = self._heads(self.q(x_BxLxD), k_BxLxD, self.v(x_BxLxD))
+        k_BxLxD = self.k(x_BxLxD)
+        shifted_BxLxD, conv = self.shift(k_BxLxD, segment_ids_BxL, prefix)
+        shifted_BxLxD = self._shifted(k_BxLxD, shifted_BxLxD)
+        q, k, v = self._heads(self.q(x_BxLxD), shifted_BxLxD, self.v(x_BxLxD))
         reset_BxL = _resets(state, segment_ids_BxL, B)
         y, h = ssm_ops.lti_chunked(q, k, v, *self.ssm.discretised(), reset_BxL, self.chunk, h0)
         seg = last_segment(state, segment_ids_BxL, B)
         return self._finish(y, q, k, v, x_BxLxD.dtype), {"conv": conv, "h": h, "seg": seg}
 
     def step(self, x_BxTxD, positions_BxT, state):
-        k_BxTxD, conv = self.shift.step(self.k(x_BxTxD), state["conv"])
-        q, k, v = self._heads(self.q(x_BxTxD), k_BxTxD, self.v(x_BxTxD))
+        k_BxTxD = self.k(x_BxTxD)
+        shifted_BxTxD, conv = self.shift.step(k_BxTxD, state["conv"])
+        shifted_BxTxD = self._shifted(k_BxTxD, shifted_BxTxD)
+        q, k, v = self._heads(self.q(x_BxTxD), shifted_BxTxD, self.v(x_BxTxD))
         y, h = ssm_ops.lti_step(q, k, v, *self.ssm.discretised(), state["h"])
         return self._finish(y, q, k, v, x_BxTxD.dtype), {**state, "conv": conv, "h": h}
 
