@@ -72,8 +72,7 @@ class Config(ModelConfig):
     # False: a block is x + mixer(norm(x)) alone, as in Zoology's MQAR models (state mixer
     # Identity); True: a SwiGLU MLP follows every mixer.
     block_mlp: bool = True
-    # With block_mlp=False: also x + LayerNorm(x) after each mixer, as Zoology's
-    # TransformerBlock does with its Identity state mixer (its norm2 joins the residual).
+    # With block_mlp=False: x + LayerNorm(x) after each mixer too (Zoology's TransformerBlock)
     state_norm: bool = False
     # Gated convolution (letter C): "projected" = o(conv(in(x)) * gate(x)); "base" = Zoology's
     # / BASED's BaseConv without SiLU, (conv(x) + b) * (x W + c) + x.
@@ -146,14 +145,10 @@ class Config(ModelConfig):
              "feature_dim must be >= 1"),
             (gla_keys == int(gla_keys) and gla_keys % c.n_heads == 0, "model.gla_expand_k",
              "* d_model must be a whole multiple of n_heads"),
-        ]  # fmt: skip
-        checks.append(
-            (c.conv_form in CONV_FORMS, "model.conv_form", f"must be one of {CONV_FORMS}")
-        )
-        checks.append(
+            (c.conv_form in CONV_FORMS, "model.conv_form", f"must be one of {CONV_FORMS}"),
             (not (c.state_norm and c.block_mlp), "model.state_norm",
-             "replaces the MLP, so it needs model.block_mlp=false")
-        )  # fmt: skip
+             "replaces the MLP, so it needs model.block_mlp=false"),
+        ]  # fmt: skip
         check_all(checks)
 
 
@@ -450,8 +445,5 @@ def mixer_block(cfg: Config, kind: str, layer: int) -> BlockSpec:
             cfg.d_model, cfg.ffn_width, rngs=rngs, std=cfg.init_std, out_std=cfg.out_std(),
             dtype=jnp.dtype(cfg.dtype),
         )  # fmt: skip
-    return BlockSpec(
-        mixer=lambda rngs: MIXERS[kind](cfg, layer=layer, rngs=rngs),
-        mlp=mlp,
-        state_norm=cfg.state_norm,
-    )
+    mixer = lambda rngs: MIXERS[kind](cfg, layer=layer, rngs=rngs)
+    return BlockSpec(mixer, mlp, state_norm=cfg.state_norm)
