@@ -152,10 +152,10 @@ class LayerNorm(nnx.Module):
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         """Normalises x (..., D) over its last axis; returns the compute dtype."""
         x = x_BxLxD.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        centred = x - jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
         shape = (1,) * (x.ndim - 1) + (-1,)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        y = centred * jax.lax.rsqrt(var + self.eps)
         return (y * self.scale[...].reshape(shape) + self.bias[...].reshape(shape)).astype(
             self.dtype
         )
